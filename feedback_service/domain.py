@@ -1,0 +1,212 @@
+"""Feedback logic, independent of gRPC: validation, idempotent submits, group-committed streams, queries.
+
+Database calls block, so none runs on the event loop: writes go through one writer thread (SQLite allows one
+writer anyway, and serialised commits keep sequence order equal to commit order, which export watermarks
+rely on), reads through asyncio.to_thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+from typing import AsyncIterator, Callable, TypeVar
+
+from rlhf import validation
+from rlhf.errors import InvalidArgument
+
+from feedback_service.config import FeedbackServiceConfig
+from feedback_service.grouping import GroupBuffer, Pending
+from feedback_service.models import (
+    KINDS,
+    Ack,
+    ExportChunk,
+    FeedbackInput,
+    ListFilters,
+    NewFeedback,
+    Page,
+    StatsResult,
+    Stored,
+)
+from feedback_service.store import FeedbackStore
+from feedback_service.validate import FeedbackValidator, check_window, new_request_id
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LIST_DEFAULT_PAGE_SIZE = 100
+LIST_MAX_PAGE_SIZE = 1000
+
+
+class FeedbackDomain:
+    """Everything the feedback service does, callable from any transport (the gRPC servicer, tests)."""
+
+    def __init__(self, store: FeedbackStore, config: FeedbackServiceConfig) -> None:
+        self._store = store
+        self._config = config
+        self._validator = FeedbackValidator(config)
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="feedback-writer")
+
+    async def close(self) -> None:
+        """Let queued writes finish, then stop the writer thread."""
+        await asyncio.to_thread(self._writer.shutdown, wait=True)
+
+    async def _write(self, function: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
+
+    # -- writes ---------------------------------------------------------------------------------------
+
+    async def submit(self, raw: FeedbackInput) -> tuple[NewFeedback, Stored]:
+        """Store one item (its own transaction). A replayed request_id returns the original row."""
+        item = self._validator.item(raw)
+        (stored,) = await self._write(self._store.insert_many, [item])
+        return item, stored
+
+    async def ingest(self, items: AsyncIterator[FeedbackInput]) -> AsyncIterator[list[Ack]]:
+        """Acknowledge a stream of items, one Ack per item in order, in lists (one per committed group).
+
+        Three stages run concurrently: reading+validating into a bounded buffer, committing groups (up
+        to stream_group_size items, or what arrived within stream_group_wait_ms) in the writer thread,
+        and handing acks to the caller. A group's acks are released only after its transaction
+        committed. A rejected item gets its ack in order with its group and does not affect the others.
+        Back pressure: when the buffer is full (the database or the caller taking acks falls behind),
+        reading pauses, and HTTP/2 flow control then slows the client.
+        """
+        cfg = self._config
+        buffer = GroupBuffer(cfg.stream_group_size, cfg.stream_max_buffered)
+        outbox: asyncio.Queue[list[Ack] | None | BaseException] = asyncio.Queue(2)
+        reader = asyncio.create_task(self._read(items, buffer))
+        committer = asyncio.create_task(self._commit_groups(buffer, outbox))
+        counts = collections.Counter[str]()
+        try:
+            while True:
+                acks = await outbox.get()
+                if acks is None:
+                    break
+                if isinstance(acks, BaseException):
+                    raise acks
+                for ack in acks:
+                    counts["duplicate" if ack.duplicate else "stored" if ack.accepted else "rejected"] += 1
+                yield acks
+        finally:
+            reader.cancel()
+            committer.cancel()
+        log.info("feedback stream ended: %d stored, %d duplicate, %d rejected",
+                 counts["stored"], counts["duplicate"], counts["rejected"])
+
+    async def _read(self, items: AsyncIterator[FeedbackInput], buffer: GroupBuffer) -> None:
+        index = 0
+        try:
+            async for raw in items:
+                try:
+                    item = self._validator.item(raw)
+                    pending = Pending(index, item.request_id, item, None)
+                except InvalidArgument as error:
+                    pending = Pending(index, raw.request_id or new_request_id(), None, error)
+                await buffer.put(pending)
+                index += 1
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # noqa: BLE001 - handed to the caller through the pipeline
+            buffer.close(error)
+            return
+        buffer.close()
+
+    async def _commit_groups(self, buffer: GroupBuffer,
+                             outbox: asyncio.Queue[list[Ack] | None | BaseException]) -> None:
+        wait = self._config.stream_group_wait_ms / 1000
+        end: BaseException | None = None
+        try:
+            while (group := await buffer.take(wait)) is not None:
+                await outbox.put(await self._commit(group))
+            end = buffer.error
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # noqa: BLE001 - a database failure ends the stream with a status
+            end = error
+        await outbox.put(end)
+
+    async def _commit(self, group: list[Pending]) -> list[Ack]:
+        valid = [p.item for p in group if p.item is not None]
+        stored = iter(await self._write(self._store.insert_many, valid) if valid else [])
+        acks: list[Ack] = []
+        for pending in group:
+            if pending.error is not None:
+                acks.append(Ack(index=pending.index, request_id=pending.request_id,
+                                reason=pending.error.message, field=pending.error.field))
+                continue
+            result = next(stored)
+            acks.append(Ack(index=pending.index, request_id=pending.request_id, sequence=result.sequence,
+                            accepted=True, duplicate=result.duplicate))
+        return acks
+
+    async def delete(self, agent_id: str, ids: list[str], everything: bool) -> int:
+        validation.agent_id(agent_id)
+        if everything and ids:
+            raise InvalidArgument("all", "is exclusive with ids")
+        if not everything and not ids:
+            raise InvalidArgument("ids", "name the ids to delete, or set all")
+        if len(ids) > self._config.max_delete_ids:
+            raise InvalidArgument("ids", f"has {len(ids)} ids; at most {self._config.max_delete_ids} per request")
+        sequences: list[int] = []
+        for value in ids:
+            if not value.isascii() or not value.isdigit() or len(value) > 18:
+                raise InvalidArgument("ids", f"{value[:40]!r} is not a feedback id (ids are decimal numbers)")
+            sequences.append(int(value))
+        deleted = await self._write(self._store.delete, agent_id, sequences, everything)
+        log.info("deleted %d feedback rows of agent %s%s", deleted, agent_id, " (all)" if everything else "")
+        return deleted
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    async def list_feedback(self, agent_id: str, filters: ListFilters, page_size: int, page_token: str) -> Page:
+        """Newest first. The token is the last sequence returned (keyset), valid under concurrent inserts."""
+        validation.agent_id(agent_id)
+        limit = validation.page_size(page_size, default=LIST_DEFAULT_PAGE_SIZE, maximum=LIST_MAX_PAGE_SIZE)
+        if len(page_token) > 19:  # a sequence fits in 64 bits; longer is no token of ours
+            raise InvalidArgument("page_token", "is not a token returned by this service")
+        before = validation.offset_token(page_token) if page_token else None
+        self._validator.check_filters(filters)
+        # One row more than the page tells whether another page follows, without a count query.
+        records = await asyncio.to_thread(self._store.list_feedback, agent_id, filters,
+                                          before=before, limit=limit + 1)
+        more = len(records) > limit
+        records = records[:limit]
+        return Page(records=records, next_token=str(records[-1].sequence) if more else "")
+
+    async def stats(self, agent_id: str, start_us: int | None, end_us: int | None,
+                    group_by_version: bool) -> StatsResult:
+        validation.agent_id(agent_id)
+        check_window(start_us, end_us)
+        return await asyncio.to_thread(self._store.stats, agent_id, start_us, end_us, group_by_version)
+
+    async def export(self, agent_id: str, kind: str, watermark: int,
+                     after_sequence: int) -> AsyncIterator[ExportChunk]:
+        """Rows in sequence order with after_sequence < sequence <= watermark, in chunks.
+
+        A watermark of 0 is fixed at the agent's newest row when the export starts, so rows that arrive
+        during the export are left out and training can record exactly what it used. At least one chunk
+        is yielded (possibly empty) so the caller always learns the watermark.
+        """
+        validation.agent_id(agent_id)
+        if kind and kind not in KINDS:
+            raise InvalidArgument("kind", f"must be one of {list(KINDS)}")
+        if watermark < 0:
+            raise InvalidArgument("watermark", "must not be negative")
+        if after_sequence < 0:
+            raise InvalidArgument("after_sequence", "must not be negative")
+        if watermark == 0:
+            watermark = await asyncio.to_thread(self._store.max_sequence, agent_id)
+        chunk_size = self._config.export_chunk_size
+        sent_any = False
+        while True:
+            records = await asyncio.to_thread(self._store.export_chunk, agent_id, kind, watermark,
+                                              after_sequence, chunk_size)
+            if records or not sent_any:
+                yield ExportChunk(records=records, watermark=watermark)
+                sent_any = True
+            if len(records) < chunk_size:
+                return
+            after_sequence = records[-1].sequence

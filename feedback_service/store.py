@@ -1,0 +1,313 @@
+"""Persistence of feedback rows with SQLAlchemy Core: SQLite (embedded default) or PostgreSQL.
+
+Every method here blocks; the domain layer calls them off the event loop (a writer thread, or to_thread).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Iterator, Sequence
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ColumnElement,
+    Connection,
+    Double,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    Row,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+
+from feedback_service.models import (
+    COMPARISON,
+    RATING,
+    FeedbackRecord,
+    ListFilters,
+    NewFeedback,
+    Stats,
+    StatsResult,
+    Stored,
+)
+
+metadata_obj = MetaData()
+
+# SQLite only treats the exact type INTEGER PRIMARY KEY as the rowid alias; elsewhere a 64-bit key.
+_SEQUENCE_TYPE = BigInteger().with_variant(Integer(), "sqlite")
+
+feedback = Table(
+    "feedback",
+    metadata_obj,
+    # Global insertion order; ids, page tokens and export watermarks are all this number.
+    Column("sequence", _SEQUENCE_TYPE, primary_key=True, autoincrement=True),
+    Column("agent_id", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # "rating" or "comparison"
+    Column("prompt", Text, nullable=False),
+    Column("response", Text, nullable=False),
+    Column("score", Double, nullable=True),  # ratings only
+    Column("chosen", Text, nullable=False),
+    Column("rejected", Text, nullable=False),
+    Column("margin", Double, nullable=True),  # comparisons only, optional
+    Column("run_id", String, nullable=False),
+    Column("notes", Text, nullable=False),
+    Column("generation_id", String, nullable=False),
+    Column("policy_version", String, nullable=False),  # "" when unknown (so GROUP BY and joins need no NULLs)
+    Column("metadata", Text, nullable=False),  # JSON object of strings
+    Column("request_id", String, nullable=False),
+    # Microseconds since the Unix epoch (UTC): exact, portable and cheap to compare on both databases.
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("agent_id", "request_id", name="uq_feedback_agent_request"),
+    Index("ix_feedback_agent_sequence", "agent_id", "sequence"),
+    Index("ix_feedback_agent_created", "agent_id", "created_at"),
+    Index("ix_feedback_agent_version", "agent_id", "policy_version"),
+    # AUTOINCREMENT: SQLite never reuses the sequence of a deleted row, so a recorded watermark stays valid.
+    sqlite_autoincrement=True,
+)
+
+_c = feedback.c
+_IN_CHUNK = 500  # ids per IN (...) list: far below every backend's bound-parameter limit
+_INSERT_ATTEMPTS = 3
+
+
+def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def _record(row: Row) -> FeedbackRecord:
+    m = row._mapping
+    return FeedbackRecord(
+        sequence=m["sequence"], agent_id=m["agent_id"], kind=m["kind"], prompt=m["prompt"],
+        response=m["response"], score=m["score"], chosen=m["chosen"], rejected=m["rejected"],
+        margin=m["margin"], run_id=m["run_id"], notes=m["notes"], generation_id=m["generation_id"],
+        policy_version=m["policy_version"], metadata=json.loads(m["metadata"]) if m["metadata"] else {},
+        request_id=m["request_id"], created_at_us=m["created_at"])
+
+
+def _filter_conditions(agent_id: str, filters: ListFilters) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = [_c.agent_id == agent_id]
+    if filters.kind:
+        conditions.append(_c.kind == filters.kind)
+    if filters.start_us is not None:
+        conditions.append(_c.created_at >= filters.start_us)
+    if filters.end_us is not None:
+        conditions.append(_c.created_at < filters.end_us)
+    if filters.min_score is not None:
+        conditions.append(_c.score >= filters.min_score)
+    if filters.max_score is not None:
+        conditions.append(_c.score <= filters.max_score)
+    if filters.policy_version:
+        conditions.append(_c.policy_version == filters.policy_version)
+    if filters.run_id:
+        conditions.append(_c.run_id == filters.run_id)
+    return conditions
+
+
+def _stats_columns() -> list[ColumnElement[Any]]:
+    """Aggregates of one pass; NULL scores (comparisons) drop out of avg/min/max and every bin."""
+    score = _c.score
+    bins = [func.sum(case((and_(score >= i / 10, score < (i + 1) / 10), 1), else_=0)) for i in range(9)]
+    bins.append(func.sum(case((score >= 0.9, 1), else_=0)))  # the last bin is closed: [0.9, 1.0]
+    return [func.count(), func.sum(case((_c.kind == RATING, 1), else_=0)),
+            func.sum(case((_c.kind == COMPARISON, 1), else_=0)), func.avg(score), func.min(score),
+            func.max(score), func.max(_c.sequence), *bins]
+
+
+def _stats_from(values: Sequence[Any]) -> Stats:
+    count, ratings, comparisons, mean, low, high, watermark, *bins = values
+    return Stats(feedback_count=int(count or 0), rating_count=int(ratings or 0),
+                 comparison_count=int(comparisons or 0), score_mean=float(mean or 0.0),
+                 score_min=float(low or 0.0), score_max=float(high or 0.0),
+                 score_histogram=[int(b or 0) for b in bins], watermark=int(watermark or 0))
+
+
+class FeedbackStore:
+    """The `feedback` table of one database. Thread-safe: each call uses its own pooled connection."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def create_tables(self) -> None:
+        metadata_obj.create_all(self._engine)
+
+    # -- writes ---------------------------------------------------------------------------------------
+
+    def insert_many(self, items: Sequence[NewFeedback]) -> list[Stored]:
+        """Store `items` in ONE transaction, idempotently on (agent_id, request_id); one result per item.
+
+        A request_id seen before (in the database, or earlier in `items`) stores nothing and returns the
+        original row with duplicate=True. If a concurrent writer (another process) inserts one of the ids
+        between our lookup and our insert, the unique constraint fails the transaction; we retry, and the
+        lookup then finds the row.
+        """
+        if not items:
+            return []
+        for attempt in range(_INSERT_ATTEMPTS):
+            try:
+                with self._engine.begin() as conn:
+                    return self._insert_group(conn, items)
+            except IntegrityError:
+                if attempt == _INSERT_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _existing(self, conn: Connection, items: Sequence[NewFeedback]) -> dict[tuple[str, str], Stored]:
+        wanted: dict[str, set[str]] = {}
+        for item in items:
+            wanted.setdefault(item.agent_id, set()).add(item.request_id)
+        found: dict[tuple[str, str], Stored] = {}
+        for agent_id, request_ids in wanted.items():
+            for chunk in _chunks(sorted(request_ids), _IN_CHUNK):
+                rows = conn.execute(
+                    select(_c.sequence, _c.created_at, _c.kind, _c.score, _c.policy_version, _c.request_id)
+                    .where(_c.agent_id == agent_id, _c.request_id.in_(chunk)))
+                for seq, created, kind, score, version, request_id in rows:
+                    found[(agent_id, request_id)] = Stored(seq, created, True, kind, score, version)
+        return found
+
+    def _insert_group(self, conn: Connection, items: Sequence[NewFeedback]) -> list[Stored]:
+        known = self._existing(conn, items)
+        now_us = time.time_ns() // 1000
+        first_index: dict[tuple[str, str], int] = {}
+        rows: list[dict[str, Any]] = []
+        positions: list[int] = []
+        for index, item in enumerate(items):
+            key = (item.agent_id, item.request_id)
+            if key in known or key in first_index:
+                continue
+            first_index[key] = index
+            positions.append(index)
+            rows.append({
+                "agent_id": item.agent_id, "kind": item.kind, "prompt": item.prompt,
+                "response": item.response, "score": item.score, "chosen": item.chosen,
+                "rejected": item.rejected, "margin": item.margin, "run_id": item.run_id,
+                "notes": item.notes, "generation_id": item.generation_id,
+                "policy_version": item.policy_version, "metadata": item.metadata_json,
+                "request_id": item.request_id, "created_at": now_us})
+        results: list[Stored | None] = [None] * len(items)
+        if rows:
+            sequences = self._insert_rows(conn, rows)
+            for index, sequence in zip(positions, sequences, strict=True):
+                item = items[index]
+                results[index] = Stored(sequence, now_us, False, item.kind, item.score, item.policy_version)
+        out: list[Stored] = []
+        for index, item in enumerate(items):
+            result = results[index]
+            if result is None:
+                key = (item.agent_id, item.request_id)
+                original = known.get(key) or results[first_index[key]]
+                assert original is not None
+                result = original._replace(duplicate=True)
+            out.append(result)
+        return out
+
+    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
+        """Insert `rows` and return their sequences in the same order."""
+        if conn.dialect.name == "sqlite":
+            # SQLAlchemy answers RETURNING with a guaranteed order one row per statement on SQLite, which
+            # is ~3x slower. Instead: one executemany, then count back from last_insert_rowid(). Exact,
+            # because this transaction holds SQLite's single write lock (no other insert can interleave)
+            # and AUTOINCREMENT hands out consecutive values above every sequence ever used.
+            conn.execute(insert(feedback), rows)
+            last = int(conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one())
+            return list(range(last - len(rows) + 1, last + 1))
+        # Elsewhere (PostgreSQL): batched multi-row INSERT ... RETURNING, paired with rows by parameter order.
+        statement = insert(feedback).returning(_c.sequence, sort_by_parameter_order=True)
+        return list(conn.execute(statement, rows).scalars().all())
+
+    def delete(self, agent_id: str, ids: Sequence[int] | None = None, everything: bool = False) -> int:
+        """Delete the agent's rows with these sequences, or all of its rows; returns how many went."""
+        with self._engine.begin() as conn:
+            if everything:
+                return conn.execute(delete(feedback).where(_c.agent_id == agent_id)).rowcount or 0
+            deleted = 0
+            for chunk in _chunks(sorted(set(ids or ())), _IN_CHUNK):
+                result = conn.execute(delete(feedback).where(_c.agent_id == agent_id, _c.sequence.in_(chunk)))
+                deleted += result.rowcount or 0
+            return deleted
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    def list_feedback(self, agent_id: str, filters: ListFilters, *, before: int | None = None,
+                      after: int | None = None, limit: int = 100) -> list[FeedbackRecord]:
+        """Newest first. Keyset pagination: the next page is `before=<last sequence>`, so rows inserted
+        meanwhile (always with higher sequences) never shift or repeat what the next page returns."""
+        conditions = _filter_conditions(agent_id, filters)
+        if before is not None:
+            conditions.append(_c.sequence < before)
+        if after is not None:
+            conditions.append(_c.sequence > after)
+        query = select(feedback).where(*conditions).order_by(_c.sequence.desc()).limit(limit)
+        with self._engine.connect() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def max_sequence(self, agent_id: str) -> int:
+        with self._engine.connect() as conn:
+            value = conn.execute(select(func.max(_c.sequence)).where(_c.agent_id == agent_id)).scalar()
+        return int(value or 0)
+
+    def export_chunk(self, agent_id: str, kind: str, watermark: int, after_sequence: int,
+                     limit: int) -> list[FeedbackRecord]:
+        """Rows with after_sequence < sequence <= watermark, in sequence order, at most `limit`."""
+        conditions = [_c.agent_id == agent_id, _c.sequence > after_sequence, _c.sequence <= watermark]
+        if kind:
+            conditions.append(_c.kind == kind)
+        query = select(feedback).where(*conditions).order_by(_c.sequence).limit(limit)
+        with self._engine.connect() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def export(self, agent_id: str, kind: str, watermark: int, after_sequence: int,
+               chunk: int) -> Iterator[list[FeedbackRecord]]:
+        """Chunks of an export in sequence order; one short query per chunk (no long-held connection)."""
+        while True:
+            records = self.export_chunk(agent_id, kind, watermark, after_sequence, chunk)
+            if not records:
+                return
+            yield records
+            after_sequence = records[-1].sequence
+            if len(records) < chunk:
+                return
+
+    def stats(self, agent_id: str, start_us: int | None = None, end_us: int | None = None,
+              group_by_version: bool = False) -> StatsResult:
+        """Counts, score mean/min/max/population std, 10-bin histogram and watermark, overall and per version."""
+        conditions = _filter_conditions(agent_id, ListFilters(start_us=start_us, end_us=end_us))
+        with self._engine.connect() as conn:
+            row = conn.execute(select(*_stats_columns()).where(*conditions)).one()
+            overall = _stats_from(row)
+            if overall.rating_count:
+                # Second pass around the known mean: exact where E[x^2] - mean^2 would cancel.
+                deviation = _c.score - overall.score_mean
+                variance = conn.execute(select(func.avg(deviation * deviation))
+                                        .where(*conditions, _c.score.is_not(None))).scalar()
+                overall.score_std = math.sqrt(max(float(variance or 0.0), 0.0))
+            by_version: dict[str, Stats] | None = None
+            if group_by_version:
+                by_version = {}
+                grouped = select(_c.policy_version, *_stats_columns()).where(*conditions)
+                for version, *values in conn.execute(grouped.group_by(_c.policy_version)):
+                    by_version[version] = _stats_from(values)
+                means = (select(_c.policy_version.label("version"), func.avg(_c.score).label("mean"))
+                         .where(*conditions).group_by(_c.policy_version).subquery())
+                deviation = _c.score - means.c.mean
+                spread = (select(_c.policy_version, func.avg(deviation * deviation))
+                          .select_from(feedback.join(means, _c.policy_version == means.c.version))
+                          .where(*conditions, _c.score.is_not(None)).group_by(_c.policy_version))
+                for version, variance in conn.execute(spread):
+                    by_version[version].score_std = math.sqrt(max(float(variance or 0.0), 0.0))
+        return StatsResult(overall=overall, by_policy_version=by_version)

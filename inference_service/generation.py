@@ -1,0 +1,213 @@
+"""Text generation: one token-by-token sampling loop (with the KV cache) behind both Generate and streaming.
+
+Because streaming and non-streaming run the very same loop, with the same seed the streamed pieces
+concatenate to exactly the non-streamed text.
+
+Sampling: temperature (0 = greedy), then top-k (0 = off), then top-p (nucleus), then a draw from a
+per-request torch.Generator seeded with `seed` (a random seed when unset), so concurrent requests never
+disturb each other's randomness.
+
+Stopping: EOS -> STOP (EOS is not part of the text); max_new_tokens -> LENGTH; a stop sequence in the
+completion -> STOP_SEQUENCE with the text cut just before its first occurrence. While streaming, text
+that might still turn out to begin a stop sequence (or is an incomplete UTF-8 character) is held back
+until it is known not to.
+
+Context: prompt + new tokens must fit the model's context (config.n_positions or
+max_position_embeddings). When they don't, max_new_tokens shrinks to what fits beside the prompt, but
+never below half the context; a prompt still too long is then truncated from the left (its most recent
+tokens are kept), and prompt_tokens reports the tokens actually used. Never an error.
+
+Everything here is blocking; callers run it in a thread (the domain uses asyncio.to_thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import random
+import threading
+from typing import Iterator
+
+from inference_service.models import LoadedModel
+from inference_service.records import FinishReason
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Validated sampling parameters (the domain fills defaults and checks ranges)."""
+
+    max_new_tokens: int = 64
+    # 0 = greedy.
+    temperature: float = 1.0
+    # 0 = off.
+    top_k: int = 50
+    # 1.0 = off.
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    # None = a fresh random seed.
+    seed: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    # True when the prompt was cut from the left to fit the context.
+    prompt_truncated: bool
+
+
+def context_length(model) -> int | None:
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_to_context(prompt_ids: list[int], max_new_tokens: int, n_ctx: int | None) -> tuple[list[int], int]:
+    """(prompt ids to use, new-token budget) so that together they fit n_ctx (see module doc)."""
+    if n_ctx is None or len(prompt_ids) + max_new_tokens <= n_ctx:
+        return prompt_ids, max_new_tokens
+    budget = max(1, min(max_new_tokens, n_ctx - min(len(prompt_ids), n_ctx // 2)))
+    keep = n_ctx - budget
+    return prompt_ids[-keep:], budget
+
+
+def safe_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of `text` can be emitted now: not a trailing partial character, nor a possible stop start."""
+    limit = len(text)
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                limit = min(limit, len(text) - k)
+                break
+    while limit > 0 and text[limit - 1] == "\ufffd":  # a multi-byte character split across tokens
+        limit -= 1
+    return limit
+
+
+class TokenLoop:
+    """Iterate to get text pieces as tokens are produced; `result` is set once iteration ends.
+
+    Each step may run in a different thread (the streaming path awaits one step at a time), so no
+    thread-local torch state is held across steps.
+    """
+
+    def __init__(self, loaded: LoadedModel, prompt: str, params: SamplingParams) -> None:
+        self._loaded = loaded
+        self._prompt = prompt
+        self.params = params
+        self.result: GenerationResult | None = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop at the next token (the caller went away or its deadline passed)."""
+        self._cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        import torch
+
+        tokenizer, model, device = self._loaded.tokenizer, self._loaded.model, self._loaded.device
+        params = self.params
+        all_ids = tokenizer(self._prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids, budget = fit_to_context(all_ids, params.max_new_tokens, context_length(model))
+        eos_ids = _eos_ids(model, tokenizer)
+        seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+        inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        # One sequence, no padding: the mask is all ones, passed because models warn without it.
+        mask = torch.ones_like(inputs)
+        cache_kw, extra = _forward_kwargs(model)
+        past = None
+        generated: list[int] = []
+        emitted = ""
+        finish = FinishReason.LENGTH
+        text = ""
+        for _ in range(budget):
+            if self._cancelled.is_set():
+                return
+            with torch.inference_mode():
+                out = model(input_ids=inputs, attention_mask=mask, use_cache=True, **{cache_kw: past}, **extra)
+                past = out["cache"] if cache_kw == "cache" else out.past_key_values
+                token = _sample(out.logits[0, -1].float(), params, generator)
+            if token in eos_ids:
+                finish = FinishReason.STOP
+                break
+            generated.append(token)
+            text = tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            cut = _first_stop(text, params.stop)
+            if cut is not None:
+                text = text[:cut]
+                finish = FinishReason.STOP_SEQUENCE
+                break
+            safe = safe_prefix_length(text, params.stop)
+            if safe > len(emitted) and text.startswith(emitted):
+                piece = text[len(emitted):safe]
+                emitted += piece
+                yield piece
+            inputs = torch.tensor([[token]], dtype=torch.long, device=device)
+            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
+        # The result is what was streamed plus the rest, so streaming and non-streaming always agree.
+        tail = text[len(emitted):] if text.startswith(emitted) else ""
+        if tail:
+            yield tail
+        self.result = GenerationResult(
+            text=emitted + tail, prompt_tokens=len(prompt_ids), completion_tokens=len(generated),
+            finish_reason=finish, prompt_truncated=len(prompt_ids) < len(all_ids))
+
+
+def generate(loaded: LoadedModel, prompt: str, params: SamplingParams) -> GenerationResult:
+    """Blocking, non-streaming generation."""
+    loop = TokenLoop(loaded, prompt, params)
+    for _ in loop:
+        pass
+    assert loop.result is not None
+    return loop.result
+
+
+def _forward_kwargs(model) -> tuple[str, dict]:
+    """The KV-cache keyword (transformers 5 renamed past_key_values to cache) and optional speed-ups."""
+    names = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in names else "past_key_values"
+    # Only the last position's logits are needed.
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in names else {}
+    return cache_kw, extra
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _sample(logits, params: SamplingParams, generator) -> int:
+    import torch
+
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
+        sorted_logits = sorted_logits.masked_fill(before >= params.top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,1 @@
+"""Policy service: trains agents' policies with PPO against the reward service, and keeps a policy registry."""

@@ -1,0 +1,3 @@
+from policy_service.app import main
+
+main()

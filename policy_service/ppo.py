@@ -1,0 +1,133 @@
+"""The maths of PPO for language models, as pure tensor functions ("The N Implementation Details of RLHF
+with PPO"): per-token KL penalty plus the score on the last token, GAE, whitening, clipped losses, and
+the adaptive KL controller. Shapes are (batch, response_length) with a 0/1 mask of real response tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    count = mask.sum()
+    if unbiased and count > 1:
+        variance = variance * count / (count - 1)
+    return variance
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over masked entries; with shift_mean=False the mean is added back."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row (mask is 1 on a prefix of each row)."""
+    return (mask.sum(1).long() - 1).clamp(min=0)
+
+
+def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                  mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -kl_coef * (logp - ref_logp) on every token, plus the score on the last one.
+
+    Returns (rewards, kl) where kl is the per-token log-ratio (masked)."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    rewards[rows, last_token_index(mask)] += scores
+    return rewards * mask, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens; returns (advantages, returns).
+
+    Values past the last real token count as 0 (the episode ends there)."""
+    values = values * mask
+    length = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], device=rewards.device, dtype=rewards.dtype)
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        last = last * mask[:, t]
+        advantages[:, t] = last
+    returns = advantages + values
+    return advantages * mask, returns * mask
+
+
+def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate objective (to minimise), with clip fraction and approximate KL."""
+    log_ratio = (new_logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+             "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask)}
+    return loss, stats
+
+
+def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped within cliprange of the old value."""
+    clipped = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
+    unclipped_error = (new_values - returns) ** 2
+    clipped_error = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    stats = {"clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask),
+             "error": masked_mean(unclipped_error, mask)}
+    return loss, stats
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the softmax distribution."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under logits, gathered without materialising a full log-softmax copy per token."""
+    return torch.gather(logits.log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def mask_after_eos(tokens: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS of each row, 0 after it (and 0 on padding)."""
+    is_eos = tokens == eos_token_id
+    after_first_eos = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
+    mask = (~after_first_eos).float()
+    if pad_token_id != eos_token_id:
+        mask = mask * (tokens != pad_token_id).float()
+    return mask
+
+
+@dataclasses.dataclass
+class AdaptiveKLController:
+    """Ziegler et al.'s controller: move the KL coefficient so the measured KL tracks `target`.
+
+    horizon == 0 keeps the coefficient fixed."""
+
+    value: float
+    target: float
+    horizon: int
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if self.horizon <= 0 or self.target <= 0:
+            return
+        proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1.0))
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon

@@ -1,0 +1,297 @@
+"""PPO training of a causal LM with a value head (runs in the worker process).
+
+Rollouts are sampled from the policy, scored by `score_fn` (the reward service, over gRPC, one call per
+batch), turned into per-token rewards with a KL penalty against the frozen reference, and optimised with
+the clipped PPO objective for several epochs over minibatches. Dropout is off throughout. With LoRA the
+reference is the same weights with adapters disabled, and the saved policy is merged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import random
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from policy_service import ppo
+from policy_service.config import TrainingConfig
+
+log = logging.getLogger(__name__)
+
+# (prompts, responses) -> one score per pair
+ScoreFn = Callable[[list[str], list[str]], list[float]]
+# (step, metrics) -> None; raising stops training (cancel)
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM plus a scalar value head on its last hidden state."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(lm.config.hidden_size + 1))
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_of(attention_mask), output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        return out.logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+
+def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generate() uses them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+@dataclasses.dataclass
+class Rollout:
+    query: torch.Tensor          # (B, Lq) left-padded prompt ids
+    query_mask: torch.Tensor     # (B, Lq)
+    response: torch.Tensor       # (B, Lr) sampled ids, pad after the first EOS
+    mask: torch.Tensor           # (B, Lr) 1 on real response tokens (through the first EOS)
+    logprobs: torch.Tensor       # (B, Lr) under the sampling policy
+    ref_logprobs: torch.Tensor   # (B, Lr) under the reference
+    values: torch.Tensor         # (B, Lr)
+    scores: torch.Tensor         # (B,) after EOS penalty / clipping / whitening
+    raw_scores: torch.Tensor     # (B,) as the reward model gave them
+    texts: list[str]
+
+
+@dataclasses.dataclass
+class History:
+    """Per-step curves, saved in training_results.json and plotted."""
+
+    reward: list[float] = dataclasses.field(default_factory=list)
+    reward_std: list[float] = dataclasses.field(default_factory=list)
+    kl: list[float] = dataclasses.field(default_factory=list)
+    loss: list[float] = dataclasses.field(default_factory=list)
+    value_loss: list[float] = dataclasses.field(default_factory=list)
+    entropy: list[float] = dataclasses.field(default_factory=list)
+    kl_coef: list[float] = dataclasses.field(default_factory=list)
+    response_length: list[float] = dataclasses.field(default_factory=list)
+
+
+class PPOTrainer:
+    def __init__(self, config: TrainingConfig, model_path: str, device: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from rlhf.modeling import autocast_dtype, load_model, load_tokenizer
+
+        self.config = config
+        self.device = device
+        self.amp = autocast_dtype(config.mixed_precision, device)
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        self.tokenizer = load_tokenizer(model_path, padding_side="left")
+        lm = load_model(AutoModelForCausalLM, model_path)
+        disable_dropout(lm)
+        self.reference = None
+        if config.use_lora:
+            from peft import LoraConfig, TaskType, get_peft_model
+
+            lm = get_peft_model(lm, LoraConfig(
+                task_type=TaskType.CAUSAL_LM, r=config.lora_r, lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout, target_modules=config.lora_target_modules or None))
+        else:
+            # Full fine-tuning needs its own frozen copy of the starting weights.
+            self.reference = load_model(AutoModelForCausalLM, model_path).to(device).eval()
+            disable_dropout(self.reference)
+            self.reference.requires_grad_(False)
+        self.model = PolicyWithValueHead(lm).to(device)
+        self.model.train()  # dropout is already 0: train mode only enables gradients bookkeeping
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-5)
+        self.kl_ctl = ppo.AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+        self.history = History()
+        self.step = 0
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+
+    # --- rollouts ------------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp, enabled=self.amp is not None)
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str], score_fn: ScoreFn) -> Rollout:
+        c = self.config
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        with self._autocast():
+            generated = self.model.lm.generate(
+                **enc, do_sample=True, temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p,
+                max_new_tokens=c.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+        query = enc["input_ids"]
+        response = generated[:, query.shape[1]:]
+        mask = ppo.mask_after_eos(response, self.eos_id, self.pad_id)
+        response = torch.where(mask.bool(), response, torch.full_like(response, self.pad_id))
+        texts = [self.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(response, mask)]
+
+        raw = torch.tensor(score_fn(prompts, texts), dtype=torch.float32, device=self.device)
+        scores = raw.clone()
+        if c.missing_eos_penalty:
+            has_eos = (response == self.eos_id).any(1)
+            scores = torch.where(has_eos, scores, scores + c.missing_eos_penalty)
+        if c.reward_clip:
+            scores = scores.clamp(-c.reward_clip, c.reward_clip)
+        if c.whiten_rewards and len(scores) > 1:
+            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+
+        logprobs, values, _ = self._forward(self.model, query, enc["attention_mask"], response, mask)
+        ref_logprobs = self._reference_logprobs(query, enc["attention_mask"], response, mask)
+        return Rollout(query, enc["attention_mask"], response, mask, logprobs, ref_logprobs, values,
+                       scores, raw, texts)
+
+    def _forward(self, model: PolicyWithValueHead, query, query_mask, response, mask):
+        """Log-probs (temperature-scaled, as sampled), values and logits of the response tokens."""
+        ids = torch.cat([query, response], 1)
+        attention = torch.cat([query_mask, mask.long()], 1)
+        with self._autocast():
+            logits, values = model(ids, attention)
+        start = query.shape[1] - 1
+        logits = logits[:, start:-1].float() / self.config.temperature
+        return ppo.logprobs_of(logits, response), values[:, start:-1].float(), logits
+
+    def _reference_logprobs(self, query, query_mask, response, mask) -> torch.Tensor:
+        if self.reference is None:
+            with self.model.lm.disable_adapter():
+                return self._forward(self.model, query, query_mask, response, mask)[0]
+        ids = torch.cat([query, response], 1)
+        attention = torch.cat([query_mask, mask.long()], 1)
+        with self._autocast():
+            logits = self.reference(input_ids=ids, attention_mask=attention,
+                                    position_ids=position_ids_of(attention)).logits
+        logits = logits[:, query.shape[1] - 1:-1].float() / self.config.temperature
+        return ppo.logprobs_of(logits, response)
+
+    # --- one PPO step --------------------------------------------------------------------------------
+    def step_on(self, prompts: list[str], score_fn: ScoreFn) -> dict[str, float]:
+        c = self.config
+        started = time.monotonic()
+        roll = self.rollout(prompts, score_fn)
+        scored_at = time.monotonic()
+        with torch.no_grad():
+            rewards, kl = ppo.token_rewards(roll.scores, roll.logprobs, roll.ref_logprobs, roll.mask,
+                                            self.kl_ctl.value)
+            advantages, returns = ppo.gae(rewards, roll.values, roll.mask, c.gamma, c.lam)
+            advantages = ppo.whiten(advantages, roll.mask)
+
+        batch = roll.query.shape[0]
+        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clip", "approxkl", "vclip", "entropy", "verr")}
+        micro = 0
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(batch, generator=self.generator).tolist()
+            for start in range(0, batch, c.mini_batch_size):
+                idx = order[start:start + c.mini_batch_size]
+                new_logprobs, new_values, logits = self._forward(
+                    self.model, roll.query[idx], roll.query_mask[idx], roll.response[idx], roll.mask[idx])
+                mask = roll.mask[idx]
+                pg, pg_stats = ppo.policy_loss(new_logprobs, roll.logprobs[idx], advantages[idx], mask, c.cliprange)
+                vf, vf_stats = ppo.value_loss(new_values, roll.values[idx], returns[idx], mask, c.cliprange_value)
+                loss = (pg + c.vf_coef * vf) / c.gradient_accumulation_steps
+                loss.backward()
+                micro += 1
+                if micro % c.gradient_accumulation_steps == 0:
+                    self._optimizer_step()
+                with torch.no_grad():
+                    stats["pg"].append(pg.item())
+                    stats["vf"].append(vf.item())
+                    stats["clip"].append(pg_stats["clipfrac"].item())
+                    stats["approxkl"].append(pg_stats["approxkl"].item())
+                    stats["vclip"].append(vf_stats["clipfrac"].item())
+                    stats["verr"].append(vf_stats["error"].item())
+                    stats["entropy"].append(ppo.masked_mean(ppo.entropy_from_logits(logits), mask).item())
+        if micro % c.gradient_accumulation_steps:
+            self._optimizer_step()
+
+        mean_kl = kl.sum(1).mean().item()
+        kl_coef = self.kl_ctl.value
+        self.kl_ctl.update(mean_kl, batch)
+        self.step += 1
+        avg = {k: sum(v) / len(v) for k, v in stats.items()}
+        score_mean = roll.raw_scores.mean().item()
+        score_std = roll.raw_scores.std().item() if batch > 1 else 0.0
+        metrics = {
+            "objective/scores": score_mean, "objective/scores_std": score_std,
+            "objective/kl": mean_kl, "objective/entropy": avg["entropy"],
+            "objective/non_score_reward": (-kl_coef * kl.sum(1)).mean().item(),
+            "objective/rlhf_reward": score_mean - kl_coef * mean_kl,
+            "loss/policy_avg": avg["pg"], "loss/value_avg": avg["vf"],
+            "policy/clipfrac_avg": avg["clip"], "policy/approxkl_avg": avg["approxkl"],
+            "val/clipfrac_avg": avg["vclip"], "val/error": avg["verr"], "kl_coef": kl_coef,
+            "response_length": roll.mask.sum(1).mean().item(),
+            "time/rollout_and_score_s": scored_at - started, "time/step_s": time.monotonic() - started,
+        }
+        h = self.history
+        h.reward.append(score_mean)
+        h.reward_std.append(score_std)
+        h.kl.append(mean_kl)
+        h.loss.append(avg["pg"] + c.vf_coef * avg["vf"])
+        h.value_loss.append(avg["vf"])
+        h.entropy.append(avg["entropy"])
+        h.kl_coef.append(kl_coef)
+        h.response_length.append(metrics["response_length"])
+        return metrics
+
+    def _optimizer_step(self) -> None:
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                       self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def train(self, prompts: list[str], score_fn: ScoreFn, on_step: StepCallback,
+              checkpoint: Callable[[], None] | None = None) -> History:
+        rng = random.Random(self.config.seed)
+        pool: list[str] = []
+        while self.step < self.config.max_steps:
+            batch = []
+            while len(batch) < self.config.batch_size:
+                if not pool:
+                    pool = list(prompts)
+                    rng.shuffle(pool)
+                batch.append(pool.pop())
+            metrics = self.step_on(batch, score_fn)
+            on_step(self.step, metrics)
+            if checkpoint and self.config.checkpoint_interval and self.step % self.config.checkpoint_interval == 0:
+                checkpoint()
+        return self.history
+
+    # --- persistence ---------------------------------------------------------------------------------
+    def save_checkpoint(self, path: pathlib.Path) -> None:
+        """Trainable weights, value head, optimizer and KL controller (written atomically)."""
+        trainable = {k: v for k, v in self.model.named_parameters() if v.requires_grad}
+        state = {"step": self.step, "kl_coef": self.kl_ctl.value, "optimizer": self.optimizer.state_dict(),
+                 "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
+                 "history": dataclasses.asdict(self.history)}
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def save(self, folder: pathlib.Path) -> None:
+        """policy/ (merged, loadable by AutoModelForCausalLM) and value_head.pt beside it."""
+        lm = self.model.lm
+        if self.config.use_lora:
+            lm = lm.merge_and_unload()
+        policy_dir = folder / "policy"
+        policy_dir.mkdir(parents=True, exist_ok=True)
+        lm.save_pretrained(policy_dir)
+        self.tokenizer.save_pretrained(policy_dir)
+        torch.save(self.model.value_head.state_dict(), folder / "value_head.pt")
+        (folder / "value_head.json").write_text(json.dumps(
+            {"hidden_size": self.model.value_head.in_features, "input": "last hidden state"}))

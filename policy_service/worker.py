@@ -1,0 +1,136 @@
+"""`python -m policy_service.worker --job-dir DIR`: get a reward model, get prompts, run PPO, save a version."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import grpc
+
+from policy_service.config import TrainingConfig
+from policy_service.trainer import PPOTrainer
+from rlhf.clients import FeedbackClient, RewardClient
+from rlhf.modeling import pick_device, resolve_model
+from rlhf.plotting import plot_curves
+from rlhf.reward.v1 import reward_service_pb2 as rw
+from rlhf.worker import Cancelled, JobContext, main_for
+
+log = logging.getLogger(__name__)
+
+
+def ensure_reward_model(context: JobContext, reward: RewardClient) -> rw.RewardModel:
+    """The named reward-model version, or a new one trained through the reward service (waited for)."""
+    spec = context.spec
+    agent_id = spec["agent_id"]
+    if spec["reward_model_version"]:
+        return reward.get_model(agent_id, spec["reward_model_version"])
+    config = rw.RewardModelConfig()
+    config.ParseFromString(bytes.fromhex(spec["reward_model_config"]))
+    job = reward.create_job(agent_id, config)
+    context.sticky["reward_job_id"] = job.job_id
+    context.progress(phase="reward_model", message=f"training reward model (job {job.job_id})")
+    for job in reward.watch(job.job_id):
+        if context.cancel_requested:
+            reward.cancel_job(job.job_id)
+            raise Cancelled()
+        p = job.progress
+        context.progress(phase="reward_model", step=0, total_steps=spec["config"]["max_steps"],
+                         message=f"reward model: {p.phase} step {p.step}/{p.total_steps} loss {p.train_loss:.4f}")
+    if job.state != rw.JOB_STATE_SUCCEEDED:
+        raise RuntimeError(f"reward-model job {job.job_id} ended {rw.JobState.Name(job.state)}: {job.error}")
+    return reward.get_model(agent_id, job.reward_model_version)
+
+
+def train(context: JobContext) -> dict[str, Any]:
+    spec = context.spec
+    agent_id = spec["agent_id"]
+    config = TrainingConfig(**spec["config"])
+    job_dir = context.job_dir
+    reward = RewardClient(spec["reward_address"], timeout=spec["score_timeout_seconds"])
+    reward_model = ensure_reward_model(context, reward)
+    context.sticky["reward_model_version"] = reward_model.version
+
+    context.progress(phase="loading", message="exporting prompts")
+    with FeedbackClient(spec["feedback_address"]) as feedback:
+        rows, watermark = feedback.export(agent_id)
+    prompts = sorted({row.prompt for row in rows if row.prompt.strip()})
+    if not prompts:
+        raise RuntimeError(f"agent '{agent_id}' has no feedback prompts to train on")
+
+    device = pick_device(config.device)
+    base_path = resolve_model(config.base_model, pathlib.Path(spec["data_dir"]))
+    context.progress(phase="loading", message=f"loading {base_path} on {device}")
+    trainer = PPOTrainer(config, base_path, device)
+    checkpoint_path = job_dir / "checkpoint.pt"
+    unscored = {"count": 0}
+
+    def score(batch_prompts: list[str], responses: list[str]) -> list[float]:
+        context.check_cancelled()
+        try:
+            answer = reward.score(agent_id, list(zip(batch_prompts, responses)), version=reward_model.version,
+                                  retries=spec["score_retries"])
+        except grpc.RpcError as error:
+            raise RuntimeError(f"reward service failed during PPO ({error.code().name}: {error.details()}); "
+                               f"last checkpoint kept at {checkpoint_path}") from error
+        # An unscorable response (e.g. empty) gets the batch's lowest score: never rewarded.
+        valid = [s.score for s in answer.scores if s.ok]
+        floor = min(valid) if valid else 0.0
+        unscored["count"] += sum(1 for s in answer.scores if not s.ok)
+        return [s.score if s.ok else floor for s in answer.scores]
+
+    started = time.monotonic()
+    last_metrics: dict[str, float] = {}
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        nonlocal last_metrics
+        last_metrics = metrics
+        elapsed = time.monotonic() - started
+        rate = step / elapsed if elapsed > 0 else 0.0
+        context.progress(phase="training", step=step, total_steps=config.max_steps, metrics=metrics,
+                         steps_per_second=rate, eta_seconds=(config.max_steps - step) / rate if rate else 0.0)
+        context.check_cancelled()
+
+    try:
+        history = trainer.train(prompts, score, on_step, lambda: trainer.save_checkpoint(checkpoint_path))
+    except Cancelled:
+        trainer.save_checkpoint(checkpoint_path)
+        raise
+    except Exception:
+        trainer.save_checkpoint(checkpoint_path)
+        raise
+
+    context.progress(phase="saving", step=trainer.step, total_steps=config.max_steps, metrics=last_metrics)
+    output = job_dir / "output"
+    trainer.save(output)
+    curves = {"reward (score mean)": history.reward, "KL to reference": history.kl, "loss": history.loss,
+              "entropy": history.entropy, "value loss": history.value_loss, "kl_coef": history.kl_coef}
+    plot_curves(curves, output / "curves.png", f"{agent_id}: PPO on {config.base_model}")
+    tail = max(1, min(5, len(history.reward)))
+    results = {
+        # The seed's TrainingResult fields.
+        "model_path": str(output / "policy"), "reward_model_path": reward_model.model_path,
+        "feedback_count": len(rows), "final_reward_mean": sum(history.reward[-tail:]) / tail,
+        "final_reward_std": sum(history.reward_std[-tail:]) / tail, "training_steps": trainer.step,
+        "reward_history": history.reward, "kl_history": history.kl, "loss_history": history.loss,
+        # More curves, config and lineage.
+        "value_loss_history": history.value_loss, "entropy_history": history.entropy,
+        "kl_coef_history": history.kl_coef, "response_length_history": history.response_length,
+        "value_error": last_metrics.get("val/error", 0.0), "entropy": last_metrics.get("objective/entropy", 0.0),
+        "final_kl": last_metrics.get("objective/kl", 0.0), "unscored_responses": unscored["count"],
+        "config": dataclasses.asdict(config), "algorithm": "ppo",
+        "lineage": {"base_model": config.base_model, "reward_model_version": reward_model.version,
+                    "reward_model_path": reward_model.model_path, "feedback_watermark": watermark,
+                    "job_id": spec["job_id"]},
+        "training_seconds": round(time.monotonic() - started, 2),
+    }
+    (output / "training_results.json").write_text(json.dumps(results, indent=2))
+    return {"output_dir": str(output), **{k: v for k, v in results.items() if not k.endswith("_history")},
+            "initial_reward_mean": history.reward[0] if history.reward else 0.0}
+
+
+if __name__ == "__main__":
+    main_for("policy", train)

@@ -1,0 +1,3 @@
+from reward_service.app import main
+
+main()

@@ -1,0 +1,41 @@
+"""Start the reward service: `python -m reward_service` or `rlhf serve reward`."""
+
+from __future__ import annotations
+
+import argparse
+
+from reward_service.config import RewardServiceConfig
+from reward_service.domain import RewardDomain
+from reward_service.servicer import RewardServicer
+from reward_service.store import RewardStore
+from rlhf.app import run_service, server_flags, server_overrides
+from rlhf.db import make_engine
+from rlhf.reward.v1 import reward_service_pb2_grpc as pb_grpc
+from rlhf.server import RunningServer, ServiceBinding, start_server
+
+
+async def start(config: RewardServiceConfig) -> RunningServer:
+    engine = make_engine(config.server.resolved_database_url())
+    domain = RewardDomain(config, RewardStore(engine))
+    await domain.start()
+    running = await start_server(config.server, [ServiceBinding(
+        "rlhf.reward.v1.RewardService", RewardServicer(domain), pb_grpc.add_RewardServiceServicer_to_server)])
+
+    async def cleanup() -> None:
+        await domain.close()
+        engine.dispose()
+
+    running.on_stop.append(cleanup)
+    running.domain = domain  # tests inspect the cache and jobs
+    return running
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="reward_service", description="RLHF reward service")
+    server_flags(parser)
+    parser.add_argument("--feedback-addr", help="feedback service address (env RLHF_FEEDBACK_ADDR)")
+    args = parser.parse_args(argv)
+    config = RewardServiceConfig.from_env(**server_overrides(args))
+    if args.feedback_addr:
+        config.feedback_address = args.feedback_addr
+    run_service("reward", start, config, config.server)

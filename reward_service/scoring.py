@@ -1,0 +1,71 @@
+"""Batch scoring with loaded reward models: sorted by length to cut padding, micro-batched, deadline-aware."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from reward_service.modeling import encode, join, read_normalization, to_rating
+from rlhf.errors import DeadlineExceeded
+from rlhf.modelcache import ModelCache
+
+
+@dataclasses.dataclass
+class LoadedRewardModel:
+    tokenizer: object
+    model: object
+    normalization: dict
+    device: str
+
+
+@dataclasses.dataclass
+class Scored:
+    score: float = 0.0
+    rating: float = 0.0
+    ok: bool = True
+    error: str = ""
+
+
+def load_reward_model(model_path: str, device: str) -> LoadedRewardModel:
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.modeling import load_model, load_tokenizer, pick_device
+
+    device = pick_device(device)
+    tokenizer = load_tokenizer(model_path, padding_side="right")
+    model = load_model(AutoModelForSequenceClassification, model_path).to(device).eval()
+    return LoadedRewardModel(tokenizer, model, read_normalization(model_path), device)
+
+
+class Scorer:
+    def __init__(self, device: str, micro_batch: int, cache_size: int, max_length: int = 512) -> None:
+        self.micro_batch = micro_batch
+        self.max_length = max_length
+        self.cache: ModelCache[LoadedRewardModel] = ModelCache(
+            lambda path: load_reward_model(str(path), device), capacity=cache_size)
+
+    def score(self, loaded: LoadedRewardModel, pairs: list[tuple[str, str]],
+              deadline: float | None = None) -> list[Scored]:
+        """Blocking: one Scored per pair, in order; empty texts are reported per item."""
+        import torch
+
+        results = [Scored() for _ in pairs]
+        texts: list[tuple[int, str]] = []
+        for index, (prompt, response) in enumerate(pairs):
+            if not response.strip():
+                results[index] = Scored(ok=False, error="response is empty")
+            elif not prompt.strip():
+                results[index] = Scored(ok=False, error="prompt is empty")
+            else:
+                texts.append((index, join(prompt, response)))
+        texts.sort(key=lambda item: len(item[1]))  # similar lengths share a batch: less padding
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.micro_batch):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise DeadlineExceeded(f"scoring stopped at item {start} of {len(texts)}: deadline passed")
+                chunk = texts[start:start + self.micro_batch]
+                enc = encode(loaded.tokenizer, [t for _, t in chunk], self.max_length).to(loaded.device)
+                values = loaded.model(**enc).logits.squeeze(-1).float().tolist()
+                for (index, _), value in zip(chunk, values):
+                    results[index] = Scored(score=value, rating=to_rating(value, loaded.normalization))
+        return results

@@ -1,0 +1,205 @@
+"""Reward-model training (runs in the worker process): ratings by MSE on normalised scores,
+comparisons by the Bradley-Terry pairwise loss, both on one scalar head; LoRA optional, merged on save."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import random
+import time
+from typing import Any
+
+from reward_service.config import RewardModelConfig
+from reward_service.modeling import NORMALIZATION_FILE, encode, join, to_rating
+from rlhf.errors import FailedPrecondition
+from rlhf.worker import JobContext
+
+RATING, COMPARISON = 1, 2  # FeedbackKind values
+
+
+@dataclasses.dataclass
+class Examples:
+    ratings: list[tuple[str, float]]        # (text, score in 0..1)
+    comparisons: list[tuple[str, str, float]]  # (chosen text, rejected text, margin)
+
+
+def split(items: list, fraction: float, rng: random.Random) -> tuple[list, list]:
+    items = list(items)
+    rng.shuffle(items)
+    held = int(round(len(items) * fraction)) if len(items) >= 10 else 0
+    return items[held:], items[:held]
+
+
+def examples_from_feedback(rows: list) -> Examples:
+    ratings = [(join(r.prompt, r.response), r.score) for r in rows if r.kind == RATING]
+    comparisons = [(join(r.prompt, r.chosen), join(r.prompt, r.rejected), r.margin if r.HasField("margin") else 0.0)
+                   for r in rows if r.kind == COMPARISON]
+    return Examples(ratings, comparisons)
+
+
+def train_reward_model(context: JobContext, rows: list, watermark: int, config: RewardModelConfig,
+                       base_path: str, output_dir: pathlib.Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.modeling import autocast_dtype, load_model, load_tokenizer, pick_device
+
+    examples = examples_from_feedback(rows)
+    usable = len(examples.ratings) + len(examples.comparisons)
+    if usable < 10:
+        raise FailedPrecondition(f"only {usable} usable feedback items; at least 10 are needed")
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    amp = autocast_dtype(config.mixed_precision, device)
+
+    # Normalise ratings so the head regresses a unit-scale target; kept to report 0..1 ratings later.
+    scores = [s for _, s in examples.ratings]
+    mean = sum(scores) / len(scores) if scores else 0.0
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)) if scores else 1.0
+    std = std if std > 1e-6 else 1.0
+    normalization = {"kind": "rating" if scores else "comparison", "mean": mean, "std": std}
+
+    train_r, val_r = split(examples.ratings, config.validation_fraction, rng)
+    train_c, val_c = split(examples.comparisons, config.validation_fraction, rng)
+
+    context.progress(phase="loading", message=f"loading {base_path}")
+    tokenizer = load_tokenizer(base_path, padding_side="right")
+    model = load_model(AutoModelForSequenceClassification, base_path, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if config.use_lora:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout, target_modules=config.lora_target_modules or None))
+    model.to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+
+    # One list of batches per epoch: rating batches and comparison batches interleaved.
+    def batches() -> list[tuple[str, list]]:
+        out = [("rating", train_r[i:i + config.batch_size]) for i in range(0, len(train_r), config.batch_size)]
+        out += [("comparison", train_c[i:i + config.batch_size]) for i in range(0, len(train_c), config.batch_size)]
+        rng.shuffle(out)
+        return out
+
+    def forward(texts: list[str]):
+        enc = encode(tokenizer, texts, config.max_length).to(device)
+        with torch.autocast(device_type=device.split(":")[0], dtype=amp, enabled=amp is not None):
+            return model(**enc).logits.squeeze(-1).float()
+
+    def loss_of(kind: str, batch: list):
+        if kind == "rating":
+            target = torch.tensor([(s - mean) / std for _, s in batch], device=device)
+            return torch.nn.functional.mse_loss(forward([t for t, _ in batch]), target)
+        rewards = forward([c for c, _, _ in batch] + [r for _, r, _ in batch])
+        chosen, rejected = rewards[: len(batch)], rewards[len(batch):]
+        margin = torch.tensor([m for _, _, m in batch], device=device)
+        return -torch.nn.functional.logsigmoid(chosen - rejected - margin).mean()
+
+    steps_per_epoch = math.ceil(len(batches()) / config.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * config.num_epochs
+    history: list[float] = []
+    val_history: list[float] = []
+    best_val, stale, step = math.inf, 0, 0
+    started = time.monotonic()
+    for epoch in range(config.num_epochs):
+        model.train()
+        for index, (kind, batch) in enumerate(batches()):
+            context.check_cancelled()
+            loss = loss_of(kind, batch) / config.gradient_accumulation_steps
+            loss.backward()
+            if (index + 1) % config.gradient_accumulation_steps == 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+                step += 1
+                history.append(loss.item() * config.gradient_accumulation_steps)
+                elapsed = time.monotonic() - started
+                context.progress(phase="training", step=step, total_steps=total_steps, epoch=epoch + 1,
+                                 total_epochs=config.num_epochs, train_loss=history[-1],
+                                 eta_seconds=elapsed / step * (total_steps - step))
+        metrics = evaluate(model, forward, val_r, val_c, normalization)
+        if "validation_loss" in metrics:
+            val_history.append(metrics["validation_loss"])
+            context.progress(phase="training", step=step, total_steps=total_steps, epoch=epoch + 1,
+                             total_epochs=config.num_epochs, train_loss=history[-1] if history else 0.0,
+                             validation_loss=metrics["validation_loss"])
+            if metrics["validation_loss"] < best_val - 1e-6:
+                best_val, stale = metrics["validation_loss"], 0
+            else:
+                stale += 1
+                if config.early_stopping_patience and stale >= config.early_stopping_patience:
+                    break
+
+    context.progress(phase="saving", step=step, total_steps=total_steps)
+    metrics = evaluate(model, forward, val_r, val_c, normalization)
+    if config.use_lora:
+        model = model.merge_and_unload()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.to("cpu").save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    (output_dir / NORMALIZATION_FILE).write_text(json.dumps(normalization))
+    (output_dir / "reward_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    (output_dir / "loss_history.json").write_text(json.dumps({"train": history, "validation": val_history}))
+    return {"model_path": str(output_dir), "feedback_watermark": watermark, "feedback_count": len(rows),
+            "rating_count": len(examples.ratings), "comparison_count": len(examples.comparisons),
+            "metrics": metrics, "normalization": normalization, "training_steps": step}
+
+
+def evaluate(model, forward, ratings: list, comparisons: list, normalization: dict) -> dict[str, float]:
+    """Validation metrics: MSE/MAE (0..1 scale), Pearson and Spearman for ratings; pairwise accuracy."""
+    import torch
+
+    metrics: dict[str, float] = {}
+    model.eval()
+    losses = []
+    with torch.inference_mode():
+        if ratings:
+            outputs = forward([t for t, _ in ratings]).tolist()
+            predicted = [to_rating(o, normalization) for o in outputs]
+            truth = [s for _, s in ratings]
+            errors = [p - t for p, t in zip(predicted, truth)]
+            metrics["mse"] = sum(e * e for e in errors) / len(errors)
+            metrics["mae"] = sum(abs(e) for e in errors) / len(errors)
+            metrics["pearson"] = correlation(predicted, truth)
+            metrics["spearman"] = correlation(ranks(predicted), ranks(truth))
+            losses.append(sum(((o - (t - normalization["mean"]) / normalization["std"]) ** 2)
+                              for o, t in zip(outputs, truth)) / len(truth))
+        if comparisons:
+            chosen = forward([c for c, _, _ in comparisons])
+            rejected = forward([r for _, r, _ in comparisons])
+            metrics["pairwise_accuracy"] = (chosen > rejected).float().mean().item()
+            losses.append(-torch.nn.functional.logsigmoid(chosen - rejected).mean().item())
+    model.train()
+    if losses:
+        metrics["validation_loss"] = sum(losses) / len(losses)
+    metrics["validation_count"] = float(len(ratings) + len(comparisons))
+    return metrics
+
+
+def ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            result[order[k]] = (i + j) / 2.0
+        i = j + 1
+    return result
+
+
+def correlation(a: list[float], b: list[float]) -> float:
+    n = len(a)
+    if n < 2:
+        return 0.0
+    ma, mb = sum(a) / n, sum(b) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    va = math.sqrt(sum((x - ma) ** 2 for x in a))
+    vb = math.sqrt(sum((y - mb) ** 2 for y in b))
+    return cov / (va * vb) if va > 0 and vb > 0 else 0.0

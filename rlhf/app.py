@@ -1,0 +1,38 @@
+"""The common `main` of every service: flags over env defaults, logging, serve until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+from typing import Any, Awaitable, Callable
+
+from rlhf.config import ServerConfig
+from rlhf.logs import setup_logging
+from rlhf.server import RunningServer, serve_until_signal
+
+
+def server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="interface to bind (env RLHF_HOST)")
+    parser.add_argument("--port", type=int, help="port to bind; 0 picks a free one")
+    parser.add_argument("--data-dir", type=pathlib.Path, help="data dir (env RLHF_DATA_DIR, default ./.rlhf)")
+    parser.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite file in the data dir)")
+
+
+def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    data_dir = args.data_dir.resolve() if args.data_dir else None
+    return {"host": args.host, "port": args.port, "data_dir": data_dir, "database_url": args.database_url}
+
+
+def run_service(component: str, start: Callable[[Any], Awaitable[RunningServer]], config: Any,
+                server: ServerConfig) -> None:
+    setup_logging(component)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep service logs one line per event
+
+    async def serve() -> None:
+        running = await start(config)
+        await serve_until_signal(running, server.grace_seconds)
+
+    asyncio.run(serve())

@@ -1,0 +1,31 @@
+"""Range checks of training configs shared by the reward and policy services (InvalidArgument names the field)."""
+
+from __future__ import annotations
+
+import re
+
+from rlhf.errors import InvalidArgument
+from rlhf.validation import int_in, number_in
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")
+
+
+def device_and_precision(device: str, mixed_precision: str, prefix: str) -> None:
+    if not DEVICE_PATTERN.match(device):
+        raise InvalidArgument(f"{prefix}.device", "must be auto, cpu, mps, cuda or cuda:N")
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise InvalidArgument(f"{prefix}.mixed_precision", "must be no, fp16 or bf16")
+
+
+def lora(config, prefix: str) -> None:
+    int_in(config.lora_r, f"{prefix}.lora_r", 1, 1024)
+    int_in(config.lora_alpha, f"{prefix}.lora_alpha", 1, 65536)
+    number_in(config.lora_dropout, f"{prefix}.lora_dropout", 0.0, 0.9)
+    for name in config.lora_target_modules:
+        if not re.match(r"^[A-Za-z0-9_.]{1,64}$", name):
+            raise InvalidArgument(f"{prefix}.lora_target_modules", f"'{name}' is not a module name")
+
+
+def base_model(name: str, field: str) -> None:
+    if not name or len(name) > 1024 or "\x00" in name:
+        raise InvalidArgument(field, "must be a hub id or local folder of at most 1024 characters")

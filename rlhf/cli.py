@@ -1,0 +1,220 @@
+"""The `rlhf` command line: serve the stack, run the demo, and talk to the services."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Callable
+
+import grpc
+from google.protobuf import json_format
+
+from rlhf.config import DEFAULT_PORTS, data_dir_default
+
+
+def _print(message, as_json: bool) -> None:
+    if as_json:
+        print(json_format.MessageToJson(message, preserving_proto_field_name=True))
+    else:
+        print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rlhf.supervisor import MODULES, Stack, serve
+
+    ports = {s: getattr(args, f"{s}_port") for s in DEFAULT_PORTS}
+    stack = Stack(data_dir=args.data_dir.resolve(), host=args.host, ports=ports)
+    services = list(MODULES) if args.service == "all" else [args.service]
+    if args.service != "all":
+        import os
+
+        os.environ.update(stack.env())
+        module = __import__(f"{MODULES[args.service]}.app", fromlist=["main"])
+        module.main(["--port", str(ports[args.service]), "--host", args.host])
+        return 0
+    return serve(stack, services)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rlhf.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(data_dir=args.data_dir.resolve(), fresh=not args.keep))
+
+
+def cmd_feedback_submit(args: argparse.Namespace) -> int:
+    from rlhf.clients import FeedbackClient
+
+    fields = {"prompt": args.prompt, "run_id": args.run_id, "notes": args.notes}
+    if args.score is not None:
+        fields.update(response=args.response, score=args.score)
+    else:
+        fields.update(chosen=args.chosen, rejected=args.rejected)
+    with FeedbackClient(args.feedback_addr) as client:
+        _print(client.submit(args.agent_id, **fields), args.json)
+    return 0
+
+
+def cmd_feedback_stats(args: argparse.Namespace) -> int:
+    from rlhf.clients import FeedbackClient
+
+    with FeedbackClient(args.feedback_addr) as client:
+        _print(client.stats(args.agent_id, group_by_policy_version=args.by_version), args.json)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rlhf.clients import PolicyClient
+    from rlhf.policy.v1 import policy_service_pb2 as pol
+
+    request = pol.TrainPolicyRequest(agent_id=args.agent_id, dry_run=args.dry_run,
+                                     reward_model_version=args.reward_model_version or "")
+    if args.max_steps is not None:
+        request.max_steps = args.max_steps
+    if args.learning_rate is not None:
+        request.learning_rate = args.learning_rate
+    if args.config:
+        json_format.Parse(pathlib.Path(args.config).read_text(), request.config)
+    with PolicyClient(args.policy_addr) as client:
+        response = client.train(request)
+        if args.dry_run or args.no_watch:
+            _print(response, args.json)
+            return 0
+        job = response.job
+        print(f"job {job.job_id} started; watching (Ctrl-C stops watching, not the job)", file=sys.stderr)
+        for job in client.watch(job.job_id):
+            p = job.progress
+            metrics = p.metrics
+            print(f"\r[{pol.JobState.Name(job.state)[10:]}] {p.phase} step {p.step}/{p.total_steps} "
+                  f"score {metrics.get('objective/scores', 0):.3f} kl {metrics.get('objective/kl', 0):.3f} "
+                  f"eta {p.eta_seconds:.0f}s {p.message[:60]}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        _print(job, args.json)
+        return 0 if job.state == pol.JOB_STATE_SUCCEEDED else 1
+
+
+def cmd_policies_list(args: argparse.Namespace) -> int:
+    from rlhf.clients import PolicyClient
+
+    with PolicyClient(args.policy_addr) as client:
+        policies = client.list_policies(args.agent_id)
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(p, preserving_proto_field_name=True) for p in policies]))
+        return 0
+    print(f"{'version':<8} {'created':<20} {'steps':>6} {'reward':>8} {'kl':>8}  path")
+    for p in policies:
+        print(f"{p.version:<8} {p.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} {p.metrics.training_steps:>6} "
+              f"{p.metrics.reward_mean:>8.3f} {p.metrics.kl:>8.3f}  {p.model_path}")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from rlhf.clients import InferenceClient
+
+    weights = {}
+    for item in args.weights:
+        version, _, weight = item.partition("=")
+        weights[version] = float(weight or 1)
+    with InferenceClient(args.inference_addr) as client:
+        _print(client.set_deployment(args.agent_id, weights), args.json)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from rlhf.clients import InferenceClient
+
+    params = {"max_new_tokens": args.max_new_tokens}
+    if args.seed is not None:
+        params["seed"] = args.seed
+    with InferenceClient(args.inference_addr) as client:
+        _print(client.generate(args.agent_id, args.prompt, version=args.version or "", **params), args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rlhf.config import service_address
+
+    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF platform: serve the stack and use it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start services (all: four processes)")
+    serve.add_argument("service", choices=["all", "feedback", "reward", "policy", "inference"])
+    serve.add_argument("--data-dir", type=pathlib.Path, default=data_dir_default(),
+                       help="data dir (env RLHF_DATA_DIR, default ./.rlhf)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 in containers)")
+    for service, port in DEFAULT_PORTS.items():
+        import os
+
+        serve.add_argument(f"--{service}-port", type=int,
+                           default=int(os.environ.get(f"RLHF_{service.upper()}_PORT", port)))
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="run the whole loop end to end on embedded defaults")
+    demo.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path(".rlhf/demo"))
+    demo.add_argument("--keep", action="store_true", help="keep earlier demo data (default: start fresh)")
+    demo.set_defaults(func=cmd_demo)
+
+    def client_parser(parent, name: str, help_text: str, func: Callable, services: list[str]):
+        p = parent.add_parser(name, help=help_text)
+        p.add_argument("--json", action="store_true", help="print compact JSON")
+        for service in services:
+            p.add_argument(f"--{service}-addr", default=service_address(service),
+                           help=f"{service} service address (env RLHF_{service.upper()}_ADDR)")
+        p.set_defaults(func=func)
+        return p
+
+    feedback = sub.add_parser("feedback", help="submit and inspect feedback").add_subparsers(
+        dest="action", required=True)
+    submit = client_parser(feedback, "submit", "submit one rating or comparison", cmd_feedback_submit, ["feedback"])
+    submit.add_argument("agent_id")
+    submit.add_argument("--prompt", required=True)
+    submit.add_argument("--response")
+    submit.add_argument("--score", type=float, help="rating in [0, 1]")
+    submit.add_argument("--chosen")
+    submit.add_argument("--rejected")
+    submit.add_argument("--run-id", default="")
+    submit.add_argument("--notes", default="")
+    stats = client_parser(feedback, "stats", "feedback statistics", cmd_feedback_stats, ["feedback"])
+    stats.add_argument("agent_id")
+    stats.add_argument("--by-version", action="store_true", help="also per policy version (A/B readout)")
+
+    train = client_parser(sub, "train", "train a policy (or estimate with --dry-run)", cmd_train, ["policy"])
+    train.add_argument("agent_id")
+    train.add_argument("--dry-run", action="store_true")
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--reward-model-version", help="reuse this reward model ('latest' for the newest)")
+    train.add_argument("--config", help="JSON file with a TrainingConfig (proto JSON names)")
+    train.add_argument("--no-watch", action="store_true", help="return once the job is queued")
+
+    policies = sub.add_parser("policies", help="the policy registry").add_subparsers(dest="action", required=True)
+    plist = client_parser(policies, "list", "list an agent's policy versions", cmd_policies_list, ["policy"])
+    plist.add_argument("agent_id")
+
+    deploy = client_parser(sub, "deploy", "set an agent's deployment: VERSION=WEIGHT ...", cmd_deploy, ["inference"])
+    deploy.add_argument("agent_id")
+    deploy.add_argument("weights", nargs="+", help="e.g. v2=50 v3=50, or base=1")
+
+    generate = client_parser(sub, "generate", "generate from an agent's deployment", cmd_generate, ["inference"])
+    generate.add_argument("agent_id")
+    generate.add_argument("prompt")
+    generate.add_argument("--version", help="pin a version, or 'base'")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--seed", type=int)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(args.func(args))
+    except grpc.RpcError as error:
+        print(f"rlhf: {error.code().name}: {error.details()}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Training jobs as resources, shared by the reward and policy services.
+
+A job is a row in the service's own database and a worker process (`python -m <worker_module>`) that
+reads `spec.json` from the job folder and appends JSON events to `events.jsonl` (rlhf.worker). The
+manager tails those events, persists progress, feeds watchers, and on the worker's exit decides the final
+state. Training never runs on the server's event loop, a cancel is a SIGTERM (the worker stops within a
+step and keeps a checkpoint), a crash can't take the server down, and a restarted server marks jobs that
+were running as INTERRUPTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from sqlalchemy import Column, DateTime, Engine, Integer, MetaData, String, Table, Text, select, update
+
+from rlhf.errors import FailedPrecondition, NotFound
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = (
+    "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
+ACTIVE = (QUEUED, RUNNING)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED, INTERRUPTED)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def jobs_table(metadata: MetaData) -> Table:
+    return Table(
+        "jobs", metadata,
+        Column("job_id", String(64), primary_key=True),
+        Column("agent_id", String(64), nullable=False, index=True),
+        Column("state", String(16), nullable=False, index=True),
+        Column("spec", Text, nullable=False),        # JSON: the resolved request
+        Column("progress", Text, nullable=False, default="{}"),
+        Column("result", Text, nullable=False, default="{}"),
+        Column("error", Text, nullable=False, default=""),
+        Column("version", String(32), nullable=False, default=""),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("started_at", DateTime(timezone=True)),
+        Column("finished_at", DateTime(timezone=True)),
+        Column("seq", Integer, nullable=False, default=0),  # creation order for listing
+    )
+
+
+@dataclasses.dataclass
+class Job:
+    job_id: str
+    agent_id: str
+    state: str
+    spec: dict[str, Any]
+    progress: dict[str, Any]
+    result: dict[str, Any]
+    error: str
+    version: str
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    seq: int
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    # SQLite returns naive datetimes; everything here is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+class JobStore:
+    """Persistence of jobs in one table of the owning service's database (blocking calls)."""
+
+    def __init__(self, engine: Engine, table: Table) -> None:
+        self.engine = engine
+        self.table = table
+
+    def _job(self, row: Any) -> Job:
+        return Job(job_id=row.job_id, agent_id=row.agent_id, state=row.state, spec=json.loads(row.spec),
+                   progress=json.loads(row.progress or "{}"), result=json.loads(row.result or "{}"),
+                   error=row.error or "", version=row.version or "", created_at=_aware(row.created_at),
+                   started_at=_aware(row.started_at), finished_at=_aware(row.finished_at), seq=row.seq)
+
+    def create(self, agent_id: str, spec: dict[str, Any]) -> Job:
+        """Insert a QUEUED job unless the agent has an active one (checked in the same transaction)."""
+        t = self.table
+        with self.engine.begin() as conn:
+            active = conn.execute(select(t.c.job_id).where(
+                t.c.agent_id == agent_id, t.c.state.in_(ACTIVE))).first()
+            if active:
+                raise FailedPrecondition(
+                    f"agent '{agent_id}' already has an active training job {active.job_id}; "
+                    f"wait for it or cancel it first", subject=active.job_id)
+            last = conn.execute(select(t.c.seq).order_by(t.c.seq.desc()).limit(1)).scalar() or 0
+            values = dict(job_id=uuid.uuid4().hex, agent_id=agent_id, state=QUEUED, spec=json.dumps(spec),
+                          progress="{}", result="{}", error="", version="", created_at=utcnow(),
+                          seq=last + 1)
+            conn.execute(t.insert().values(**values))
+        return self.get(values["job_id"])
+
+    def get(self, job_id: str) -> Job:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(self.table).where(self.table.c.job_id == job_id)).first()
+        if row is None:
+            raise NotFound(f"training job '{job_id}' not found")
+        return self._job(row)
+
+    def list(self, agent_id: str = "", state: str = "", before_seq: int = 0, limit: int = 50) -> list[Job]:
+        t = self.table
+        query = select(t).order_by(t.c.seq.desc()).limit(limit)
+        if agent_id:
+            query = query.where(t.c.agent_id == agent_id)
+        if state:
+            query = query.where(t.c.state == state)
+        if before_seq:
+            query = query.where(t.c.seq < before_seq)
+        with self.engine.connect() as conn:
+            return [self._job(row) for row in conn.execute(query)]
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        for key in ("spec", "progress", "result"):
+            if key in fields:
+                fields[key] = json.dumps(fields[key])
+        with self.engine.begin() as conn:
+            conn.execute(update(self.table).where(self.table.c.job_id == job_id).values(**fields))
+
+    def interrupt_active(self, reason: str) -> int:
+        """On start-up: jobs left active by a previous server process can no longer be running."""
+        with self.engine.begin() as conn:
+            result = conn.execute(update(self.table).where(self.table.c.state.in_(ACTIVE)).values(
+                state=INTERRUPTED, error=reason, finished_at=utcnow()))
+            return result.rowcount
+
+
+# Called with the finished job and its worker's result; registers the output and returns its version.
+OnSuccess = Callable[[Job, dict[str, Any]], Awaitable[str]]
+
+
+class JobManager:
+    """Launches and supervises worker processes for jobs; one instance per service."""
+
+    def __init__(self, store: JobStore, work_root: pathlib.Path, worker_module: str, on_success: OnSuccess,
+                 worker_env: dict[str, str] | None = None, poll_seconds: float = 0.2,
+                 cancel_grace_seconds: float = 30.0) -> None:
+        self.store = store
+        self.work_root = work_root
+        self.worker_module = worker_module
+        self.on_success = on_success
+        self.worker_env = worker_env or {}
+        self.poll_seconds = poll_seconds
+        self.cancel_grace_seconds = cancel_grace_seconds
+        self._processes: dict[str, asyncio.subprocess.Process] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._cancel_requested: set[str] = set()
+        self._changed: dict[str, asyncio.Condition] = {}
+        self._closing = False
+
+    async def recover(self) -> None:
+        count = await asyncio.to_thread(
+            self.store.interrupt_active, "the server stopped while this job ran; start a new job")
+        if count:
+            log.warning("marked %d job(s) left running by a previous server as INTERRUPTED", count)
+
+    def job_dir(self, job_id: str) -> pathlib.Path:
+        return self.work_root / job_id
+
+    async def submit(self, agent_id: str, spec: dict[str, Any]) -> Job:
+        job = await asyncio.to_thread(self.store.create, agent_id, spec)
+        folder = self.job_dir(job.job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "spec.json").write_text(json.dumps({"job_id": job.job_id, "agent_id": agent_id, **spec},
+                                                     indent=2))
+        self._tasks[job.job_id] = asyncio.create_task(self._supervise(job.job_id))
+        log.info("job %s queued for agent %s", job.job_id, agent_id)
+        return job
+
+    async def get(self, job_id: str) -> Job:
+        return await asyncio.to_thread(self.store.get, job_id)
+
+    async def list(self, **kwargs: Any) -> list[Job]:
+        return await asyncio.to_thread(self.store.list, **kwargs)
+
+    async def cancel(self, job_id: str) -> Job:
+        job = await self.get(job_id)
+        if job.terminal:
+            raise FailedPrecondition(f"job {job_id} already ended ({job.state})", subject=job_id)
+        self._cancel_requested.add(job_id)
+        process = self._processes.get(job_id)
+        if process and process.returncode is None:
+            _signal_group(process, signal.SIGTERM)
+            log.info("job %s: cancel requested, SIGTERM sent to worker %d", job_id, process.pid)
+        return await self.get(job_id)
+
+    async def watch(self, job_id: str) -> AsyncIterator[Job]:
+        """Yield the job now and after each change, until it ends."""
+        job = await self.get(job_id)
+        yield job
+        condition = self._condition(job_id)
+        while not job.terminal:
+            async with condition:
+                try:
+                    await asyncio.wait_for(condition.wait(), timeout=5.0)
+                except asyncio.TimeoutError:
+                    pass  # re-read anyway: another process may own the job
+            job = await self.get(job_id)
+            yield job
+
+    async def wait(self, job_id: str) -> Job:
+        job = await self.get(job_id)
+        async for job in self.watch(job_id):
+            pass
+        return job
+
+    async def close(self) -> None:
+        """Server shutdown: stop workers; their jobs end INTERRUPTED (checkpoints stay on disk)."""
+        self._closing = True
+        for process in self._processes.values():
+            if process.returncode is None:
+                _signal_group(process, signal.SIGTERM)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=self.cancel_grace_seconds)
+
+    def _condition(self, job_id: str) -> asyncio.Condition:
+        return self._changed.setdefault(job_id, asyncio.Condition())
+
+    async def _notify(self, job_id: str) -> None:
+        condition = self._condition(job_id)
+        async with condition:
+            condition.notify_all()
+
+    async def _update(self, job_id: str, **fields: Any) -> None:
+        await asyncio.to_thread(self.store.update, job_id, **fields)
+        await self._notify(job_id)
+
+    async def _supervise(self, job_id: str) -> None:
+        folder = self.job_dir(job_id)
+        events_path = folder / "events.jsonl"
+        log_path = folder / "worker.log"
+        state: dict[str, Any] = {"result": None, "error": ""}
+        try:
+            env = {**os.environ, **self.worker_env, "PYTHONUNBUFFERED": "1"}
+            with open(log_path, "ab") as log_file:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", self.worker_module, "--job-dir", str(folder),
+                    stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+            self._processes[job_id] = process
+            await self._update(job_id, state=RUNNING, started_at=utcnow())
+            log.info("job %s running in worker pid %d", job_id, process.pid)
+            offset = 0
+            while True:
+                exited = process.returncode is not None
+                offset = await self._read_events(job_id, events_path, offset, state)
+                if exited:
+                    break
+                try:
+                    await asyncio.wait_for(process.wait(), timeout=self.poll_seconds)
+                except asyncio.TimeoutError:
+                    pass
+            await self._finish(job_id, process.returncode, state, log_path)
+        except Exception as error:  # noqa: BLE001 - a supervisor bug must still end the job truthfully
+            log.exception("job %s: supervisor failed", job_id)
+            await self._update(job_id, state=FAILED, error=f"supervisor error: {error}", finished_at=utcnow())
+        finally:
+            self._processes.pop(job_id, None)
+            self._tasks.pop(job_id, None)
+
+    async def _read_events(self, job_id: str, path: pathlib.Path, offset: int, state: dict[str, Any]) -> int:
+        if not path.exists():
+            return offset
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read()
+        complete = chunk.rfind(b"\n") + 1  # leave a half-written last line for the next read
+        if not complete:
+            return offset
+        progress = None
+        for line in chunk[:complete].splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            kind = event.get("type")
+            if kind == "progress":
+                progress = event.get("progress", {})
+            elif kind == "result":
+                state["result"] = event.get("result", {})
+            elif kind == "error":
+                state["error"] = event.get("message", "")
+        if progress is not None:
+            await self._update(job_id, progress=progress)
+        return offset + complete
+
+    async def _finish(self, job_id: str, returncode: int, state: dict[str, Any], log_path: pathlib.Path) -> None:
+        now = utcnow()
+        if job_id in self._cancel_requested:
+            self._cancel_requested.discard(job_id)
+            await self._update(job_id, state=CANCELLED, error="cancelled by request", finished_at=now)
+            log.info("job %s cancelled", job_id)
+            return
+        if returncode == 0 and state["result"] is not None:
+            job = await self.get(job_id)
+            try:
+                version = await self.on_success(job, state["result"])
+            except Exception as error:  # noqa: BLE001
+                log.exception("job %s: registering the result failed", job_id)
+                await self._update(job_id, state=FAILED, error=f"could not register the result: {error}",
+                                   finished_at=now)
+                return
+            await self._update(job_id, state=SUCCEEDED, version=version, result=state["result"],
+                               finished_at=now)
+            log.info("job %s succeeded: version %s", job_id, version)
+            return
+        if self._closing:
+            await self._update(job_id, state=INTERRUPTED, finished_at=now,
+                               error="the server shut down while this job ran; start a new job")
+            return
+        reason = state["error"] or _tail(log_path) or f"worker exited with code {returncode}"
+        await self._update(job_id, state=FAILED, error=reason, finished_at=now)
+        log.warning("job %s failed: %s", job_id, reason.splitlines()[-1] if reason else returncode)
+
+
+def _signal_group(process: asyncio.subprocess.Process, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)  # the worker's own session: reaches torchrun's children too
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: pathlib.Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])

@@ -1,0 +1,66 @@
+"""Where models come from and where they run: the tiny default, local folders or hub ids; device and dtype."""
+
+from __future__ import annotations
+
+import pathlib
+
+from rlhf.errors import FailedPrecondition
+
+# The name that stands for the project's own tiny model (built on first use, see rlhf.tinymodel).
+TINY_MODEL = "rlhf-tiny"
+
+
+def resolve_model(name: str | None, data_dir: pathlib.Path) -> str:
+    """A path or hub id for from_pretrained; "" or "rlhf-tiny" builds/uses the tiny model in data_dir."""
+    if not name or name == TINY_MODEL:
+        from rlhf.tinymodel import ensure_tiny_model
+        return str(ensure_tiny_model(data_dir))
+    return name
+
+
+def pick_device(preference: str = "auto") -> str:
+    """"auto" picks cuda, then mps, then cpu; anything else is used as given (e.g. "cuda:1")."""
+    import torch
+
+    if preference and preference != "auto":
+        return preference
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast_dtype(mixed_precision: str, device: str):
+    """The autocast dtype for "fp16"/"bf16" on a GPU, else None (full precision; CPUs stay fp32)."""
+    import torch
+
+    if device.startswith("cpu") or mixed_precision in ("", "no", None):
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def load_tokenizer(path: str, padding_side: str = "left"):
+    """AutoTokenizer with a pad token (eos stands in when the model has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # noqa: BLE001 - the message tells the user what to do
+        raise FailedPrecondition(
+            f"could not load tokenizer '{path}': {error}. Pass a local model folder (no model hub is "
+            f"reachable here) or '{TINY_MODEL}'.", subject=path) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model(loader, path: str, **kwargs):
+    """`loader.from_pretrained(path)` with a clear error when the model can't be found or read."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        raise FailedPrecondition(
+            f"could not load model '{path}': {error}. Pass a local model folder (no model hub is "
+            f"reachable here) or '{TINY_MODEL}'.", subject=path) from error

@@ -1,0 +1,92 @@
+"""The worker side of a training job (see rlhf.jobs): spec in, JSON events out, SIGTERM as cancel."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+from rlhf.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """Raised inside training when a cancel (SIGTERM) arrived; the worker saves and exits."""
+
+
+class JobContext:
+    """What a worker's training code sees: its spec, its folder, progress reporting, cancellation."""
+
+    def __init__(self, job_dir: pathlib.Path) -> None:
+        self.job_dir = job_dir
+        self.spec: dict[str, Any] = json.loads((job_dir / "spec.json").read_text())
+        self.cancel_requested = False
+        # Facts learnt along the way (e.g. the reward-model version) repeated in every progress event.
+        self.sticky: dict[str, Any] = {}
+        # Under torchrun only rank 0 reports; others train silently.
+        self.is_reporter = int(os.environ.get("RANK", "0")) == 0
+        self._events = open(job_dir / "events.jsonl", "a") if self.is_reporter else None
+        self._started = time.monotonic()
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self._events is not None:
+            self._events.write(json.dumps(event) + "\n")
+            self._events.flush()
+
+    def progress(self, **progress: Any) -> None:
+        progress.setdefault("elapsed_seconds", round(time.monotonic() - self._started, 2))
+        progress.update(self.sticky)
+        self._emit({"type": "progress", "progress": progress})
+
+    def result(self, result: dict[str, Any]) -> None:
+        self._emit({"type": "result", "result": result})
+
+    def error(self, message: str) -> None:
+        self._emit({"type": "error", "message": message})
+
+    def check_cancelled(self) -> None:
+        if self.cancel_requested:
+            raise Cancelled()
+
+
+def run_worker(component: str, train: Callable[[JobContext], dict[str, Any]],
+               argv: list[str] | None = None) -> int:
+    """Entry point of `python -m <service>.worker --job-dir DIR`: run `train`, report, exit code."""
+    parser = argparse.ArgumentParser(description=f"{component} training worker")
+    parser.add_argument("--job-dir", required=True, type=pathlib.Path)
+    args = parser.parse_args(argv)
+    setup_logging(f"{component}-worker")
+    context = JobContext(args.job_dir)
+
+    def on_term(_signum, _frame) -> None:
+        context.cancel_requested = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        result = train(context)
+    except Cancelled:
+        log.info("cancelled")
+        return 0
+    except Exception as error:  # noqa: BLE001 - the job's error message is what users read
+        log.error("training failed:\n%s", traceback.format_exc())
+        context.error(_describe(error))
+        return 1
+    context.result(result)
+    return 0
+
+
+def _describe(error: Exception) -> str:
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    return f"{type(error).__name__}: {message}"
+
+
+def main_for(component: str, train: Callable[[JobContext], dict[str, Any]]) -> None:
+    sys.exit(run_worker(component, train))
