@@ -115,11 +115,8 @@ class PolicyDomain:
     async def dry_run(self, agent_id: str, config: TrainingConfig, algorithm: str,
                       reward_model_version: str) -> DryRun:
         stats = await self._checks(agent_id, config, algorithm, reward_model_version)
-        from rlhf.modeling import TINY_MODEL
-
-        model_path = config.base_model if config.base_model != TINY_MODEL else ""
         history = [job.result for job in await self.jobs.list(state=SUCCEEDED, limit=20) if job.result]
-        guess = estimate(config, model_path, history)
+        guess = estimate(config, history)
         log.info("dry run for %s: %d steps, %.1f min (%s)", agent_id, guess.steps, guess.minutes, guess.basis)
         return DryRun(stats.feedback_count, stats.score_mean, stats.score_std, guess, config)
 

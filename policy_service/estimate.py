@@ -13,6 +13,7 @@ import json
 import pathlib
 
 from policy_service.config import TrainingConfig
+from rlhf.modeling import TINY_MODEL
 
 # Seconds per token-pass measured for the tiny model (309k parameters) on a 2-core CPU.
 TINY_SECONDS_PER_TOKEN_PASS = 5.9e-5
@@ -43,7 +44,7 @@ def parameter_count(model_path: str) -> int | None:
     return 12 * layers * width * width + vocab * width
 
 
-def estimate(config: TrainingConfig, model_path: str, history: list[dict]) -> Estimate:
+def estimate(config: TrainingConfig, history: list[dict]) -> Estimate:
     """`history`: results of finished runs (config, training_seconds, training_steps), newest first."""
     for run in history:
         run_config = TrainingConfig(**run["config"])
@@ -53,7 +54,8 @@ def estimate(config: TrainingConfig, model_path: str, history: list[dict]) -> Es
             basis = f"measured: job {run['lineage']['job_id']} on this server"
             break
     else:
-        params = parameter_count(model_path) or 124_000_000
+        params = TINY_PARAMETERS if config.base_model == TINY_MODEL else \
+            parameter_count(config.base_model) or 124_000_000
         per_pass = TINY_SECONDS_PER_TOKEN_PASS * max(1.0, params / TINY_PARAMETERS) ** 0.8
         basis = f"default cost model for {params:,} parameters on a 2-core CPU"
     seconds = config.max_steps * token_passes(config) * per_pass

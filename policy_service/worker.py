@@ -38,8 +38,9 @@ def ensure_reward_model(context: JobContext, reward: RewardClient) -> rw.RewardM
             reward.cancel_job(job.job_id)
             raise Cancelled()
         p = job.progress
+        detail = f" step {p.step}/{p.total_steps}, loss {p.train_loss:.4f}" if p.phase == "training" else ""
         context.progress(phase="reward_model", step=0, total_steps=spec["config"]["max_steps"],
-                         message=f"reward model: {p.phase} step {p.step}/{p.total_steps} loss {p.train_loss:.4f}")
+                         message=f"reward model {p.phase or 'queued'}{detail}")
     if job.state != rw.JOB_STATE_SUCCEEDED:
         raise RuntimeError(f"reward-model job {job.job_id} ended {rw.JobState.Name(job.state)}: {job.error}")
     return reward.get_model(agent_id, job.reward_model_version)

@@ -113,16 +113,19 @@ def _loop(config: DemoConfig, stack: Stack, started: float) -> int:
          f"the simulated rater rates them")
     answers = _answers(inference, agent, train_prompts, config.answers_per_prompt, "base", 0,
                        config.max_new_tokens)
+    empty = sum(1 for _, text, _ in answers if not text.strip())
+    answers = [a for a in answers if a[1].strip()]  # nothing to rate in an empty answer
     requests = [fb.SubmitFeedbackRequest(
         agent_id=agent, prompt=p, response=text, score=rater.rate(text), run_id="demo",
         generation_id=gid, policy_version="base", request_id=f"demo-{i}") for i, (p, text, gid) in enumerate(answers)]
     acks = feedback.stream(requests)
     accepted = sum(a.accepted for a in acks)
     stats = feedback.stats(agent).stats
-    _say(f"   streamed {len(requests)} ratings: {accepted} acknowledged; mean {stats.score_mean:.3f} "
-         f"(std {stats.score_std:.3f})")
+    _say(f"   streamed {len(requests)} ratings ({empty} empty answers skipped): {accepted} acknowledged; "
+         f"mean {stats.score_mean:.3f} (std {stats.score_std:.3f})")
     if accepted != len(requests):
-        raise RuntimeError(f"only {accepted} of {len(requests)} feedback items were accepted")
+        reasons = sorted({f"{a.field}: {a.reason}" for a in acks if not a.accepted})
+        raise RuntimeError(f"only {accepted} of {len(requests)} feedback items were accepted: {reasons}")
 
     training = pol.TrainingConfig(
         use_lora=False, learning_rate=3e-4, batch_size=16, mini_batch_size=8, ppo_epochs=4,
@@ -143,8 +146,10 @@ def _loop(config: DemoConfig, stack: Stack, started: float) -> int:
         if p.phase == "training":
             line = (f"   PPO step {p.step:>3}/{p.total_steps}  reward-model score {m.get('objective/scores', 0):+.3f}  "
                     f"kl {m.get('objective/kl', 0):.2f}  {p.steps_per_second:.2f} steps/s  eta {p.eta_seconds:.0f}s")
+        elif p.message:
+            line = f"   {p.message}"
         else:
-            line = f"   {p.phase}: {p.message}"
+            continue
         if line != last_line:
             _say(line)
             last_line = line
