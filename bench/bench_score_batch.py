@@ -1,0 +1,113 @@
+"""Reward scoring: pairs/s through ScoreBatch over gRPC vs the same batch scored in-process.
+
+Setup: a feedback server and a reward server, each in its own process; 60 synthetic ratings
+(tests.helpers.rated_answers) are submitted and a reward model is trained on them through the real services
+(full fine-tune, 1 epoch, batch 16, lr 5e-4, on the tiny model). Then, for batch sizes 16, 64 and 256:
+  * gRPC: `RewardClient.score` (one ScoreBatch call: request building, transport, model lookup, scoring,
+    response) against the reward server;
+  * baseline, same run: `reward_service.scoring.Scorer.score` in this process on the same model folder,
+    with the service's micro-batch size and device.
+The two are interleaved call by call; the median time per call is reported.
+Overhead = grpc_time / inprocess_time - 1. Roadmap goal: <= 10% at batch 64.
+
+    python bench/bench_score_batch.py [--quick] [--sizes 16,64,256] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import _common as common  # noqa: E402  (sets sys.path and the environment)
+
+GOAL_OVERHEAD_AT_64 = 0.10
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--sizes", default="16,64,256", help="comma-separated batch sizes (default 16,64,256)")
+    parser.add_argument("--seconds", type=float, help="timed seconds per path and size (default 4, quick 1)")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    budget = args.seconds or (1.0 if args.quick else 4.0)
+
+    info = common.machine()
+    common.print_machine(info)
+    _, model_s = common.ensure_tiny_model()
+
+    from reward_service.config import RewardServiceConfig
+    from reward_service.scoring import Scorer, load_reward_model
+    from rlhf.clients import RewardClient
+    from rlhf.modeling import pick_device
+    from tests.helpers import rated_answers
+
+    service_defaults = RewardServiceConfig.from_env()
+    device = pick_device(service_defaults.device)
+    texts = [(p, r) for p, r, _ in rated_answers(max(sizes), seed=99)]
+    rows = []
+    with common.scratch_dir("score") as data_dir, \
+            common.ServerProcess("feedback_service", data_dir / "feedback") as feedback, \
+            common.ServerProcess("reward_service", data_dir / "reward", "--feedback-addr",
+                                 feedback.address) as reward_server:
+        version, model_path, train_s = common.train_reward_model(feedback.address, reward_server.address)
+        print(f"setup: tiny model {model_s:.1f}s, reward model {version} trained through the services in "
+              f"{train_s:.1f}s", flush=True)
+        scorer = Scorer(device, service_defaults.score_micro_batch, cache_size=1)
+        loaded = load_reward_model(model_path, device)
+        with RewardClient(reward_server.address, timeout=120) as client:
+            for size in sizes:
+                pairs = texts[:size]
+
+                def grpc_call() -> list[float]:
+                    return [s.score for s in client.score("bench", pairs, version=version).scores]
+
+                def local_call() -> list[float]:
+                    return [s.score for s in scorer.score(loaded, pairs)]
+
+                # Warm up (first load of the model in the server, allocator, thread pools) and check that
+                # both paths give the same scores.
+                for _ in range(2):
+                    remote, local = grpc_call(), local_call()
+                diff = max(abs(a - b) for a, b in zip(remote, local))
+                est = time.perf_counter()
+                grpc_call()
+                local_call()
+                per_round = time.perf_counter() - est
+                rounds = max(5, int(2 * budget / max(per_round, 1e-6)))
+                grpc_times, local_times = [], []
+                for i in range(rounds):
+                    order = (grpc_call, local_call) if i % 2 == 0 else (local_call, grpc_call)
+                    for call in order:
+                        t0 = time.perf_counter()
+                        call()
+                        (grpc_times if call is grpc_call else local_times).append(time.perf_counter() - t0)
+                g, l = common.median(grpc_times), common.median(local_times)
+                row = {"batch": size, "rounds": rounds, "grpc_s": g, "inprocess_s": l,
+                       "grpc_pairs_per_s": size / g, "inprocess_pairs_per_s": size / l,
+                       "overhead": g / l - 1, "grpc_minus_inprocess_ms": (g - l) * 1000,
+                       "max_abs_score_diff": diff}
+                rows.append(row)
+                print(f"batch {size}: gRPC {size / g:,.0f} pairs/s, in-process {size / l:,.0f} pairs/s, "
+                      f"overhead {100 * (g / l - 1):+.1f}%", flush=True)
+
+    print()
+    common.print_table(
+        ["batch", "gRPC pairs/s", "in-process pairs/s", "gRPC ms/call", "in-process ms/call", "overhead %",
+         "rounds"],
+        [[r["batch"], r["grpc_pairs_per_s"], r["inprocess_pairs_per_s"], r["grpc_s"] * 1000,
+          r["inprocess_s"] * 1000, 100 * r["overhead"], r["rounds"]] for r in rows])
+    at64 = next((r for r in rows if r["batch"] == 64), None)
+    met = at64 is not None and at64["overhead"] <= GOAL_OVERHEAD_AT_64
+    if at64 is not None:
+        print(f"\ngoal: gRPC overhead <= {100 * GOAL_OVERHEAD_AT_64:.0f}% at batch 64: "
+              f"{'MET' if met else 'NOT MET'} ({100 * at64['overhead']:+.1f}%)")
+    common.write_results("score_batch", {
+        "benchmark": "score_batch", "machine": info, "device": device,
+        "micro_batch": service_defaults.score_micro_batch, "reward_model": {"version": version, "path": model_path},
+        "setup_seconds": {"tiny_model": model_s, "reward_model_training": train_s}, "results": rows,
+        "goal": {"max_overhead_at_64": GOAL_OVERHEAD_AT_64, "met": met}})
+
+
+if __name__ == "__main__":
+    main()
