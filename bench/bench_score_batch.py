@@ -6,7 +6,9 @@ Setup: a feedback server and a reward server, each in its own process; 60 synthe
   * gRPC: `RewardClient.score` (one ScoreBatch call: request building, transport, model lookup, scoring,
     response) against the reward server;
   * baseline, same run: `reward_service.scoring.Scorer.score` in this process on the same model folder,
-    with the service's micro-batch size and device.
+    with the service's micro-batch size and device, called from a worker thread as the service calls it
+    (asyncio.to_thread). On a loaded 2-core machine, back-to-back calls from the main thread were up to 4x
+    slower than from a worker thread (OpenMP scheduling under CPU contention), which would flatter gRPC.
 The two are interleaved call by call; the median time per call is reported.
 Overhead = grpc_time / inprocess_time - 1. Roadmap goal: <= 10% at batch 64.
 
@@ -16,6 +18,7 @@ Overhead = grpc_time / inprocess_time - 1. Roadmap goal: <= 10% at batch 64.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import time
 
 import _common as common  # noqa: E402  (sets sys.path and the environment)
@@ -55,7 +58,8 @@ def main() -> None:
               f"{train_s:.1f}s", flush=True)
         scorer = Scorer(device, service_defaults.score_micro_batch, cache_size=1)
         loaded = load_reward_model(model_path, device)
-        with RewardClient(reward_server.address, timeout=120) as client:
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inprocess-scorer")
+        with pool, RewardClient(reward_server.address, timeout=120) as client:
             for size in sizes:
                 pairs = texts[:size]
 
@@ -63,7 +67,7 @@ def main() -> None:
                     return [s.score for s in client.score("bench", pairs, version=version).scores]
 
                 def local_call() -> list[float]:
-                    return [s.score for s in scorer.score(loaded, pairs)]
+                    return [s.score for s in pool.submit(scorer.score, loaded, pairs).result()]
 
                 # Warm up (first load of the model in the server, allocator, thread pools) and check that
                 # both paths give the same scores.

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import pathlib
 from typing import Any
 
@@ -133,21 +132,17 @@ class PolicyDomain:
         return await self.jobs.submit(agent_id, spec)
 
     async def _register(self, job: Job, result: dict[str, Any]) -> str:
-        staging = pathlib.Path(result["output_dir"])
-
-        def place(number: int) -> str:
-            target = self.root / job.agent_id / f"v{number}"
-            target.parent.mkdir(parents=True, exist_ok=True)
+        def name_final_place(staging: pathlib.Path, number: int, target: pathlib.Path) -> None:
             results_file = staging / "training_results.json"
             results = json.loads(results_file.read_text())
             results["model_path"] = str(target / "policy")
             results["version"] = f"v{number}"
             results_file.write_text(json.dumps(results, indent=2))
-            os.rename(staging, target)  # atomic: a version folder is complete or absent
-            return str(target)
 
         info = {k: v for k, v in result.items() if k != "output_dir"}
-        record = await asyncio.to_thread(self.store.policies.register, job.agent_id, place, job.job_id, info)
+        record = await asyncio.to_thread(self.store.policies.register_folder, job.agent_id,
+                                         pathlib.Path(result["output_dir"]), self.root, job.job_id, info,
+                                         name_final_place)
         return record.version
 
     # --- registry ------------------------------------------------------------------------------------

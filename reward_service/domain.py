@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import pathlib
 import time
 from typing import Any, AsyncIterator
@@ -77,18 +76,11 @@ class RewardDomain:
         return job
 
     async def _register(self, job: Job, result: dict[str, Any]) -> str:
-        staging = pathlib.Path(result["model_path"])
-
-        def place(number: int) -> str:
-            target = self.root / job.agent_id / f"v{number}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(staging, target)  # atomic: a version folder is complete or absent
-            return str(target)
-
         info = {k: result[k] for k in ("feedback_watermark", "feedback_count", "rating_count",
                                        "comparison_count", "metrics", "normalization")}
         info["config"] = job.spec["config"]
-        record = await asyncio.to_thread(self.store.models.register, job.agent_id, place, job.job_id, info)
+        record = await asyncio.to_thread(self.store.models.register_folder, job.agent_id,
+                                         pathlib.Path(result["model_path"]), self.root, job.job_id, info)
         return record.version
 
     # --- registry ------------------------------------------------------------------------------------

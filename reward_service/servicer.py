@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from reward_service.config import RewardModelConfig
 from reward_service.domain import RewardDomain
-from rlhf import validation
 from rlhf.errors import translate_errors
 from rlhf.jobs import Job
 from rlhf.registry import Version
@@ -57,14 +56,9 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         return pb.GetTrainingJobResponse(job=job_to_proto(await self.domain.jobs.get(request.job_id)))
 
     async def ListTrainingJobs(self, request, context):
-        if request.agent_id:
-            validation.agent_id(request.agent_id)
-        size = validation.page_size(request.page_size)
         state = pb.JobState.Name(request.state).removeprefix("JOB_STATE_") if request.state else ""
-        jobs = await self.domain.jobs.list(agent_id=request.agent_id, state=state,
-                                           before_seq=validation.offset_token(request.page_token), limit=size + 1)
-        token = str(jobs[size - 1].seq) if len(jobs) > size else ""
-        return pb.ListTrainingJobsResponse(jobs=[job_to_proto(j) for j in jobs[:size]], next_page_token=token)
+        jobs, token = await self.domain.jobs.page(request.agent_id, state, request.page_size, request.page_token)
+        return pb.ListTrainingJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
     async def CancelTrainingJob(self, request, context):
         return pb.CancelTrainingJobResponse(job=job_to_proto(await self.domain.jobs.cancel(request.job_id)))

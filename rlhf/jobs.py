@@ -195,6 +195,17 @@ class JobManager:
     async def list(self, **kwargs: Any) -> list[Job]:
         return await asyncio.to_thread(self.store.list, **kwargs)
 
+    async def page(self, agent_id: str, state: str, page_size: int, page_token: str) -> tuple[list[Job], str]:
+        """Newest first; the token is the creation sequence of the page's last job."""
+        from rlhf import validation
+
+        if agent_id:
+            validation.agent_id(agent_id)
+        size = validation.page_size(page_size)
+        jobs = await self.list(agent_id=agent_id, state=state, before_seq=validation.offset_token(page_token),
+                               limit=size + 1)
+        return jobs[:size], (str(jobs[size - 1].seq) if len(jobs) > size else "")
+
     async def cancel(self, job_id: str) -> Job:
         job = await self.get(job_id)
         if job.terminal:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
+import pathlib
 import uuid
 from typing import Any, Callable
 
@@ -71,6 +73,21 @@ class Registry:
             conn.execute(t.insert().values(id=uuid.uuid4().hex, agent_id=agent_id, version_number=number,
                                            path=path, job_id=job_id, info=json.dumps(info), created_at=utcnow()))
         return self.get(agent_id, f"v{number}")
+
+    def register_folder(self, agent_id: str, staging: pathlib.Path, root: pathlib.Path, job_id: str,
+                        info: dict[str, Any],
+                        prepare: Callable[[pathlib.Path, int, pathlib.Path], None] | None = None) -> Version:
+        """Register a finished job's staged folder as root/<agent>/v<N>; `prepare(staging, N, target)` may
+        rewrite files in it first (e.g. paths that name the final place)."""
+        def place(number: int) -> str:
+            target = root / agent_id / f"v{number}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if prepare is not None:
+                prepare(staging, number, target)
+            os.rename(staging, target)  # atomic on one filesystem: a version folder is complete or absent
+            return str(target)
+
+        return self.register(agent_id, place, job_id, info)
 
     def get(self, agent_id: str, version: str = "") -> Version:
         t = self.table

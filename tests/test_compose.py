@@ -1,0 +1,507 @@
+"""compose.yaml, Dockerfile and .dockerignore, checked without a Docker daemon.
+
+Every reference must resolve: depends_on targets (healthy ones), volumes, modules, ports, service addresses,
+environment names the code reads, database URLs against the databases the init script creates. The health
+check one-liners run for real against gRPC health servers, the feedback service's among them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fnmatch
+import importlib
+import importlib.util
+import json
+import pathlib
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from rlhf.config import DEFAULT_PORTS
+from rlhf.supervisor import MODULES
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# Where the compose specification's JSON schema would be vendored (Apache-2.0, compose-spec/compose-spec,
+# schema/compose-spec.json); no PyPI package ships a current copy.
+COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
+# The services that read or write model artifacts, and so must share the artifact volume.
+ARTIFACT_USERS = {"reward", "policy", "inference"}
+SOURCE_FILES = [p for d in ["rlhf", *MODULES.values()] for p in (ROOT / d).rglob("*.py")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the files as Docker would
+
+
+_VARIABLE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+                       r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def interpolate(value: Any, env: dict[str, str], strict: bool = True) -> Any:
+    """Compose's variable substitution (${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, $$) on every string."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, strict) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, strict) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["braced"] or match["bare"]
+        op, arg = match["op"], match["arg"] or ""
+        present = name in env and (env[name] != "" or not (op or "").startswith(":"))
+        if op in ("-", ":-"):
+            return env[name] if present else arg
+        if op in ("?", ":?"):
+            if not present:
+                raise KeyError(f"${{{name}}} is required: {arg}")
+            return env[name]
+        if op in ("+", ":+"):
+            return arg if present else ""
+        if name not in env and strict:
+            raise KeyError(f"${{{name}}} has no default, so compose would use an empty string")
+        return env.get(name, "")
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def load_compose(env: dict[str, str] | None = None, strict: bool = True) -> dict[str, Any]:
+    return interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), env or {}, strict)
+
+
+COMPOSE = load_compose(strict=False)  # test_every_variable_has_a_default... checks strictly
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def depends_on(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    deps = service.get("depends_on") or {}
+    if isinstance(deps, list):  # short syntax: started, not healthy
+        return {name: {"condition": "service_started"} for name in deps}
+    return deps
+
+
+@dataclasses.dataclass
+class Mount:
+    source: str
+    target: str
+    kind: str  # "volume" or "bind"
+
+
+def mounts(service: dict[str, Any]) -> list[Mount]:
+    out = []
+    for entry in service.get("volumes") or []:
+        if isinstance(entry, dict):
+            source, target, kind = entry.get("source", ""), entry["target"], entry.get("type", "volume")
+        else:
+            parts = entry.split(":")
+            source, target = (parts[0], parts[1]) if len(parts) > 1 else ("", parts[0])
+            kind = "bind" if source.startswith((".", "/", "~")) else "volume"
+        out.append(Mount(source, target, kind))
+    return out
+
+
+def published_ports(service: dict[str, Any]) -> list[tuple[str, int]]:
+    """(host port, container port) of each `ports` entry, short or long syntax."""
+    out = []
+    for entry in service.get("ports") or []:
+        if isinstance(entry, dict):
+            out.append((str(entry.get("published", "")), int(entry["target"])))
+            continue
+        spec = str(entry).split("/")[0]
+        parts = spec.rsplit(":", 2)
+        container = int(parts[-1])
+        host = parts[-2] if len(parts) >= 2 else ""
+        out.append((host, container))
+    return out
+
+
+def command(service: dict[str, Any]) -> list[str]:
+    cmd = service["command"]
+    return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+
+
+def flag(args: list[str], name: str) -> str:
+    assert args.count(name) == 1, f"{args}: expected one {name}"
+    return args[args.index(name) + 1]
+
+
+def service_port(name: str) -> int:
+    return int(flag(command(SERVICES[name]), "--port"))
+
+
+def healthcheck_code(name: str) -> str:
+    test = SERVICES[name]["healthcheck"]["test"]
+    assert isinstance(test, list) and len(test) == 4 and test[:3] == ["CMD", "python", "-c"], (
+        f"{name}: the health check should be [CMD, python, -c, <one-liner>], got {test}")
+    return test[3]
+
+
+def proto_service_name(name: str) -> str:
+    module = importlib.import_module(f"rlhf.{name}.v1.{name}_service_pb2")
+    (service,) = module.DESCRIPTOR.services_by_name.values()
+    return service.full_name
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    lines, current = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        stripped = raw.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        lines.append(current + stripped)
+        current = ""
+    out = []
+    for line in lines:
+        instruction, _, args = line.partition(" ")
+        out.append((instruction.upper(), args.strip()))
+    return out
+
+
+def dockerignored(path: str) -> bool:
+    """Docker's .dockerignore rule, near enough: last matching pattern wins; a match on a folder covers it."""
+    ignored = False
+    prefixes = [path] + ["/".join(path.split("/")[:i]) for i in range(1, path.count("/") + 1)]
+    for raw in DOCKERIGNORE.read_text().splitlines():
+        pattern = raw.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        candidates = [pattern, pattern[3:]] if pattern.startswith("**/") else [pattern]
+        if any(fnmatch.fnmatchcase(p, c) for p in prefixes for c in candidates):
+            ignored = not negate
+    return ignored
+
+
+def known_env_names() -> set[str]:
+    """RLHF_* names the code reads: literals, plus those built from templates such as RLHF_{SERVICE}_PORT."""
+    names: set[str] = set()
+    for path in SOURCE_FILES:
+        text = path.read_text()
+        names.update(re.findall(r"\bRLHF_[A-Z0-9_]*[A-Z0-9]\b", text))
+        for suffix in re.findall(r"RLHF_\{[^}]*\}_([A-Z0-9_]+)", text):
+            names.update(f"RLHF_{service.upper()}_{suffix}" for service in DEFAULT_PORTS)
+        for prefix in re.findall(r"(RLHF_[A-Z0-9_]+_)\{field\.name\.upper\(\)\}", text):
+            names.update(prefix + field.upper() for field in re.findall(r"^    (\w+): ", text, re.M))
+    return names
+
+
+def required_addresses(name: str) -> set[str]:
+    """The services whose address service `name` reads (service_address("x") in its package)."""
+    text = "".join(p.read_text() for p in (ROOT / MODULES[name]).rglob("*.py"))
+    return set(re.findall(r"service_address\(\"(\w+)\"\)", text))
+
+
+def init_sql_databases() -> set[str]:
+    mount = next(m for m in mounts(SERVICES["postgres"]) if m.target.startswith("/docker-entrypoint-initdb.d/"))
+    sql = (ROOT / mount.source).read_text()
+    sql = re.sub(r"--[^\n]*", "", sql)
+    statements = [s.strip() for s in sql.split(";") if s.strip()]
+    databases = set()
+    for statement in statements:
+        match = re.fullmatch(r"CREATE DATABASE\s+(\w+)", statement, re.I)
+        assert match, f"unexpected statement in the init script: {statement!r}"
+        databases.add(match[1])
+    return databases
+
+
+# ----------------------------------------------------------------------------------------------------
+# compose.yaml
+
+
+def test_compose_has_postgres_and_every_service_and_no_version_key():
+    assert "version" not in COMPOSE, "the compose specification dropped `version:`"
+    assert {"postgres", *MODULES} <= set(SERVICES)
+
+
+def test_every_variable_has_a_default_and_overrides_reach_every_use():
+    assert load_compose() == COMPOSE  # raises on a ${VAR} without a default
+    # An override must land everywhere the variable is used.
+    overridden = load_compose({"POSTGRES_PASSWORD": "s3cret", "RLHF_PUBLISH_HOST": "0.0.0.0"})
+    assert overridden["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
+    for name in MODULES:
+        url = environment(overridden["services"][name])[f"RLHF_{name.upper()}_DATABASE_URL"]
+        assert ":s3cret@" in url, url
+
+
+def test_matches_the_compose_specification_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    if not COMPOSE_SCHEMA.exists():
+        pytest.skip(f"the compose-spec JSON schema is not vendored at {COMPOSE_SCHEMA.relative_to(ROOT)}")
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    # The schema says draft-07 by a URL jsonschema doesn't recognise; name the draft explicitly.
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(yaml.safe_load(COMPOSE_FILE.read_text()))
+
+
+def test_depends_on_targets_exist_are_healthy_and_acyclic():
+    for name, service in SERVICES.items():
+        for target, spec in depends_on(service).items():
+            assert target in SERVICES, f"{name} depends on unknown service {target}"
+            assert spec.get("condition") == "service_healthy", f"{name} -> {target}: wait for service_healthy"
+            check = SERVICES[target].get("healthcheck") or {}
+            assert check.get("test") and not check.get("disable"), f"{target} has no health check to wait for"
+    visiting, done = set(), set()
+
+    def visit(name: str) -> None:
+        assert name not in visiting, f"depends_on cycle through {name}"
+        if name in done:
+            return
+        visiting.add(name)
+        for target in depends_on(SERVICES[name]):
+            visit(target)
+        visiting.discard(name)
+        done.add(name)
+
+    for name in SERVICES:
+        visit(name)
+
+
+def test_every_named_volume_is_declared_and_used_and_binds_exist():
+    declared = set(COMPOSE.get("volumes") or {})
+    used = set()
+    for name, service in SERVICES.items():
+        for mount in mounts(service):
+            if mount.kind == "volume":
+                assert mount.source in declared, f"{name} mounts undeclared volume {mount.source!r}"
+                used.add(mount.source)
+            else:
+                assert (ROOT / mount.source).exists(), f"{name} binds missing {mount.source}"
+    assert declared == used, f"declared but unused volumes: {declared - used}"
+
+
+def test_artifacts_and_model_cache_are_one_shared_volume_each():
+    for variable, users in [("RLHF_ARTIFACT_ROOT", ARTIFACT_USERS),
+                            ("RLHF_MODEL_CACHE", {n for n in MODULES if _loads_models(n)})]:
+        volumes = set()
+        for name in users:
+            path = environment(SERVICES[name]).get(variable)
+            assert path, f"{name} must set {variable}"
+            found = [m for m in mounts(SERVICES[name]) if m.target == path and m.kind == "volume"]
+            assert found, f"{name}: {variable}={path} is not on a named volume"
+            volumes.add(found[0].source)
+        assert len(volumes) == 1, f"{variable} should be one volume shared by {sorted(users)}, got {volumes}"
+
+
+def _loads_models(name: str) -> bool:
+    return any("resolve_model" in p.read_text() for p in (ROOT / MODULES[name]).rglob("*.py"))
+
+
+def test_postgres_keeps_data_on_a_volume_and_reports_ready_only_over_tcp():
+    postgres = SERVICES["postgres"]
+    assert any(m.kind == "volume" and m.target == "/var/lib/postgresql/data" for m in mounts(postgres))
+    test = postgres["healthcheck"]["test"]
+    # During first-start initialisation the server listens on its unix socket only: a socket check
+    # would pass before the init script has created the databases.
+    assert "pg_isready" in test and "-h" in test and test[test.index("-h") + 1] in ("127.0.0.1", "localhost")
+
+
+def test_each_service_command_runs_its_own_module_with_accepted_flags():
+    helps = {}
+    for name, module in MODULES.items():
+        args = command(SERVICES[name])
+        assert args[:3] == ["python", "-m", module], f"{name} should run `python -m {module}`, got {args}"
+        assert importlib.util.find_spec(module) and importlib.util.find_spec(f"{module}.__main__"), module
+        assert flag(args, "--host") == "0.0.0.0"
+        helps[name] = subprocess.Popen([sys.executable, "-m", module, "--help"], cwd=ROOT, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for name, process in helps.items():
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output
+        for arg in command(SERVICES[name])[3:]:
+            if arg.startswith("--"):
+                assert arg in output, f"{name}: `python -m {MODULES[name]}` has no {arg} flag"
+
+
+def test_ports_agree_everywhere():
+    for name in MODULES:
+        service = SERVICES[name]
+        port = service_port(name)
+        assert port == DEFAULT_PORTS[name], f"{name}: {port} is not the default port the CLI expects"
+        assert environment(service)[f"RLHF_{name.upper()}_PORT"] == str(port)
+        assert published_ports(service) == [(str(port), port)], (
+            f"{name}: publish {port} on the host's same port, got {service.get('ports')}")
+        assert healthcheck_code(name).count(f"'127.0.0.1:{port}'") == 1, f"{name}: health check on another port"
+
+
+def test_service_addresses_point_at_compose_services_on_their_ports():
+    for name, service in SERVICES.items():
+        env = environment(service)
+        for key, value in env.items():
+            match = re.fullmatch(r"RLHF_([A-Z]+)_ADDR", key)
+            if not match:
+                continue
+            target = match[1].lower()
+            assert target in SERVICES, f"{name}: {key} names no compose service"
+            host, _, port = value.rpartition(":")
+            assert host == target and int(port) == service_port(target), f"{name}: {key}={value}"
+        if name in MODULES:
+            for needed in required_addresses(name):
+                assert f"RLHF_{needed.upper()}_ADDR" in env, (
+                    f"{name} reads the {needed} address; without RLHF_{needed.upper()}_ADDR it dials 127.0.0.1")
+                assert needed in depends_on(service), f"{name} calls {needed}, so should depend on it"
+
+
+def test_environment_names_are_ones_the_code_reads():
+    known = known_env_names()
+    dockerfile_env = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "ENV")
+    names = set(re.findall(r"\b(RLHF_[A-Z0-9_]+)=", dockerfile_env))
+    for name in MODULES:
+        env = environment(SERVICES[name])
+        names.update(k for k in env if k.startswith("RLHF_"))
+        assert env.get("RLHF_HOST") == "0.0.0.0"
+    assert names - known == set(), f"set but never read: {sorted(names - known)}"
+
+
+def test_database_urls_reach_databases_the_init_script_creates():
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    postgres = environment(SERVICES["postgres"])
+    created = init_sql_databases()
+    seen = {}
+    for name in MODULES:
+        url = make_url(environment(SERVICES[name])[f"RLHF_{name.upper()}_DATABASE_URL"])
+        assert url.drivername == "postgresql+psycopg", url.drivername
+        assert url.host == "postgres" and url.host in SERVICES and (url.port or 5432) == 5432
+        assert (url.username, url.password) == (postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"])
+        assert url.database in created, f"{name}: database {url.database!r} is not created by the init script"
+        assert url.database not in seen, f"{name} and {seen[url.database]} share a database"
+        seen[url.database] = name
+        assert "postgres" in depends_on(SERVICES[name]), f"{name} uses PostgreSQL, so should depend on it"
+        create_engine(url).dispose()  # the dialect and driver load (no connection is made)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The health check one-liners, run for real
+
+
+def _run_check(code: str, port: int, address: str) -> subprocess.CompletedProcess:
+    code = code.replace(f"'127.0.0.1:{port}'", f"'{address}'")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_health_check_passes_on_the_real_feedback_service_and_fails_otherwise(tmp_path):
+    from feedback_service.app import start
+    from feedback_service.config import FeedbackServiceConfig
+    from rlhf.config import ServerConfig
+    from tests.servers import ServerThread
+
+    code, port = healthcheck_code("feedback"), service_port("feedback")
+    config = FeedbackServiceConfig.from_env(server=ServerConfig(service="feedback", port=0, data_dir=tmp_path))
+    with ServerThread(start, config) as server:
+        result = _run_check(code, port, server.address)
+        assert result.returncode == 0, result.stderr
+        # Shutting down reports NOT_SERVING before the port closes: the check must fail then.
+        asyncio.run_coroutine_threadsafe(server.running.health.set(
+            proto_service_name("feedback"), health_pb2.HealthCheckResponse.NOT_SERVING), server._loop).result(10)
+        assert _run_check(code, port, server.address).returncode != 0
+    assert _run_check(code, port, f"127.0.0.1:{_closed_port()}").returncode != 0
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_each_health_check_asks_for_its_service_by_its_proto_name(name):
+    """Against a gRPC health server that knows only the service's real name: a typo would get NOT_FOUND."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    bound = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        servicer.set(proto_service_name(name), health_pb2.HealthCheckResponse.SERVING)
+        result = _run_check(healthcheck_code(name), service_port(name), f"127.0.0.1:{bound}")
+        assert result.returncode == 0, result.stderr
+        servicer.set(proto_service_name(name), health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert _run_check(healthcheck_code(name), service_port(name), f"127.0.0.1:{bound}").returncode != 0
+    finally:
+        server.stop(None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dockerfile and .dockerignore
+
+
+def test_dockerfile_builds_one_lean_non_root_image():
+    instructions = dockerfile_instructions()
+    by_name = lambda key: [args for instruction, args in instructions if instruction == key]  # noqa: E731
+    assert by_name("FROM") == ["python:3.11-slim"]
+    assert by_name("WORKDIR") == ["/app"]
+    users = by_name("USER")
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the services must not run as root"
+    runs = " && ".join(by_name("RUN"))
+    torch_pin = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch"))
+    assert f"pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu" in runs
+    assert "[test]" not in runs, "no test extras in the image"
+    assert "psycopg" in runs, "the postgresql+psycopg URLs need the psycopg driver in the image"
+    # Protos are generated before the project is installed, so the installed package contains them.
+    assert (ROOT / "scripts" / "gen_protos.py").exists()
+    assert runs.index("python scripts/gen_protos.py") < runs.index("pip install --no-deps .")
+    for args in by_name("COPY"):
+        for source in args.split()[:-1]:
+            assert (ROOT / source).exists(), f"COPY of missing {source}"
+
+
+def test_dockerfile_default_command_is_a_valid_rlhf_command():
+    from rlhf.cli import build_parser
+
+    (cmd,) = [args for instruction, args in dockerfile_instructions() if instruction == "CMD"]
+    argv = json.loads(cmd)  # exec form, so signals reach the process
+    assert argv[0] in PYPROJECT["project"]["scripts"], f"{argv[0]} is not a console script of the project"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "serve" and args.host == "0.0.0.0"
+    exposed = {int(port.split("/")[0]) for instruction, args in dockerfile_instructions()
+               if instruction == "EXPOSE" for port in args.split()}
+    assert exposed == set(DEFAULT_PORTS.values())
+
+
+def test_dockerignore_keeps_the_sources_and_drops_local_state():
+    tracked = subprocess.run(["git", "ls-files", "--", "pyproject.toml", "scripts", "protos",
+                              *PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    tracked += [str(p.relative_to(ROOT)) for d in ["rlhf", *MODULES.values()] for p in (ROOT / d).glob("*.py")]
+    assert "pyproject.toml" in tracked and any(p.endswith(".proto") for p in tracked)
+    needed = [p for p in tracked if "__pycache__" not in p]
+    assert [p for p in needed if dockerignored(p)] == []
+    for local in [".venv/bin/python", ".git/HEAD", ".rlhf/feedback.db", "rlhf/feedback/v1/feedback_service_pb2.py",
+                  "rlhf_platform.egg-info/PKG-INFO", "rlhf/__pycache__/config.cpython-311.pyc"]:
+        assert dockerignored(local), f"{local} would be sent to the build"
