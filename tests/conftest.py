@@ -11,6 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Every data dir in the tests (and every worker process) shares one built tiny model.
 os.environ.setdefault("RLHF_MODEL_CACHE", str(ROOT / ".rlhf" / "test-model-cache"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# No model hub is reachable here: fail hub look-ups at once instead of retrying for a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

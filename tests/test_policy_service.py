@@ -94,8 +94,11 @@ def wait_for_training(policy: PolicyClient, job_id: str) -> pol.TrainingJob:
     raise AssertionError("job ended before training")
 
 
-def test_wait_returns_the_seed_result_and_lora_policy_is_merged(policy):
-    response = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=QUICK,
+def test_wait_returns_the_seed_result_and_lora_policy_is_merged(policy, tiny_model):
+    config = pol.TrainingConfig()
+    config.CopyFrom(QUICK)
+    config.base_model = str(tiny_model)  # a local model folder, as users pass their own models
+    response = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=config,
                                                    reward_model_version="latest", wait=True), timeout=300)
     assert response.status == "trained", response.job.error
     assert response.version.startswith("v") and response.policy_id and response.training_steps == 2
@@ -105,6 +108,17 @@ def test_wait_returns_the_seed_result_and_lora_policy_is_merged(policy):
 
     model = AutoModelForCausalLM.from_pretrained(response.model_path)
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_a_model_that_cannot_be_loaded_fails_the_job_with_what_to_do(policy):
+    config = pol.TrainingConfig()
+    config.CopyFrom(QUICK)
+    config.base_model = "someorg/not-on-this-machine"
+    response = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=config,
+                                                   reward_model_version="v1", wait=True), timeout=300)
+    assert response.status == "failed"
+    assert "could not load tokenizer 'someorg/not-on-this-machine'" in response.job.error
+    assert "Pass a local model folder" in response.job.error
 
 
 def test_cancel_stops_the_job_and_keeps_a_checkpoint(stack, policy):
