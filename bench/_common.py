@@ -28,6 +28,11 @@ if str(ROOT) not in sys.path:  # `python bench/bench_x.py` puts bench/, not the 
 os.environ.setdefault("RLHF_MODEL_CACHE", str(ROOT / ".rlhf" / "bench-model-cache"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libgomp's default (threads spin while waiting) makes torch on a shared 2-core machine erratic: a PPO step on
+# the tiny model measured 2-28 s with the default and 0.6 s with PASSIVE while other work was running. The
+# benchmarks (and the servers they start, which inherit this) use PASSIVE unless OMP_WAIT_POLICY is set;
+# run e.g. `OMP_WAIT_POLICY=ACTIVE python bench/...` to measure libgomp's own behaviour.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def cpu_model() -> str:
@@ -46,6 +51,7 @@ def machine() -> dict[str, Any]:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -55,7 +61,7 @@ def machine() -> dict[str, Any]:
 
 def print_machine(info: dict[str, Any]) -> None:
     print(f"machine: {info['node']} | {info['cpu']} | {info['cores']} cores | torch threads "
-          f"{info['torch_threads']} | load avg {info['load_average_at_start']} | python {info['python']} "
+          f"{info['torch_threads']} (OMP_WAIT_POLICY={info['omp_wait_policy']}) | load avg {info['load_average_at_start']} | python {info['python']} "
           f"| torch {info['torch']}", flush=True)
 
 

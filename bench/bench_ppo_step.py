@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import _common as common  # noqa: E402  (sets sys.path and the environment)
 
 GOAL_REWARD_SHARE = 0.05
+warnings.filterwarnings("ignore", category=UserWarning, module="peft")  # fan_in_fan_out note on GPT-2's Conv1D
+warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 def run(mode: str, source: str, score, model_path: str, device: str, args) -> dict:
@@ -62,14 +65,14 @@ def run(mode: str, source: str, score, model_path: str, device: str, args) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one timed step per combination (a smoke run)")
-    parser.add_argument("--steps", type=int, help="timed steps per combination after one warm-up (default 3)")
+    parser.add_argument("--steps", type=int, help="timed steps per combination after one warm-up (default 5)")
     parser.add_argument("--batch", type=int, default=16, help="prompts per rollout batch (default 16)")
     parser.add_argument("--mini-batch", type=int, default=4, help="rows per PPO minibatch (default 4)")
     parser.add_argument("--new-tokens", type=int, default=32, help="max new tokens per response (default 32)")
     parser.add_argument("--epochs", type=int, default=4, help="PPO epochs per step (default 4)")
     parser.add_argument("--modes", default="full,lora", help="comma-separated: full, lora (default both)")
     args = parser.parse_args()
-    args.steps = args.steps or (1 if args.quick else 3)
+    args.steps = args.steps or (1 if args.quick else 5)
 
     info = common.machine()
     common.print_machine(info)

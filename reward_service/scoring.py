@@ -42,7 +42,7 @@ class Scorer:
         self.micro_batch = micro_batch
         self.max_length = max_length
         self.cache: ModelCache[LoadedRewardModel] = ModelCache(
-            lambda path: load_reward_model(str(path), device), capacity=cache_size)
+            lambda path: load_reward_model(path, device), capacity=cache_size)
 
     def score(self, loaded: LoadedRewardModel, pairs: list[tuple[str, str]],
               deadline: float | None = None) -> list[Scored]:

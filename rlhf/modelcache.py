@@ -1,48 +1,74 @@
-"""A size-capped LRU cache of loaded models; each key loads once even under concurrent first requests."""
+"""A cache of loaded models keyed by folder, least recently used evicted first, capped by count and bytes.
+
+Loading is lazy and happens once per key even when many requests ask for it at the same moment: the first
+request starts one loading task, the others await that same task. Loading (disk reads, weight conversion)
+runs in a thread so the event loop keeps serving.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
-from typing import Any, Callable, Generic, Hashable, TypeVar
+import time
+from typing import Callable, Generic, TypeVar
 
 V = TypeVar("V")
 log = logging.getLogger(__name__)
 
 
 class ModelCache(Generic[V]):
-    def __init__(self, load: Callable[[Hashable], V], capacity: int = 4) -> None:
-        self._load = load  # blocking; runs in a thread
+    def __init__(self, loader: Callable[[str], V], capacity: int = 4, max_bytes: int = 0,
+                 size_of: Callable[[V], int] = lambda _: 0) -> None:
+        if capacity < 1:
+            raise ValueError("model cache capacity must be at least 1")
         self.capacity = capacity
-        self._items: collections.OrderedDict[Hashable, V] = collections.OrderedDict()
-        self._locks: dict[Hashable, asyncio.Lock] = {}
-        self.loads = 0  # how many loads happened (tests check that concurrent firsts load once)
+        # Also evict while the cached values' sizes exceed this; 0 = no byte limit. The newest always stays.
+        self.max_bytes = max_bytes
+        self._loader = loader  # blocking; runs in a thread
+        self._size_of = size_of
+        self._models: collections.OrderedDict[str, V] = collections.OrderedDict()
+        self._loading: dict[str, asyncio.Task[V]] = {}
+        # How many loads ran (tests and metrics: concurrent first requests must count one).
+        self.loads = 0
 
-    async def get(self, key: Hashable) -> V:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            value = await asyncio.to_thread(self._load, key)
+    def cached(self) -> list[str]:
+        """Keys in memory, least recently used first."""
+        return list(self._models)
+
+    async def get(self, key: str) -> V:
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(key))
+            # Mark a failure as seen even if every waiter was cancelled (no "never retrieved" warning).
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._loading[key] = task
+        # shield: a cancelled request must not cancel the load other requests are waiting for.
+        return await asyncio.shield(task)
+
+    async def _load(self, key: str) -> V:
+        try:
+            started = time.monotonic()
             self.loads += 1
-            self._items[key] = value
-            while len(self._items) > self.capacity:
-                evicted, _ = self._items.popitem(last=False)
-                log.info("evicted %s from the model cache", evicted)
-            return value
+            loaded = await asyncio.to_thread(self._loader, key)
+            log.info("loaded model %s in %.2fs", key, time.monotonic() - started)
+            self._models[key] = loaded
+            self._evict()
+            return loaded
+        finally:
+            # Success or failure, the next request finds it cached or tries again.
+            self._loading.pop(key, None)
 
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._items
+    def _evict(self) -> None:
+        def too_big() -> bool:
+            return bool(self.max_bytes) and sum(map(self._size_of, self._models.values())) > self.max_bytes
 
-    def __len__(self) -> int:
-        return len(self._items)
+        while len(self._models) > 1 and (len(self._models) > self.capacity or too_big()):
+            key, _ = self._models.popitem(last=False)
+            log.info("evicted model %s from the cache", key)
 
     def clear(self) -> None:
-        self._items.clear()
-
-
+        self._models.clear()
