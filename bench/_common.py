@@ -28,11 +28,11 @@ if str(ROOT) not in sys.path:  # `python bench/bench_x.py` puts bench/, not the 
 os.environ.setdefault("RLHF_MODEL_CACHE", str(ROOT / ".rlhf" / "bench-model-cache"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# libgomp's default (threads spin while waiting) makes torch on a shared 2-core machine erratic: a PPO step on
-# the tiny model measured 2-28 s with the default and 0.6 s with PASSIVE while other work was running. The
-# benchmarks (and the servers they start, which inherit this) use PASSIVE unless OMP_WAIT_POLICY is set;
-# run e.g. `OMP_WAIT_POLICY=ACTIVE python bench/...` to measure libgomp's own behaviour.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Same OpenMP setting as the services (see rlhf.runtime); the servers the benchmarks start inherit it. Run e.g.
+# `OMP_WAIT_POLICY=ACTIVE python bench/...` to measure libgomp's own spinning behaviour instead.
+from rlhf.runtime import prepare_environment  # noqa: E402
+
+prepare_environment()
 
 
 def cpu_model() -> str:

@@ -1,6 +1,7 @@
-"""`python -m feedback_service` runs the feedback gRPC server."""
+from rlhf.runtime import prepare_environment
 
-from feedback_service.app import main
+prepare_environment()  # before anything imports torch
 
-if __name__ == "__main__":
-    main()
+from feedback_service.app import main  # noqa: E402
+
+main()

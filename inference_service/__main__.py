@@ -1,6 +1,7 @@
-"""`python -m inference_service` runs the inference server."""
+from rlhf.runtime import prepare_environment
 
-from inference_service.app import main
+prepare_environment()  # before anything imports torch
 
-if __name__ == "__main__":
-    main()
+from inference_service.app import main  # noqa: E402
+
+main()

@@ -1,3 +1,7 @@
-from policy_service.app import main
+from rlhf.runtime import prepare_environment
+
+prepare_environment()  # before anything imports torch
+
+from policy_service.app import main  # noqa: E402
 
 main()

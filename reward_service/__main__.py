@@ -1,3 +1,7 @@
-from reward_service.app import main
+from rlhf.runtime import prepare_environment
+
+prepare_environment()  # before anything imports torch
+
+from reward_service.app import main  # noqa: E402
 
 main()

@@ -30,7 +30,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.service != "all":
         import os
 
+        from rlhf.runtime import prepare_environment
+
         os.environ.update(stack.env())
+        prepare_environment()
         module = __import__(f"{MODULES[args.service]}.app", fromlist=["main"])
         module.main(["--port", str(ports[args.service]), "--host", args.host])
         return 0

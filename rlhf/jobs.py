@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from sqlalchemy import Column, DateTime, Engine, Integer, MetaData, String, Table, Text, select, update
 
 from rlhf.errors import FailedPrecondition, NotFound
+from rlhf.runtime import prepare_environment
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ class JobManager:
         state: dict[str, Any] = {"result": None, "error": ""}
         try:
             env = {**os.environ, **self.worker_env, "PYTHONUNBUFFERED": "1"}
+            prepare_environment(env)
             with open(log_path, "ab") as log_file:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", self.worker_module, "--job-dir", str(folder),

@@ -14,6 +14,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # No model hub is reachable here: fail hub look-ups at once instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from rlhf.runtime import prepare_environment  # noqa: E402
+
+prepare_environment()  # servers run in this process: set before torch loads
+
 
 @pytest.fixture(scope="session")
 def tiny_model() -> pathlib.Path:
