@@ -26,7 +26,6 @@ import time
 
 import _common as common  # noqa: E402  (sets sys.path and the environment)
 
-import grpc  # noqa: E402
 
 from rlhf.clients import channel as make_channel  # noqa: E402
 from rlhf.feedback.v1 import feedback_service_pb2 as fb, feedback_service_pb2_grpc as fb_grpc  # noqa: E402

@@ -30,10 +30,11 @@ def ensure_reward_model(context: JobContext, reward: RewardClient) -> rw.RewardM
         return reward.get_model(agent_id, spec["reward_model_version"])
     config = rw.RewardModelConfig()
     config.ParseFromString(bytes.fromhex(spec["reward_model_config"]))
-    job = reward.create_job(agent_id, config)
-    context.sticky["reward_job_id"] = job.job_id
-    context.progress(phase="reward_model", message=f"training reward model (job {job.job_id})")
-    for job in reward.watch(job.job_id):
+    started = reward.create_job(agent_id, config)
+    context.sticky["reward_job_id"] = started.job_id
+    context.progress(phase="reward_model", message=f"training reward model (job {started.job_id})")
+    job = started
+    for job in reward.watch(started.job_id):
         if context.cancel_requested:
             reward.cancel_job(job.job_id)
             raise Cancelled()

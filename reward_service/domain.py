@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import pathlib
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 import grpc
 

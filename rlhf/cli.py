@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
         job = response.job
         print(f"job {job.job_id} started; watching (Ctrl-C stops watching, not the job)", file=sys.stderr)
-        for job in client.watch(job.job_id):
+        for job in client.watch(response.job.job_id):
             p = job.progress
             metrics = p.metrics
             print(f"\r[{pol.JobState.Name(job.state)[10:]}] {p.phase} step {p.step}/{p.total_steps} "

@@ -233,10 +233,12 @@ class JobManager:
             yield job
 
     async def wait(self, job_id: str) -> Job:
-        job = await self.get(job_id)
-        async for job in self.watch(job_id):
+        """The job once it has ended."""
+        last = None
+        async for last in self.watch(job_id):
             pass
-        return job
+        assert last is not None  # watch always yields the current state first
+        return last
 
     async def close(self) -> None:
         """Server shutdown: stop workers; their jobs end INTERRUPTED (checkpoints stay on disk)."""

@@ -10,7 +10,7 @@ import pytest
 from rlhf.clients import PolicyClient, RewardClient
 from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
-from tests.helpers import rated_answers, submit_ratings, wait_for
+from tests.helpers import rated_answers, submit_ratings
 from tests.stack import policy_server, reward_server, start_stack
 
 AGENT = "policy-agent"
