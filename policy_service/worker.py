@@ -35,9 +35,11 @@ def ensure_reward_model(context: JobContext, reward: RewardClient) -> rw.RewardM
     context.progress(phase="reward_model", message=f"training reward model (job {started.job_id})")
     job = started
     for job in reward.watch(started.job_id):
-        if context.cancel_requested:
+        try:
+            context.check_cancelled()
+        except Cancelled:
             reward.cancel_job(job.job_id)
-            raise Cancelled()
+            raise
         p = job.progress
         detail = f" step {p.step}/{p.total_steps}, loss {p.train_loss:.4f}" if p.phase == "training" else ""
         context.progress(phase="reward_model", step=0, total_steps=spec["config"]["max_steps"],

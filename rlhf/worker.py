@@ -35,6 +35,9 @@ class JobContext:
         self.is_reporter = int(os.environ.get("RANK", "0")) == 0
         self._events = open(job_dir / "events.jsonl", "a") if self.is_reporter else None
         self._started = time.monotonic()
+        # The server that launched us; if it dies (even by kill -9) we are re-parented and should stop,
+        # since nobody would register our result and a restarted server reports the job INTERRUPTED.
+        self._parent = os.getppid()
 
     def _emit(self, event: dict[str, Any]) -> None:
         if self._events is not None:
@@ -52,7 +55,15 @@ class JobContext:
     def error(self, message: str) -> None:
         self._emit({"type": "error", "message": message})
 
+    @property
+    def orphaned(self) -> bool:
+        return os.getppid() != self._parent
+
     def check_cancelled(self) -> None:
+        """Raise Cancelled after a cancel (SIGTERM) or once the launching server is gone."""
+        if self.orphaned and not self.cancel_requested:
+            log.warning("the server that started this job is gone; stopping")
+            self.cancel_requested = True
         if self.cancel_requested:
             raise Cancelled()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from rlhf.clients import PolicyClient, RewardClient
 from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
-from tests.helpers import rated_answers, submit_ratings
+from tests.helpers import rated_answers, submit_ratings, wait_for
 from tests.stack import policy_server, reward_server, start_stack
 
 AGENT = "policy-agent"
@@ -171,3 +173,52 @@ def test_server_restart_reports_the_interrupted_job(stack):
         assert "shut down" in restarted.error or "stopped" in restarted.error
     finally:
         second.stop()
+
+
+def worker_pids(job_id: str) -> list[int]:
+    """Processes whose command line names the job (its worker)."""
+    pids = []
+    for proc in pathlib.Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if job_id.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def start_policy_process(data_dir: pathlib.Path, stack) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    from rlhf.clients import wait_until_serving
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "policy_service", "--port", str(port), "--data-dir",
+                                str(data_dir), "--feedback-addr", stack.feedback.address, "--reward-addr",
+                                stack.reward.address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until_serving(f"127.0.0.1:{port}", timeout=60)
+    return process, f"127.0.0.1:{port}"
+
+
+def test_kill_9_of_the_server_stops_its_worker_and_the_restart_reports_the_job_interrupted(stack, tmp_path):
+    server, address = start_policy_process(tmp_path, stack)
+    try:
+        with PolicyClient(address) as client:
+            job = client.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=10_000, config=QUICK,
+                                                      reward_model_version="v1")).job
+            wait_for_training(client, job.job_id)
+        assert worker_pids(job.job_id)
+        server.kill()  # SIGKILL: no shutdown code runs in the server
+        server.wait()
+        wait_for(lambda: not worker_pids(job.job_id), timeout=60)  # the orphaned worker stops by itself
+        assert (tmp_path / "artifacts" / "policies" / ".jobs" / job.job_id / "checkpoint.pt").exists()
+        server, address = start_policy_process(tmp_path, stack)
+        with PolicyClient(address) as client:
+            restarted = client.get_job(job.job_id)
+        assert restarted.state == pol.JOB_STATE_INTERRUPTED and "stopped while this job ran" in restarted.error
+    finally:
+        server.terminate()
+        server.wait(30)
