@@ -56,10 +56,13 @@ def parse_args(argv: Sequence[str] | None) -> FeedbackServiceConfig:
     parser.add_argument("--data-dir", type=pathlib.Path, help="data folder (default RLHF_DATA_DIR or ./.rlhf)")
     parser.add_argument("--database-url", help="SQLAlchemy URL (default RLHF_FEEDBACK_DATABASE_URL, "
                                                "else SQLite in the data folder)")
+    parser.add_argument("--inference-addr", help="inference service address for attributing feedback to "
+                                                 "policy versions (default RLHF_FEEDBACK_INFERENCE_ADDRESS; "
+                                                 "empty: off)")
     args = parser.parse_args(argv)
     data_dir = args.data_dir.resolve() if args.data_dir else None
     return FeedbackServiceConfig.from_env(host=args.host, port=args.port, data_dir=data_dir,
-                                          database_url=args.database_url)
+                                          database_url=args.database_url, inference_address=args.inference_addr)
 
 
 async def _serve(config: FeedbackServiceConfig) -> None:

@@ -34,6 +34,9 @@ class FeedbackServiceConfig:
     export_chunk_size: int = 500
     # Most ids one DeleteFeedback request may name.
     max_delete_ids: int = 10_000
+    # Inference service address for attribution (RLHF_FEEDBACK_INFERENCE_ADDRESS): feedback citing a
+    # generation_id without a policy_version gets the version from GetGeneration. Empty: no attribution.
+    inference_address: str = ""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "FeedbackServiceConfig":
@@ -55,7 +58,7 @@ class FeedbackServiceConfig:
                 continue
             raw = os.environ.get(f"RLHF_FEEDBACK_{field.name.upper()}")
             if raw:
-                default: Any = field.default  # own fields are int or float; the default says which
+                default: Any = field.default  # own fields are int, float or str; the default says which
                 values[field.name] = type(default)(raw)
         values.update(own)
         return cls(server=server, **values)

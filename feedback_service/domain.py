@@ -16,6 +16,7 @@ from typing import AsyncIterator, Callable, TypeVar
 from rlhf import validation
 from rlhf.errors import InvalidArgument
 
+from feedback_service.attribution import Attributor
 from feedback_service.config import FeedbackServiceConfig
 from feedback_service.grouping import GroupBuffer, Pending
 from feedback_service.models import (
@@ -47,11 +48,13 @@ class FeedbackDomain:
         self._store = store
         self._config = config
         self._validator = FeedbackValidator(config)
+        self._attributor = Attributor(config.inference_address)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="feedback-writer")
 
     async def close(self) -> None:
         """Let queued writes finish, then stop the writer thread."""
         await asyncio.to_thread(self._writer.shutdown, wait=True)
+        await self._attributor.close()
 
     async def _write(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
@@ -60,7 +63,7 @@ class FeedbackDomain:
 
     async def submit(self, raw: FeedbackInput) -> tuple[NewFeedback, Stored]:
         """Store one item (its own transaction). A replayed request_id returns the original row."""
-        item = self._validator.item(raw)
+        item = await self._attributor.attribute(self._validator.item(raw))
         (stored,) = await self._write(self._store.insert_many, [item])
         return item, stored
 
@@ -101,7 +104,7 @@ class FeedbackDomain:
         try:
             async for raw in items:
                 try:
-                    item = self._validator.item(raw)
+                    item = await self._attributor.attribute(self._validator.item(raw))
                     pending = Pending(index, item.request_id, item, None)
                 except InvalidArgument as error:
                     pending = Pending(index, raw.request_id or new_request_id(), None, error)

@@ -34,6 +34,8 @@ class Stack:
         for service in MODULES:
             env[f"RLHF_{service.upper()}_ADDR"] = self.address(service)
             env[f"RLHF_{service.upper()}_PORT"] = str(self.ports[service])
+        # Feedback citing a generation id is attributed to the version that generated it.
+        env["RLHF_FEEDBACK_INFERENCE_ADDRESS"] = self.address("inference")
         return env
 
 

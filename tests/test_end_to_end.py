@@ -108,3 +108,37 @@ def test_the_loop_improves_the_rater_score_on_held_out_prompts(stack):
     base = [rater.rate(a.text) for _, a in answers(inference, held_out, 12, "base", 10_000)]
     trained = [rater.rate(a.text) for _, a in answers(inference, held_out, 12, "", 10_000)]
     assert statistics.mean(trained) > statistics.mean(base) + 0.25, (statistics.mean(base), statistics.mean(trained))
+
+
+def test_feedback_citing_a_generation_is_attributed_to_its_version(stack, tmp_path):
+    """A feedback server configured with the inference service fills in policy_version from the generation
+    log, so per-version stats (the A/B readout) work when runtimes only pass the generation id along."""
+    from feedback_service.app import start as start_feedback
+    from feedback_service.config import FeedbackServiceConfig
+    from tests.helpers import server_config
+    from tests.servers import ServerThread
+
+    inference = InferenceClient(stack.inference.address)
+    base = inference.generate("attributed", "What did you see today?", version="base", seed=3, max_new_tokens=8)
+    assert base.policy_version == "base"
+    config = FeedbackServiceConfig.from_env(server=server_config("feedback", tmp_path),
+                                            inference_address=stack.inference.address)
+    with ServerThread(start_feedback, config) as server:
+        feedback = FeedbackClient(server.address)
+        cited = feedback.submit("attributed", prompt="What did you see today?", response=base.text or "x",
+                                score=0.7, generation_id=base.generation_id)
+        assert cited.policy_version == "base"
+        acks = feedback.stream([fb.SubmitFeedbackRequest(
+            agent_id="attributed", prompt="Q?", response="A.", score=0.2, generation_id=base.generation_id,
+            request_id="s1"), fb.SubmitFeedbackRequest(
+            agent_id="attributed", prompt="Q?", response="B.", score=0.4, generation_id="unknown-generation",
+            request_id="s2"), fb.SubmitFeedbackRequest(
+            agent_id="someone-else", prompt="Q?", response="C.", score=0.4, generation_id=base.generation_id,
+            request_id="s3")])
+        assert all(a.accepted for a in acks)  # attribution never rejects an item
+        by_version = {s.policy_version: s.stats for s in
+                      feedback.stats("attributed", group_by_policy_version=True).by_policy_version}
+        assert by_version["base"].rating_count == 2 and by_version[""].rating_count == 1
+        assert by_version["base"].score_mean == pytest.approx(0.45)
+        other = feedback.stats("someone-else", group_by_policy_version=True).by_policy_version
+        assert [s.policy_version for s in other] == [""]  # another agent's generation lends no version
