@@ -84,17 +84,98 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.dry_run or args.no_watch:
             _print(response, args.json)
             return 0
-        job = response.job
-        print(f"job {job.job_id} started; watching (Ctrl-C stops watching, not the job)", file=sys.stderr)
-        for job in client.watch(response.job.job_id):
-            p = job.progress
-            metrics = p.metrics
-            print(f"\r[{pol.JobState.Name(job.state)[10:]}] {p.phase} step {p.step}/{p.total_steps} "
-                  f"score {metrics.get('objective/scores', 0):.3f} kl {metrics.get('objective/kl', 0):.3f} "
-                  f"eta {p.eta_seconds:.0f}s {p.message[:60]}", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
-        _print(job, args.json)
-        return 0 if job.state == pol.JOB_STATE_SUCCEEDED else 1
+        print(f"job {response.job.job_id} started", file=sys.stderr)
+        return _watch_policy_job(client, response.job.job_id, args.json)
+
+
+def _watch_policy_job(client, job_id: str, as_json: bool) -> int:
+    """Show a policy job's progress on one live line until it ends; exit code 0 only if it succeeded."""
+    from rlhf.policy.v1 import policy_service_pb2 as pol
+
+    print("watching (Ctrl-C stops watching, not the job)", file=sys.stderr)
+    job = None
+    for job in client.watch(job_id):
+        p = job.progress
+        metrics = p.metrics
+        print(f"\r[{pol.JobState.Name(job.state)[10:]}] {p.phase} step {p.step}/{p.total_steps} "
+              f"score {metrics.get('objective/scores', 0):.3f} kl {metrics.get('objective/kl', 0):.3f} "
+              f"eta {p.eta_seconds:.0f}s {p.message[:60]:<60}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    _print(job, as_json)
+    return 0 if job.state == pol.JOB_STATE_SUCCEEDED else 1
+
+
+def _job_client(args: argparse.Namespace):
+    """The client and message module of the service whose jobs are meant (policy, or reward with --reward)."""
+    from rlhf.clients import PolicyClient, RewardClient
+    from rlhf.policy.v1 import policy_service_pb2 as pol
+    from rlhf.reward.v1 import reward_service_pb2 as rw
+
+    if args.reward:
+        return RewardClient(args.reward_addr), rw
+    return PolicyClient(args.policy_addr), pol
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    client, pb = _job_client(args)
+    with client:
+        jobs = client.stub.ListTrainingJobs(pb.ListTrainingJobsRequest(agent_id=args.agent_id or "",
+                                                                       page_size=args.limit)).jobs
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(j, preserving_proto_field_name=True) for j in jobs]))
+        return 0
+    print(f"{'job id':<34} {'agent':<20} {'state':<12} {'phase':<13} {'step':>11}  version")
+    for job in jobs:
+        version = getattr(job, "policy_version", "") or getattr(job, "reward_model_version", "")
+        print(f"{job.job_id:<34} {job.agent_id:<20} {pb.JobState.Name(job.state)[10:]:<12} "
+              f"{job.progress.phase:<13} {job.progress.step:>5}/{job.progress.total_steps:<5}  {version}")
+    return 0
+
+
+def cmd_jobs_watch(args: argparse.Namespace) -> int:
+    client, pb = _job_client(args)
+    if args.reward:
+        with client:
+            job = None
+            for job in client.watch(args.job_id):
+                p = job.progress
+                print(f"\r{p.phase} epoch {p.epoch}/{p.total_epochs} step {p.step}/{p.total_steps} "
+                      f"loss {p.train_loss:.4f} eta {p.eta_seconds:.0f}s   ", end="", file=sys.stderr, flush=True)
+            print(file=sys.stderr)
+            _print(job, args.json)
+            return 0 if job.state == pb.JOB_STATE_SUCCEEDED else 1
+    with client:
+        return _watch_policy_job(client, args.job_id, args.json)
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    client, _ = _job_client(args)
+    with client:
+        _print(client.cancel_job(args.job_id), args.json)
+    return 0
+
+
+def cmd_reward_models_list(args: argparse.Namespace) -> int:
+    from rlhf.clients import RewardClient
+
+    with RewardClient(args.reward_addr) as client:
+        models = client.list_models(args.agent_id)
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(m, preserving_proto_field_name=True) for m in models]))
+        return 0
+    print(f"{'version':<8} {'created':<20} {'feedback':>8}  metrics")
+    for m in models:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(m.metrics.items()) if k != "validation_count")
+        print(f"{m.version:<8} {m.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} {m.feedback_count:>8}  {metrics}")
+    return 0
+
+
+def cmd_policies_show(args: argparse.Namespace) -> int:
+    from rlhf.clients import PolicyClient
+
+    with PolicyClient(args.policy_addr) as client:
+        _print(client.get_policy(args.agent_id, args.version or ""), args.json)
+    return 0
 
 
 def cmd_policies_list(args: argparse.Namespace) -> int:
@@ -194,6 +275,30 @@ def build_parser() -> argparse.ArgumentParser:
     policies = sub.add_parser("policies", help="the policy registry").add_subparsers(dest="action", required=True)
     plist = client_parser(policies, "list", "list an agent's policy versions", cmd_policies_list, ["policy"])
     plist.add_argument("agent_id")
+
+    show = client_parser(policies, "show", "one policy version with metrics and lineage", cmd_policies_show,
+                         ["policy"])
+    show.add_argument("agent_id")
+    show.add_argument("version", nargs="?", help="e.g. v3 (default: the latest)")
+
+    jobs = sub.add_parser("jobs", help="training jobs (policy jobs; --reward for reward-model jobs)"
+                          ).add_subparsers(dest="action", required=True)
+    for name, func, help_text in (("list", cmd_jobs_list, "list jobs, newest first"),
+                                  ("watch", cmd_jobs_watch, "follow a job until it ends"),
+                                  ("cancel", cmd_jobs_cancel, "ask a job to stop")):
+        job_parser = client_parser(jobs, name, help_text, func, ["policy", "reward"])
+        job_parser.add_argument("--reward", action="store_true", help="reward-model jobs instead of policy jobs")
+        if name == "list":
+            job_parser.add_argument("--agent-id", help="only this agent's jobs")
+            job_parser.add_argument("--limit", type=int, default=50)
+        else:
+            job_parser.add_argument("job_id")
+
+    reward_models = sub.add_parser("reward-models", help="the reward-model registry").add_subparsers(
+        dest="action", required=True)
+    rlist = client_parser(reward_models, "list", "list an agent's reward models", cmd_reward_models_list,
+                          ["reward"])
+    rlist.add_argument("agent_id")
 
     deploy = client_parser(sub, "deploy", "set an agent's deployment: VERSION=WEIGHT ...", cmd_deploy, ["inference"])
     deploy.add_argument("agent_id")

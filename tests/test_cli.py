@@ -96,6 +96,15 @@ def test_command_line_workflow(served):
     assert json.loads(generated.stdout)["policy_version"] == "base"
     empty = rlhf(env, "policies", "list", "cli-agent")
     assert empty.returncode == 0 and "version" in empty.stdout
+    missing = rlhf(env, "policies", "show", "cli-agent")
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr and "train one first" in missing.stderr
+    for kind in ([], ["--reward"]):
+        jobs = rlhf(env, "jobs", "list", "--agent-id", "cli-agent", "--json", *kind)
+        assert jobs.returncode == 0 and json.loads(jobs.stdout) == []
+        cancel = rlhf(env, "jobs", "cancel", "no-such-job", *kind)
+        assert cancel.returncode == 2 and "NOT_FOUND" in cancel.stderr
+    models = rlhf(env, "reward-models", "list", "cli-agent")
+    assert models.returncode == 0 and "version" in models.stdout
 
 
 def test_sigint_stops_every_service(served):
