@@ -131,6 +131,16 @@ class PolicyDomain:
                 "score_retries": self.config.score_retries}
         return await self.jobs.submit(agent_id, spec)
 
+    async def resume_job(self, job_id: str) -> Job:
+        """Run an ended job again; its worker continues from the job's last checkpoint."""
+        if not job_id:
+            raise InvalidArgument("job_id", "is required")
+        job = await self.jobs.get(job_id)
+        # The world may have changed since: the same checks as a new run (feedback, reward model).
+        await self._checks(job.agent_id, TrainingConfig(**job.spec["config"]), job.spec["algorithm"],
+                           job.spec["reward_model_version"])
+        return await self.jobs.resume(job_id)
+
     async def _register(self, job: Job, result: dict[str, Any]) -> str:
         def name_final_place(staging: pathlib.Path, number: int, target: pathlib.Path) -> None:
             results_file = staging / "training_results.json"

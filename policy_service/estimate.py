@@ -48,9 +48,9 @@ def estimate(config: TrainingConfig, history: list[dict]) -> Estimate:
     """`history`: results of finished runs (config, training_seconds, training_steps), newest first."""
     for run in history:
         run_config = TrainingConfig(**run["config"])
-        if (run_config.base_model, run_config.use_lora) == (config.base_model, config.use_lora) \
-                and run.get("training_steps"):
-            per_pass = run["training_seconds"] / run["training_steps"] / token_passes(run_config)
+        steps = run.get("timed_steps", run.get("training_steps", 0))
+        if (run_config.base_model, run_config.use_lora) == (config.base_model, config.use_lora) and steps:
+            per_pass = run["training_seconds"] / steps / token_passes(run_config)
             basis = f"measured: job {run['lineage']['job_id']} on this server"
             break
     else:

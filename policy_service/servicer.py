@@ -35,7 +35,7 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
         reward_model_version=progress.get("reward_model_version", job.spec.get("reward_model_version", "")),
         policy_version=job.version, error=job.error, created_at=to_proto(job.created_at),
         started_at=to_proto(job.started_at), finished_at=to_proto(job.finished_at),
-        reward_job_id=progress.get("reward_job_id", ""))
+        reward_job_id=progress.get("reward_job_id", ""), resumed_from_step=progress.get("resumed_from_step", 0))
     message.progress.metrics.update(progress.get("metrics", {}))
     return message
 
@@ -107,6 +107,9 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     async def CancelTrainingJob(self, request, context):
         return pb.CancelTrainingJobResponse(job=job_to_proto(await self.domain.jobs.cancel(request.job_id)))
+
+    async def ResumeTrainingJob(self, request, context):
+        return pb.ResumeTrainingJobResponse(job=job_to_proto(await self.domain.resume_job(request.job_id)))
 
     async def WatchTrainingJob(self, request, context):
         async for job in self.domain.jobs.watch(request.job_id):

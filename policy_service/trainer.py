@@ -259,6 +259,12 @@ class PPOTrainer:
               checkpoint: Callable[[], None] | None = None) -> History:
         rng = random.Random(self.config.seed)
         pool: list[str] = []
+        # A resumed run draws the prompts an uninterrupted run would have drawn from here on.
+        for _ in range(self.step * self.config.batch_size):
+            if not pool:
+                pool = list(prompts)
+                rng.shuffle(pool)
+            pool.pop()
         while self.step < self.config.max_steps:
             batch = []
             while len(batch) < self.config.batch_size:
@@ -273,15 +279,38 @@ class PPOTrainer:
         return self.history
 
     # --- persistence ---------------------------------------------------------------------------------
-    def save_checkpoint(self, path: pathlib.Path) -> None:
-        """Trainable weights, value head, optimizer and KL controller (written atomically)."""
+    def save_checkpoint(self, path: pathlib.Path, extra: dict | None = None) -> None:
+        """Trainable weights (value head included), optimizer, KL controller, step, curves and sampling
+        state, written atomically; `extra` is kept alongside (e.g. the reward-model version)."""
         trainable = {k: v for k, v in self.model.named_parameters() if v.requires_grad}
         state = {"step": self.step, "kl_coef": self.kl_ctl.value, "optimizer": self.optimizer.state_dict(),
                  "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
-                 "history": dataclasses.asdict(self.history)}
+                 "history": dataclasses.asdict(self.history), "generator": self.generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "extra": extra or {}}
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
+
+    @staticmethod
+    def read_checkpoint(path: pathlib.Path) -> dict | None:
+        """A checkpoint written by save_checkpoint, or None if there is none."""
+        return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint (read_checkpoint) of the same configuration."""
+        parameters = dict(self.model.named_parameters())
+        missing = set(state["trainable"]) - set(parameters)
+        if missing:
+            raise RuntimeError(f"the checkpoint does not match this model (unknown weights {sorted(missing)[:3]})")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                parameters[name].copy_(value.to(parameters[name].device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.value = state["kl_coef"]
+        self.step = state["step"]
+        self.history = History(**state["history"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
 
     def save(self, folder: pathlib.Path) -> None:
         """policy/ (merged, loadable by AutoModelForCausalLM) and value_head.pt beside it."""

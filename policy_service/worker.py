@@ -22,12 +22,13 @@ from rlhf.worker import Cancelled, JobContext, main_for
 log = logging.getLogger(__name__)
 
 
-def ensure_reward_model(context: JobContext, reward: RewardClient) -> rw.RewardModel:
-    """The named reward-model version, or a new one trained through the reward service (waited for)."""
+def ensure_reward_model(context: JobContext, reward: RewardClient, resumed_version: str) -> rw.RewardModel:
+    """The named reward-model version (or the one a resumed run used), else a new one trained through
+    the reward service (waited for)."""
     spec = context.spec
     agent_id = spec["agent_id"]
-    if spec["reward_model_version"]:
-        return reward.get_model(agent_id, spec["reward_model_version"])
+    if resumed_version or spec["reward_model_version"]:
+        return reward.get_model(agent_id, resumed_version or spec["reward_model_version"])
     config = rw.RewardModelConfig()
     config.ParseFromString(bytes.fromhex(spec["reward_model_config"]))
     started = reward.create_job(agent_id, config)
@@ -55,7 +56,12 @@ def train(context: JobContext) -> dict[str, Any]:
     config = TrainingConfig(**spec["config"])
     job_dir = context.job_dir
     reward = RewardClient(spec["reward_address"], timeout=spec["score_timeout_seconds"])
-    reward_model = ensure_reward_model(context, reward)
+    checkpoint_path = job_dir / "checkpoint.pt"
+    checkpoint = PPOTrainer.read_checkpoint(checkpoint_path)  # a resumed job continues from here
+    earlier = checkpoint["extra"] if checkpoint else {}
+    if earlier.get("reward_job_id"):
+        context.sticky["reward_job_id"] = earlier["reward_job_id"]
+    reward_model = ensure_reward_model(context, reward, earlier.get("reward_model_version", ""))
     context.sticky["reward_model_version"] = reward_model.version
 
     context.progress(phase="loading", message="exporting prompts")
@@ -69,7 +75,11 @@ def train(context: JobContext) -> dict[str, Any]:
     base_path = resolve_model(config.base_model, pathlib.Path(spec["data_dir"]))
     context.progress(phase="loading", message=f"loading {base_path} on {device}")
     trainer = PPOTrainer(config, base_path, device)
-    checkpoint_path = job_dir / "checkpoint.pt"
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        context.sticky["resumed_from_step"] = trainer.step
+        log.info("resumed from %s at step %d", checkpoint_path, trainer.step)
+    extra = {"reward_model_version": reward_model.version, "reward_job_id": context.sticky.get("reward_job_id", "")}
     unscored = {"count": 0}
 
     def score(batch_prompts: list[str], responses: list[str]) -> list[float]:
@@ -87,24 +97,25 @@ def train(context: JobContext) -> dict[str, Any]:
         return [s.score if s.ok else floor for s in answer.scores]
 
     started = time.monotonic()
+    first_step = trainer.step
     last_metrics: dict[str, float] = {}
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         nonlocal last_metrics
         last_metrics = metrics
         elapsed = time.monotonic() - started
-        rate = step / elapsed if elapsed > 0 else 0.0
+        rate = (step - first_step) / elapsed if elapsed > 0 else 0.0
         context.progress(phase="training", step=step, total_steps=config.max_steps, metrics=metrics,
                          steps_per_second=rate, eta_seconds=(config.max_steps - step) / rate if rate else 0.0)
         context.check_cancelled()
 
+    def save() -> None:
+        trainer.save_checkpoint(checkpoint_path, extra)
+
     try:
-        history = trainer.train(prompts, score, on_step, lambda: trainer.save_checkpoint(checkpoint_path))
-    except Cancelled:
-        trainer.save_checkpoint(checkpoint_path)
-        raise
-    except Exception:
-        trainer.save_checkpoint(checkpoint_path)
+        history = trainer.train(prompts, score, on_step, save)
+    except BaseException:  # cancel, reward service down, anything: keep what was learnt
+        save()
         raise
 
     context.progress(phase="saving", step=trainer.step, total_steps=config.max_steps, metrics=last_metrics)
@@ -130,6 +141,7 @@ def train(context: JobContext) -> dict[str, Any]:
                     "reward_model_path": reward_model.model_path, "feedback_watermark": watermark,
                     "job_id": spec["job_id"]},
         "training_seconds": round(time.monotonic() - started, 2),
+        "timed_steps": trainer.step - first_step,  # steps training_seconds covers (a resumed run: fewer)
     }
     (output / "training_results.json").write_text(json.dumps(results, indent=2))
     return {"output_dir": str(output), **{k: v for k, v in results.items() if not k.endswith("_history")},

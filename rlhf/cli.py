@@ -155,6 +155,20 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_resume(args: argparse.Namespace) -> int:
+    from rlhf.clients import PolicyClient
+    from rlhf.policy.v1 import policy_service_pb2 as pol
+
+    with PolicyClient(args.policy_addr) as client:
+        job = client.stub.ResumeTrainingJob(pol.ResumeTrainingJobRequest(job_id=args.job_id),
+                                            timeout=client.timeout).job
+        print(f"job {job.job_id} resumed", file=sys.stderr)
+        if args.no_watch:
+            _print(job, args.json)
+            return 0
+        return _watch_policy_job(client, job.job_id, args.json)
+
+
 def cmd_reward_models_list(args: argparse.Namespace) -> int:
     from rlhf.clients import RewardClient
 
@@ -293,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
             job_parser.add_argument("--limit", type=int, default=50)
         else:
             job_parser.add_argument("job_id")
+
+    resume = client_parser(jobs, "resume", "continue an interrupted, failed or cancelled policy job from its "
+                           "last checkpoint", cmd_jobs_resume, ["policy"])
+    resume.add_argument("job_id")
+    resume.add_argument("--no-watch", action="store_true", help="return once the job is queued")
 
     reward_models = sub.add_parser("reward-models", help="the reward-model registry").add_subparsers(
         dest="action", required=True)

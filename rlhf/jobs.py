@@ -114,6 +114,26 @@ class JobStore:
             conn.execute(t.insert().values(**values))
         return self.get(values["job_id"])
 
+    def requeue(self, job_id: str) -> Job:
+        """An ended (not succeeded) job back to QUEUED, unless its agent has another active job."""
+        t = self.table
+        with self.engine.begin() as conn:
+            row = conn.execute(select(t).where(t.c.job_id == job_id)).first()
+            if row is None:
+                raise NotFound(f"training job '{job_id}' not found")
+            if row.state not in (FAILED, CANCELLED, INTERRUPTED):
+                raise FailedPrecondition(f"job {job_id} is {row.state}; only FAILED, CANCELLED or INTERRUPTED "
+                                         f"jobs can be resumed", subject=job_id)
+            active = conn.execute(select(t.c.job_id).where(
+                t.c.agent_id == row.agent_id, t.c.state.in_(ACTIVE))).first()
+            if active:
+                raise FailedPrecondition(
+                    f"agent '{row.agent_id}' already has an active training job {active.job_id}; "
+                    f"wait for it or cancel it first", subject=active.job_id)
+            conn.execute(update(t).where(t.c.job_id == job_id).values(
+                state=QUEUED, error="", progress="{}", finished_at=None, started_at=None))
+        return self.get(job_id)
+
     def get(self, job_id: str) -> Job:
         with self.engine.connect() as conn:
             row = conn.execute(select(self.table).where(self.table.c.job_id == job_id)).first()
@@ -190,6 +210,16 @@ class JobManager:
         log.info("job %s queued for agent %s", job.job_id, agent_id)
         return job
 
+    async def resume(self, job_id: str) -> Job:
+        """Run an ended job's worker again in the same folder; the worker continues from its checkpoint."""
+        job = await asyncio.to_thread(self.store.requeue, job_id)
+        events = self.job_dir(job_id) / "events.jsonl"
+        # The earlier run's events (its error, its progress) are history, not news about this run.
+        already_read = events.stat().st_size if events.exists() else 0
+        self._tasks[job_id] = asyncio.create_task(self._supervise(job_id, already_read))
+        log.info("job %s queued again (resume) for agent %s", job_id, job.agent_id)
+        return job
+
     async def get(self, job_id: str) -> Job:
         return await asyncio.to_thread(self.store.get, job_id)
 
@@ -261,7 +291,7 @@ class JobManager:
         await asyncio.to_thread(self.store.update, job_id, **fields)
         await self._notify(job_id)
 
-    async def _supervise(self, job_id: str) -> None:
+    async def _supervise(self, job_id: str, events_offset: int = 0) -> None:
         folder = self.job_dir(job_id)
         events_path = folder / "events.jsonl"
         log_path = folder / "worker.log"
@@ -276,7 +306,7 @@ class JobManager:
             self._processes[job_id] = process
             await self._update(job_id, state=RUNNING, started_at=utcnow())
             log.info("job %s running in worker pid %d", job_id, process.pid)
-            offset = 0
+            offset = events_offset
             while True:
                 exited = process.returncode is not None
                 offset = await self._read_events(job_id, events_path, offset, state)

@@ -103,6 +103,8 @@ def test_command_line_workflow(served):
         assert jobs.returncode == 0 and json.loads(jobs.stdout) == []
         cancel = rlhf(env, "jobs", "cancel", "no-such-job", *kind)
         assert cancel.returncode == 2 and "NOT_FOUND" in cancel.stderr
+    resume = rlhf(env, "jobs", "resume", "no-such-job")
+    assert resume.returncode == 2 and "NOT_FOUND" in resume.stderr
     models = rlhf(env, "reward-models", "list", "cli-agent")
     assert models.returncode == 0 and "version" in models.stdout
 

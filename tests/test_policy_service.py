@@ -137,6 +137,39 @@ def test_cancel_stops_the_job_and_keeps_a_checkpoint(stack, policy):
     assert final.state == pol.JOB_STATE_CANCELLED
     assert final.progress.step < 10_000
     assert (job_dir(stack, job.job_id) / "checkpoint.pt").exists()
+    with pytest.raises(grpc.RpcError) as error:
+        policy.stub.CancelTrainingJob(pol.CancelTrainingJobRequest(job_id=job.job_id))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_cancelled_job_resumes_from_its_checkpoint_and_finishes(stack, policy):
+    config = pol.TrainingConfig()
+    config.CopyFrom(QUICK)
+    job = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=30, config=config,
+                                              reward_model_version="v1")).job
+    with pytest.raises(grpc.RpcError) as error:  # only ended jobs resume
+        policy.stub.ResumeTrainingJob(pol.ResumeTrainingJobRequest(job_id=job.job_id))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    wait_for_training(policy, job.job_id)
+    policy.cancel_job(job.job_id)
+    cancelled = list(policy.watch(job.job_id, timeout=120))[-1]
+    assert cancelled.state == pol.JOB_STATE_CANCELLED and cancelled.progress.step < 30
+    stopped_at = cancelled.progress.step
+
+    resumed = policy.stub.ResumeTrainingJob(pol.ResumeTrainingJobRequest(job_id=job.job_id)).job
+    assert resumed.job_id == job.job_id and resumed.state in (pol.JOB_STATE_QUEUED, pol.JOB_STATE_RUNNING)
+    updates = list(policy.watch(job.job_id, timeout=300))
+    final = updates[-1]
+    assert final.state == pol.JOB_STATE_SUCCEEDED, final.error
+    assert final.resumed_from_step >= stopped_at  # at least where it stopped: nothing was redone from 0
+    steps = [u.progress.step for u in updates if u.progress.phase == "training"]
+    assert steps and min(steps) > final.resumed_from_step
+    version = policy.get_policy(AGENT, final.policy_version)
+    assert version.metrics.training_steps == 30
+    import json
+
+    results = json.loads((pathlib.Path(version.artifact_path) / "training_results.json").read_text())
+    assert len(results["reward_history"]) == 30  # the curves of both runs, once each
 
 
 def test_reward_service_outage_fails_the_job_with_the_reason_and_a_checkpoint(stack, policy):
@@ -203,11 +236,11 @@ def start_policy_process(data_dir: pathlib.Path, stack) -> tuple[subprocess.Pope
     return process, f"127.0.0.1:{port}"
 
 
-def test_kill_9_of_the_server_stops_its_worker_and_the_restart_reports_the_job_interrupted(stack, tmp_path):
+def test_kill_9_of_the_server_then_restart_and_resume_from_the_checkpoint(stack, tmp_path):
     server, address = start_policy_process(tmp_path, stack)
     try:
         with PolicyClient(address) as client:
-            job = client.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=10_000, config=QUICK,
+            job = client.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=40, config=QUICK,
                                                       reward_model_version="v1")).job
             wait_for_training(client, job.job_id)
         assert worker_pids(job.job_id)
@@ -219,6 +252,12 @@ def test_kill_9_of_the_server_stops_its_worker_and_the_restart_reports_the_job_i
         with PolicyClient(address) as client:
             restarted = client.get_job(job.job_id)
         assert restarted.state == pol.JOB_STATE_INTERRUPTED and "stopped while this job ran" in restarted.error
+        with PolicyClient(address) as client:
+            client.stub.ResumeTrainingJob(pol.ResumeTrainingJobRequest(job_id=job.job_id))
+            final = list(client.watch(job.job_id, timeout=300))[-1]
+            assert final.state == pol.JOB_STATE_SUCCEEDED, final.error
+            assert final.resumed_from_step >= 1
+            assert client.get_policy(AGENT, final.policy_version).metrics.training_steps == 40
     finally:
         server.terminate()
         server.wait(30)
