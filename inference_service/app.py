@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import pathlib
 
 from inference_service.config import InferenceServiceConfig
 from inference_service.domain import InferenceDomain
@@ -15,8 +14,8 @@ from inference_service.servicer import InferenceServicer
 from inference_service.store import InferenceStore
 from rlhf.db import make_engine
 from rlhf.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from rlhf.logs import setup_logging
-from rlhf.server import RunningServer, ServiceBinding, serve_until_signal, start_server
+from rlhf.app import run_service, server_flags, server_overrides
+from rlhf.server import RunningServer, ServiceBinding, start_server
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +52,11 @@ async def start(config: InferenceServiceConfig) -> RunningServer:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inference_service", description="Run the RLHF inference service.")
-    parser.add_argument("--host", help="interface to bind (RLHF_HOST)")
-    parser.add_argument("--port", type=int, help="port to bind (RLHF_INFERENCE_PORT, default 50054)")
-    parser.add_argument("--data-dir", type=pathlib.Path, help="data folder (RLHF_DATA_DIR)")
-    parser.add_argument("--database-url", help="SQLAlchemy URL (RLHF_INFERENCE_DATABASE_URL)")
+    server_flags(parser)
     parser.add_argument("--policy-addr", help="policy service address (RLHF_POLICY_ADDR)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (RLHF_INFERENCE_DEVICE)")
     parser.add_argument("--base-model", help="model served as version 'base' (RLHF_INFERENCE_BASE_MODEL)")
     args = parser.parse_args(argv)
-    setup_logging("inference")
-    config = InferenceServiceConfig.from_env(
-        host=args.host, port=args.port, data_dir=args.data_dir.resolve() if args.data_dir else None,
-        database_url=args.database_url, policy_addr=args.policy_addr, device=args.device,
-        base_model=args.base_model)
-
-    async def run() -> None:
-        running = await start(config)
-        await serve_until_signal(running, config.server.grace_seconds)
-
-    asyncio.run(run())
+    config = InferenceServiceConfig.from_env(**server_overrides(args), policy_addr=args.policy_addr,
+                                             device=args.device, base_model=args.base_model)
+    run_service("inference", start, config, config.server)

@@ -27,9 +27,6 @@ def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def run_service(component: str, start: Callable[[Any], Awaitable[RunningServer]], config: Any,
                 server: ServerConfig) -> None:
     setup_logging(component)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # keep service logs one line per event
 
     async def serve() -> None:
         running = await start(config)

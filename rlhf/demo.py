@@ -138,9 +138,9 @@ def _loop(config: DemoConfig, stack: Stack, started: float) -> int:
                                               config=training, reward_model_config=reward_config))
     _say(f"== 4/6 training: reward model, then PPO ({config.ppo_steps} steps; dry-run estimate "
          f"{dry.estimated_time_minutes:.1f} min of PPO)")
-    job = started = policy.train(request).job
+    job = queued = policy.train(request).job
     last_line = ""
-    for job in policy.watch(started.job_id, timeout=1800):
+    for job in policy.watch(queued.job_id, timeout=1800):
         p = job.progress
         m = p.metrics
         if p.phase == "training":

@@ -1,4 +1,4 @@
-"""Process-wide settings every service and worker applies before torch loads."""
+"""Process-wide settings every service and worker applies before torch and transformers load."""
 
 from __future__ import annotations
 
@@ -14,3 +14,5 @@ def prepare_environment(env: MutableMapping[str, str] = os.environ) -> None:
     2 cores (measured by bench/bench_ppo_step.py). Must run before torch is imported.
     """
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Service and worker logs are one line per event: no tqdm bars from transformers / huggingface_hub.
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
