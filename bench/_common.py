@@ -193,3 +193,14 @@ def train_reward_model(feedback_address: str, reward_address: str, agent_id: str
                                f"{final.error}")
         model = reward.get_model(agent_id, final.reward_model_version)
     return model.version, model.model_path, time.monotonic() - started
+
+
+@contextlib.contextmanager
+def reward_stack(name: str) -> Iterator[tuple[ServerProcess, str, str, float]]:
+    """Feedback and reward servers (own processes) with a reward model trained through them:
+    yields (the reward server, reward-model version, its model folder, training seconds)."""
+    with scratch_dir(name) as data_dir, \
+            ServerProcess("feedback_service", data_dir / "feedback") as feedback, \
+            ServerProcess("reward_service", data_dir / "reward", "--feedback-addr", feedback.address) as reward:
+        version, model_path, train_s = train_reward_model(feedback.address, reward.address)
+        yield reward, version, model_path, train_s

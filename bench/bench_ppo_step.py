@@ -84,11 +84,7 @@ def main() -> None:
 
     device = pick_device("auto")
     rows = []
-    with common.scratch_dir("ppo") as data_dir, \
-            common.ServerProcess("feedback_service", data_dir / "feedback") as feedback, \
-            common.ServerProcess("reward_service", data_dir / "reward", "--feedback-addr",
-                                 feedback.address) as reward_server:
-        version, _, train_s = common.train_reward_model(feedback.address, reward_server.address)
+    with common.reward_stack("ppo") as (reward_server, version, _, train_s):
         print(f"setup: tiny model {model_s:.1f}s, reward model {version} trained through the services in "
               f"{train_s:.1f}s; PPO on {device}", flush=True)
         with RewardClient(reward_server.address, timeout=60) as client:

@@ -62,11 +62,7 @@ def main() -> None:
     device = pick_device(service_defaults.device)
     texts = [(p, r) for p, r, _ in rated_answers(max(sizes), seed=99)]
     rows = []
-    with common.scratch_dir("score") as data_dir, \
-            common.ServerProcess("feedback_service", data_dir / "feedback") as feedback, \
-            common.ServerProcess("reward_service", data_dir / "reward", "--feedback-addr",
-                                 feedback.address) as reward_server:
-        version, model_path, train_s = common.train_reward_model(feedback.address, reward_server.address)
+    with common.reward_stack("score") as (reward_server, version, model_path, train_s):
         print(f"setup: tiny model {model_s:.1f}s, reward model {version} trained through the services in "
               f"{train_s:.1f}s", flush=True)
         scorer = Scorer(device, service_defaults.score_micro_batch, cache_size=1)

@@ -6,7 +6,7 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 from google.protobuf import json_format
@@ -19,6 +19,17 @@ def _print(message, as_json: bool) -> None:
         print(json_format.MessageToJson(message, preserving_proto_field_name=True))
     else:
         print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
+
+
+def _print_list(messages, as_json: bool, header: str, row: Callable[[Any], str]) -> int:
+    """A JSON array (--json) or a table: the header, then one row per message."""
+    if as_json:
+        print(json.dumps([json_format.MessageToDict(m, preserving_proto_field_name=True) for m in messages]))
+        return 0
+    print(header)
+    for message in messages:
+        print(row(message))
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -121,15 +132,13 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     with client:
         jobs = client.stub.ListTrainingJobs(pb.ListTrainingJobsRequest(agent_id=args.agent_id or "",
                                                                        page_size=args.limit)).jobs
-    if args.json:
-        print(json.dumps([json_format.MessageToDict(j, preserving_proto_field_name=True) for j in jobs]))
-        return 0
-    print(f"{'job id':<34} {'agent':<20} {'state':<12} {'phase':<13} {'step':>11}  version")
-    for job in jobs:
+    def row(job) -> str:
         version = getattr(job, "policy_version", "") or getattr(job, "reward_model_version", "")
-        print(f"{job.job_id:<34} {job.agent_id:<20} {pb.JobState.Name(job.state)[10:]:<12} "
-              f"{job.progress.phase:<13} {job.progress.step:>5}/{job.progress.total_steps:<5}  {version}")
-    return 0
+        return (f"{job.job_id:<34} {job.agent_id:<20} {pb.JobState.Name(job.state)[10:]:<12} "
+                f"{job.progress.phase:<13} {job.progress.step:>5}/{job.progress.total_steps:<5}  {version}")
+
+    return _print_list(jobs, args.json,
+                       f"{'job id':<34} {'agent':<20} {'state':<12} {'phase':<13} {'step':>11}  version", row)
 
 
 def cmd_jobs_watch(args: argparse.Namespace) -> int:
@@ -174,14 +183,11 @@ def cmd_reward_models_list(args: argparse.Namespace) -> int:
 
     with RewardClient(args.reward_addr) as client:
         models = client.list_models(args.agent_id)
-    if args.json:
-        print(json.dumps([json_format.MessageToDict(m, preserving_proto_field_name=True) for m in models]))
-        return 0
-    print(f"{'version':<8} {'created':<20} {'feedback':>8}  metrics")
-    for m in models:
+    def row(m) -> str:
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(m.metrics.items()) if k != "validation_count")
-        print(f"{m.version:<8} {m.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} {m.feedback_count:>8}  {metrics}")
-    return 0
+        return f"{m.version:<8} {m.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} {m.feedback_count:>8}  {metrics}"
+
+    return _print_list(models, args.json, f"{'version':<8} {'created':<20} {'feedback':>8}  metrics", row)
 
 
 def cmd_policies_show(args: argparse.Namespace) -> int:
@@ -197,14 +203,12 @@ def cmd_policies_list(args: argparse.Namespace) -> int:
 
     with PolicyClient(args.policy_addr) as client:
         policies = client.list_policies(args.agent_id)
-    if args.json:
-        print(json.dumps([json_format.MessageToDict(p, preserving_proto_field_name=True) for p in policies]))
-        return 0
-    print(f"{'version':<8} {'created':<20} {'steps':>6} {'reward':>8} {'kl':>8}  path")
-    for p in policies:
-        print(f"{p.version:<8} {p.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} {p.metrics.training_steps:>6} "
-              f"{p.metrics.reward_mean:>8.3f} {p.metrics.kl:>8.3f}  {p.model_path}")
-    return 0
+    def row(p) -> str:
+        return (f"{p.version:<8} {p.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} {p.metrics.training_steps:>6} "
+                f"{p.metrics.reward_mean:>8.3f} {p.metrics.kl:>8.3f}  {p.model_path}")
+
+    return _print_list(policies, args.json,
+                       f"{'version':<8} {'created':<20} {'steps':>6} {'reward':>8} {'kl':>8}  path", row)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

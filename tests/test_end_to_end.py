@@ -142,3 +142,28 @@ def test_feedback_citing_a_generation_is_attributed_to_its_version(stack, tmp_pa
         assert by_version["base"].score_mean == pytest.approx(0.45)
         other = feedback.stats("someone-else", group_by_policy_version=True).by_policy_version
         assert [s.policy_version for s in other] == [""]  # another agent's generation lends no version
+
+
+def test_command_line_tables_show_the_trained_versions(stack):
+    """After the loop test: the CLI lists the job, the reward model and the policy as rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rlhf = str(Path(sys.executable).parent / "rlhf")
+
+    def run(*args: str) -> str:
+        result = subprocess.run([rlhf, *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    policies = run("policies", "list", AGENT, "--policy-addr", stack.policy.address)
+    assert policies.splitlines()[1].startswith("v1 ") and "/policy" in policies
+    jobs = run("jobs", "list", "--agent-id", AGENT, "--policy-addr", stack.policy.address)
+    assert "SUCCEEDED" in jobs and " v1" in jobs
+    reward_jobs = run("jobs", "list", "--reward", "--agent-id", AGENT, "--reward-addr", stack.reward.address)
+    assert "SUCCEEDED" in reward_jobs
+    models = run("reward-models", "list", AGENT, "--reward-addr", stack.reward.address)
+    assert models.splitlines()[1].startswith("v1 ") and "spearman" in models
+    shown = run("policies", "show", AGENT, "v1", "--policy-addr", stack.policy.address, "--json")
+    assert '"version": "v1"' in shown or '"version":"v1"' in shown
