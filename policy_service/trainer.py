@@ -9,13 +9,14 @@ reference is the same weights with adapters disabled, and the saved policy is me
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import pathlib
 import random
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -255,23 +256,22 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     # --- the loop ------------------------------------------------------------------------------------
+    def _prompt_stream(self, prompts: list[str]) -> Iterator[str]:
+        """Endless prompts: seeded shuffles of the whole list, one after another."""
+        rng = random.Random(self.config.seed)
+        while True:
+            pool = list(prompts)
+            rng.shuffle(pool)
+            yield from reversed(pool)
+
     def train(self, prompts: list[str], score_fn: ScoreFn, on_step: StepCallback,
               checkpoint: Callable[[], None] | None = None) -> History:
-        rng = random.Random(self.config.seed)
-        pool: list[str] = []
+        stream = self._prompt_stream(prompts)
         # A resumed run draws the prompts an uninterrupted run would have drawn from here on.
-        for _ in range(self.step * self.config.batch_size):
-            if not pool:
-                pool = list(prompts)
-                rng.shuffle(pool)
-            pool.pop()
+        for _ in itertools.islice(stream, self.step * self.config.batch_size):
+            pass
         while self.step < self.config.max_steps:
-            batch = []
-            while len(batch) < self.config.batch_size:
-                if not pool:
-                    pool = list(prompts)
-                    rng.shuffle(pool)
-                batch.append(pool.pop())
+            batch = list(itertools.islice(stream, self.config.batch_size))
             metrics = self.step_on(batch, score_fn)
             on_step(self.step, metrics)
             if checkpoint and self.config.checkpoint_interval and self.step % self.config.checkpoint_interval == 0:
