@@ -99,21 +99,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _watch_policy_job(client, response.job.job_id, args.json)
 
 
-def _watch_policy_job(client, job_id: str, as_json: bool) -> int:
-    """Show a policy job's progress on one live line until it ends; exit code 0 only if it succeeded."""
-    from rlhf.policy.v1 import policy_service_pb2 as pol
-
+def _watch_job(client, pb, job_id: str, as_json: bool, describe: Callable[[Any], str]) -> int:
+    """Show a job's progress on one live line (`describe`) until it ends, then the job itself;
+    exit code 0 only if it succeeded. `pb` is the service's message module (its JobState)."""
     print("watching (Ctrl-C stops watching, not the job)", file=sys.stderr)
     job = None
     for job in client.watch(job_id):
-        p = job.progress
-        metrics = p.metrics
-        print(f"\r[{pol.JobState.Name(job.state)[10:]}] {p.phase} step {p.step}/{p.total_steps} "
-              f"score {metrics.get('objective/scores', 0):.3f} kl {metrics.get('objective/kl', 0):.3f} "
-              f"eta {p.eta_seconds:.0f}s {p.message[:60]:<60}", end="", file=sys.stderr, flush=True)
+        print(f"\r[{pb.JobState.Name(job.state)[10:]}] {describe(job)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     _print(job, as_json)
-    return 0 if job.state == pol.JOB_STATE_SUCCEEDED else 1
+    return 0 if job.state == pb.JOB_STATE_SUCCEEDED else 1
+
+
+def _describe_policy_job(job) -> str:
+    p, metrics = job.progress, job.progress.metrics
+    return (f"{p.phase} step {p.step}/{p.total_steps} score {metrics.get('objective/scores', 0):.3f} "
+            f"kl {metrics.get('objective/kl', 0):.3f} eta {p.eta_seconds:.0f}s {p.message[:60]:<60}")
+
+
+def _describe_reward_job(job) -> str:
+    p = job.progress
+    return (f"{p.phase} epoch {p.epoch}/{p.total_epochs} step {p.step}/{p.total_steps} "
+            f"loss {p.train_loss:.4f} eta {p.eta_seconds:.0f}s   ")
+
+
+def _watch_policy_job(client, job_id: str, as_json: bool) -> int:
+    from rlhf.policy.v1 import policy_service_pb2 as pol
+
+    return _watch_job(client, pol, job_id, as_json, _describe_policy_job)
 
 
 def _job_client(args: argparse.Namespace):
@@ -143,18 +156,9 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
 def cmd_jobs_watch(args: argparse.Namespace) -> int:
     client, pb = _job_client(args)
-    if args.reward:
-        with client:
-            job = None
-            for job in client.watch(args.job_id):
-                p = job.progress
-                print(f"\r{p.phase} epoch {p.epoch}/{p.total_epochs} step {p.step}/{p.total_steps} "
-                      f"loss {p.train_loss:.4f} eta {p.eta_seconds:.0f}s   ", end="", file=sys.stderr, flush=True)
-            print(file=sys.stderr)
-            _print(job, args.json)
-            return 0 if job.state == pb.JOB_STATE_SUCCEEDED else 1
+    describe = _describe_reward_job if args.reward else _describe_policy_job
     with client:
-        return _watch_policy_job(client, args.job_id, args.json)
+        return _watch_job(client, pb, args.job_id, args.json, describe)
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:

@@ -165,5 +165,11 @@ def test_command_line_tables_show_the_trained_versions(stack):
     assert "SUCCEEDED" in reward_jobs
     models = run("reward-models", "list", AGENT, "--reward-addr", stack.reward.address)
     assert models.splitlines()[1].startswith("v1 ") and "spearman" in models
+    import json
+
+    for flags in (["--policy-addr", stack.policy.address], ["--reward", "--reward-addr", stack.reward.address]):
+        (job,) = json.loads(run("jobs", "list", "--agent-id", AGENT, "--json", *flags))
+        watched = json.loads(run("jobs", "watch", job["job_id"], "--json", *flags))  # an ended job: one update
+        assert watched["job_id"] == job["job_id"] and watched["state"] == "JOB_STATE_SUCCEEDED"
     shown = run("policies", "show", AGENT, "v1", "--policy-addr", stack.policy.address, "--json")
     assert '"version": "v1"' in shown or '"version":"v1"' in shown
