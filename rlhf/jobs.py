@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from sqlalchemy import Column, DateTime, Engine, Integer, MetaData, String, Table, Text, select, update
 
+from rlhf import validation
 from rlhf.errors import FailedPrecondition, NotFound
 from rlhf.runtime import prepare_environment
 
@@ -97,16 +98,20 @@ class JobStore:
                    error=row.error or "", version=row.version or "", created_at=_aware(row.created_at),
                    started_at=_aware(row.started_at), finished_at=_aware(row.finished_at), seq=row.seq)
 
+    def _refuse_if_busy(self, conn: Any, agent_id: str) -> None:
+        """One active job per agent: checked inside the caller's transaction."""
+        t = self.table
+        active = conn.execute(select(t.c.job_id).where(t.c.agent_id == agent_id, t.c.state.in_(ACTIVE))).first()
+        if active:
+            raise FailedPrecondition(
+                f"agent '{agent_id}' already has an active training job {active.job_id}; "
+                f"wait for it or cancel it first", subject=active.job_id)
+
     def create(self, agent_id: str, spec: dict[str, Any]) -> Job:
         """Insert a QUEUED job unless the agent has an active one (checked in the same transaction)."""
         t = self.table
         with self.engine.begin() as conn:
-            active = conn.execute(select(t.c.job_id).where(
-                t.c.agent_id == agent_id, t.c.state.in_(ACTIVE))).first()
-            if active:
-                raise FailedPrecondition(
-                    f"agent '{agent_id}' already has an active training job {active.job_id}; "
-                    f"wait for it or cancel it first", subject=active.job_id)
+            self._refuse_if_busy(conn, agent_id)
             last = conn.execute(select(t.c.seq).order_by(t.c.seq.desc()).limit(1)).scalar() or 0
             values = dict(job_id=uuid.uuid4().hex, agent_id=agent_id, state=QUEUED, spec=json.dumps(spec),
                           progress="{}", result="{}", error="", version="", created_at=utcnow(),
@@ -124,12 +129,7 @@ class JobStore:
             if row.state not in (FAILED, CANCELLED, INTERRUPTED):
                 raise FailedPrecondition(f"job {job_id} is {row.state}; only FAILED, CANCELLED or INTERRUPTED "
                                          f"jobs can be resumed", subject=job_id)
-            active = conn.execute(select(t.c.job_id).where(
-                t.c.agent_id == row.agent_id, t.c.state.in_(ACTIVE))).first()
-            if active:
-                raise FailedPrecondition(
-                    f"agent '{row.agent_id}' already has an active training job {active.job_id}; "
-                    f"wait for it or cancel it first", subject=active.job_id)
+            self._refuse_if_busy(conn, row.agent_id)
             conn.execute(update(t).where(t.c.job_id == job_id).values(
                 state=QUEUED, error="", progress="{}", finished_at=None, started_at=None))
         return self.get(job_id)
@@ -228,8 +228,6 @@ class JobManager:
 
     async def page(self, agent_id: str, state: str, page_size: int, page_token: str) -> tuple[list[Job], str]:
         """Newest first; the token is the creation sequence of the page's last job."""
-        from rlhf import validation
-
         if agent_id:
             validation.agent_id(agent_id)
         size = validation.page_size(page_size)
