@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -28,9 +29,10 @@ if str(ROOT) not in sys.path:  # `python bench/bench_x.py` puts bench/, not the 
 os.environ.setdefault("RLHF_MODEL_CACHE", str(ROOT / ".rlhf" / "bench-model-cache"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Same OpenMP setting as the services (see rlhf.runtime); the servers the benchmarks start inherit it. Run e.g.
+# Same OpenMP setting as the services (see rlhf.runtime.environment); the servers the benchmarks start
+# inherit it. Run e.g.
 # `OMP_WAIT_POLICY=ACTIVE python bench/...` to measure libgomp's own spinning behaviour instead.
-from rlhf.runtime import prepare_environment  # noqa: E402
+from rlhf.runtime.environment import prepare_environment  # noqa: E402
 
 prepare_environment()
 
@@ -60,9 +62,13 @@ def machine() -> dict[str, Any]:
 
 
 def print_machine(info: dict[str, Any]) -> None:
-    print(f"machine: {info['node']} | {info['cpu']} | {info['cores']} cores | torch threads "
-          f"{info['torch_threads']} (OMP_WAIT_POLICY={info['omp_wait_policy']}) | load avg {info['load_average_at_start']} | python {info['python']} "
-          f"| torch {info['torch']}", flush=True)
+    print(
+        f"machine: {info['node']} | {info['cpu']} | {info['cores']} cores | torch threads "
+        f"{info['torch_threads']} (OMP_WAIT_POLICY={info['omp_wait_policy']}) "
+        f"| load avg {info['load_average_at_start']} | python {info['python']} "
+        f"| torch {info['torch']}",
+        flush=True,
+    )
 
 
 def free_port() -> int:
@@ -84,13 +90,12 @@ class ServerProcess:
         self._env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> "ServerProcess":
-        from rlhf.clients import wait_until_serving
+    def __enter__(self) -> ServerProcess:
+        from rlhf.sdk.clients import wait_until_serving
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(self._args, cwd=ROOT, env=self._env, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self._args, cwd=ROOT, env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
         try:
             wait_until_serving(self.address, timeout=120)
         except BaseException:
@@ -143,7 +148,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for n, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False))))
         if n == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -160,37 +165,37 @@ def _cell(value: Any) -> str:
 
 # --- a reward model trained through the real services (score and PPO benchmarks) -------------------------
 
+
 def ensure_tiny_model() -> tuple[pathlib.Path, float]:
     """The shared tiny model's folder and the seconds it took to get it (≈40 s the first time, then ~0)."""
-    from rlhf.tinymodel import ensure_tiny_model as ensure
+    from rlhf.training.tinymodel import ensure_tiny_model as ensure
 
     started = time.monotonic()
     path = ensure(pathlib.Path(os.environ["RLHF_MODEL_CACHE"]))
     return path, time.monotonic() - started
 
 
-def train_reward_model(feedback_address: str, reward_address: str, agent_id: str = "bench",
-                       ratings: int = 60) -> tuple[str, str, float]:
+def train_reward_model(
+    feedback_address: str, reward_address: str, agent_id: str = "bench", ratings: int = 60
+) -> tuple[str, str, float]:
     """Submit synthetic ratings, train a reward model with a small fast config; (version, folder, seconds)."""
     import grpc
 
-    from rlhf.clients import RewardClient
     from rlhf.reward.v1 import reward_service_pb2 as rw
+    from rlhf.sdk.clients import RewardClient
     from tests.helpers import rated_answers, submit_ratings
 
     started = time.monotonic()
     with grpc.insecure_channel(feedback_address) as channel:
         submit_ratings(channel, agent_id, rated_answers(ratings, seed=1))
-    config = rw.RewardModelConfig(use_lora=False, num_epochs=1, batch_size=16, learning_rate=5e-4,
-                                  validation_fraction=0.2, seed=0)
+    config = rw.RewardModelConfig(
+        use_lora=False, num_epochs=1, batch_size=16, learning_rate=5e-4, validation_fraction=0.2, seed=0
+    )
     with RewardClient(reward_address, timeout=60) as reward:
         job = reward.create_job(agent_id, config)
-        final = job
-        for final in reward.watch(job.job_id, timeout=300):
-            pass
+        final = [*reward.watch(job.job_id, timeout=300)][-1]
         if final.state != rw.JOB_STATE_SUCCEEDED:
-            raise RuntimeError(f"reward-model training did not succeed: {rw.JobState.Name(final.state)} "
-                               f"{final.error}")
+            raise RuntimeError(f"reward-model training did not succeed: {rw.JobState.Name(final.state)} {final.error}")
         model = reward.get_model(agent_id, final.reward_model_version)
     return model.version, model.model_path, time.monotonic() - started
 
@@ -199,8 +204,10 @@ def train_reward_model(feedback_address: str, reward_address: str, agent_id: str
 def reward_stack(name: str) -> Iterator[tuple[ServerProcess, str, str, float]]:
     """Feedback and reward servers (own processes) with a reward model trained through them:
     yields (the reward server, reward-model version, its model folder, training seconds)."""
-    with scratch_dir(name) as data_dir, \
-            ServerProcess("feedback_service", data_dir / "feedback") as feedback, \
-            ServerProcess("reward_service", data_dir / "reward", "--feedback-addr", feedback.address) as reward:
+    with (
+        scratch_dir(name) as data_dir,
+        ServerProcess("feedback_service", data_dir / "feedback") as feedback,
+        ServerProcess("reward_service", data_dir / "reward", "--feedback-addr", feedback.address) as reward,
+    ):
         version, model_path, train_s = train_reward_model(feedback.address, reward.address)
         yield reward, version, model_path, train_s

@@ -26,9 +26,9 @@ import time
 
 import _common as common  # noqa: E402  (sets sys.path and the environment)
 
-
-from rlhf.clients import channel as make_channel  # noqa: E402
-from rlhf.feedback.v1 import feedback_service_pb2 as fb, feedback_service_pb2_grpc as fb_grpc  # noqa: E402
+from rlhf.feedback.v1 import feedback_service_pb2 as fb  # noqa: E402
+from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
+from rlhf.sdk.clients import channel as make_channel  # noqa: E402
 
 AGENT = "bench-agent"
 GOAL_STREAM_ITEMS_S = 20_000
@@ -37,7 +37,8 @@ GOAL_RATIO_TO_DIRECT = 3.0
 
 def make_items(count: int, seed: int = 0) -> list[dict]:
     """Realistic ratings: a question, a 1-3 sentence answer, a score, run/version ids, a little metadata."""
-    from rlhf import corpus, rater
+    from rlhf.sdk import rater
+    from rlhf.training import corpus
 
     rng = random.Random(seed)
     topics = sorted(corpus.TOPICS)
@@ -48,8 +49,17 @@ def make_items(count: int, seed: int = 0) -> list[dict]:
     items = []
     for i in range(count):
         prompt, response, score = pool[i % len(pool)]
-        items.append({"prompt": prompt, "response": response, "score": score, "run_id": f"run-{i // 1000}",
-                      "policy_version": "v1", "metadata": {"source": "bench"}, "request_id": f"req-{i:08d}"})
+        items.append(
+            {
+                "prompt": prompt,
+                "response": response,
+                "score": score,
+                "run_id": f"run-{i // 1000}",
+                "policy_version": "v1",
+                "metadata": {"source": "bench"},
+                "request_id": f"req-{i:08d}",
+            }
+        )
     return items
 
 
@@ -69,8 +79,10 @@ def self_cpu_seconds() -> float:
 
 def warm_up(stub: fb_grpc.FeedbackServiceStub) -> None:
     """Open the connection and touch the database once, outside the timed part."""
-    stub.SubmitFeedback(fb.SubmitFeedbackRequest(agent_id="warmup", prompt="q?", response=" a.", score=0.5,
-                                                 request_id="warmup"), timeout=30)
+    stub.SubmitFeedback(
+        fb.SubmitFeedbackRequest(agent_id="warmup", prompt="q?", response=" a.", score=0.5, request_id="warmup"),
+        timeout=30,
+    )
 
 
 def stream_once(stub: fb_grpc.FeedbackServiceStub, requests: list[fb.SubmitFeedbackRequest]) -> int:
@@ -85,8 +97,7 @@ def stream_once(stub: fb_grpc.FeedbackServiceStub, requests: list[fb.SubmitFeedb
 
 
 def run_service_mode(mode: str, requests: list[fb.SubmitFeedbackRequest], streams: int) -> dict:
-    with common.scratch_dir(f"ingest-{mode}") as data_dir, \
-            common.ServerProcess("feedback_service", data_dir) as server:
+    with common.scratch_dir(f"ingest-{mode}") as data_dir, common.ServerProcess("feedback_service", data_dir) as server:
         channels = [make_channel(server.address) for _ in range(max(1, streams))]
         stubs = [fb_grpc.FeedbackServiceStub(c) for c in channels]
         for stub in stubs:
@@ -107,7 +118,7 @@ def run_service_mode(mode: str, requests: list[fb.SubmitFeedbackRequest], stream
                 except BaseException as error:  # noqa: BLE001 - re-raised below
                     errors.append(error)
 
-            threads = [threading.Thread(target=worker, args=(s, p)) for s, p in zip(stubs, parts)]
+            threads = [threading.Thread(target=worker, args=(s, p)) for s, p in zip(stubs, parts, strict=False)]
             for t in threads:
                 t.start()
             barrier.wait()
@@ -129,19 +140,39 @@ def run_service_mode(mode: str, requests: list[fb.SubmitFeedbackRequest], stream
             raise RuntimeError(f"{mode}: {stats.feedback_count} rows stored, {len(requests)} sent")
         for c in channels:
             c.close()
-    return {"items": len(requests), "seconds": seconds, "items_per_s": len(requests) / seconds,
-            "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
-            "server_cpu_us_per_item": server_cpu / len(requests) * 1e6,
-            "client_cpu_us_per_item": client_cpu / len(requests) * 1e6}
+    return {
+        "items": len(requests),
+        "seconds": seconds,
+        "items_per_s": len(requests) / seconds,
+        "server_cpu_s": server_cpu,
+        "client_cpu_s": client_cpu,
+        "server_cpu_us_per_item": server_cpu / len(requests) * 1e6,
+        "client_cpu_us_per_item": client_cpu / len(requests) * 1e6,
+    }
 
 
 def rows_of(items: list[dict]) -> list[dict]:
     now_us = time.time_ns() // 1000
-    return [{"agent_id": AGENT, "kind": "rating", "prompt": it["prompt"], "response": it["response"],
-             "score": it["score"], "chosen": "", "rejected": "", "margin": None, "run_id": it["run_id"],
-             "notes": "", "generation_id": "", "policy_version": it["policy_version"],
-             "metadata": json.dumps(it["metadata"]), "request_id": it["request_id"], "created_at": now_us}
-            for it in items]
+    return [
+        {
+            "agent_id": AGENT,
+            "kind": "rating",
+            "prompt": it["prompt"],
+            "response": it["response"],
+            "score": it["score"],
+            "chosen": "",
+            "rejected": "",
+            "margin": None,
+            "run_id": it["run_id"],
+            "notes": "",
+            "generation_id": "",
+            "policy_version": it["policy_version"],
+            "metadata": json.dumps(it["metadata"]),
+            "request_id": it["request_id"],
+            "created_at": now_us,
+        }
+        for it in items
+    ]
 
 
 def run_direct(items: list[dict]) -> dict:
@@ -149,7 +180,7 @@ def run_direct(items: list[dict]) -> dict:
     from sqlalchemy import func, insert, select
 
     from feedback_service.store import feedback, metadata_obj
-    from rlhf.db import make_engine
+    from rlhf.runtime.db import make_engine
 
     rows = rows_of(items)
     with common.scratch_dir("ingest-direct") as folder:
@@ -169,20 +200,34 @@ def run_store(items: list[dict], group: int) -> dict:
     """Diagnostic: the service's store layer alone (validation and gRPC excluded), groups of `group`."""
     from feedback_service.models import NewFeedback
     from feedback_service.store import FeedbackStore
-    from rlhf.db import make_engine
+    from rlhf.runtime.db import make_engine
 
-    news = [NewFeedback(agent_id=AGENT, kind="rating", prompt=it["prompt"], response=it["response"],
-                        score=it["score"], chosen="", rejected="", margin=None, run_id=it["run_id"], notes="",
-                        generation_id="", policy_version=it["policy_version"],
-                        metadata_json=json.dumps(it["metadata"]), request_id=it["request_id"])
-            for it in items]
+    news = [
+        NewFeedback(
+            agent_id=AGENT,
+            kind="rating",
+            prompt=it["prompt"],
+            response=it["response"],
+            score=it["score"],
+            chosen="",
+            rejected="",
+            margin=None,
+            run_id=it["run_id"],
+            notes="",
+            generation_id="",
+            policy_version=it["policy_version"],
+            metadata_json=json.dumps(it["metadata"]),
+            request_id=it["request_id"],
+        )
+        for it in items
+    ]
     with common.scratch_dir("ingest-store") as folder:
         engine = make_engine(f"sqlite:///{folder / 'feedback.db'}")
         store = FeedbackStore(engine)
         store.create_tables()
         started = time.perf_counter()
         for start in range(0, len(news), group):
-            store.insert_many(news[start:start + group])
+            store.insert_many(news[start : start + group])
         seconds = time.perf_counter() - started
         engine.dispose()
     return {"items": len(news), "seconds": seconds, "items_per_s": len(news) / seconds, "group": group}
@@ -229,22 +274,45 @@ def main() -> None:
     }
     print()
     common.print_table(
-        ["mode", "items", "seconds", "items/s", "x slower than direct", "server CPU us/item",
-         "client CPU us/item"],
-        [[labels[k], r["items"], r["seconds"], r["items_per_s"], r["slowdown_vs_direct"],
-          r.get("server_cpu_us_per_item", "-"), r.get("client_cpu_us_per_item", "-")]
-         for k, r in results.items()])
+        ["mode", "items", "seconds", "items/s", "x slower than direct", "server CPU us/item", "client CPU us/item"],
+        [
+            [
+                labels[k],
+                r["items"],
+                r["seconds"],
+                r["items_per_s"],
+                r["slowdown_vs_direct"],
+                r.get("server_cpu_us_per_item", "-"),
+                r.get("client_cpu_us_per_item", "-"),
+            ]
+            for k, r in results.items()
+        ],
+    )
     one = results["stream_1"]
     met_rate = one["items_per_s"] >= GOAL_STREAM_ITEMS_S
     met_ratio = one["slowdown_vs_direct"] <= GOAL_RATIO_TO_DIRECT
-    print(f"\ngoal: >= {GOAL_STREAM_ITEMS_S:,} items/s on one stream: {'MET' if met_rate else 'NOT MET'} "
-          f"({one['items_per_s']:,.0f}); within {GOAL_RATIO_TO_DIRECT:g}x of direct insert: "
-          f"{'MET' if met_ratio else 'NOT MET'} ({one['slowdown_vs_direct']:.1f}x)")
-    common.write_results("feedback_ingest", {
-        "benchmark": "feedback_ingest", "machine": info, "database": "sqlite (WAL, synchronous=NORMAL)",
-        "server_group_size": group_size, "streams": args.streams, "results": results,
-        "goal": {"stream_items_per_s": GOAL_STREAM_ITEMS_S, "max_slowdown_vs_direct": GOAL_RATIO_TO_DIRECT,
-                 "met_rate": met_rate, "met_ratio": met_ratio}})
+    print(
+        f"\ngoal: >= {GOAL_STREAM_ITEMS_S:,} items/s on one stream: {'MET' if met_rate else 'NOT MET'} "
+        f"({one['items_per_s']:,.0f}); within {GOAL_RATIO_TO_DIRECT:g}x of direct insert: "
+        f"{'MET' if met_ratio else 'NOT MET'} ({one['slowdown_vs_direct']:.1f}x)"
+    )
+    common.write_results(
+        "feedback_ingest",
+        {
+            "benchmark": "feedback_ingest",
+            "machine": info,
+            "database": "sqlite (WAL, synchronous=NORMAL)",
+            "server_group_size": group_size,
+            "streams": args.streams,
+            "results": results,
+            "goal": {
+                "stream_items_per_s": GOAL_STREAM_ITEMS_S,
+                "max_slowdown_vs_direct": GOAL_RATIO_TO_DIRECT,
+                "met_rate": met_rate,
+                "met_ratio": met_ratio,
+            },
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
 Setup: a feedback server and a reward server, each in its own process; 60 synthetic ratings are submitted
 and a reward model is trained on them through the real services (full fine-tune, 1 epoch, batch 16,
-lr 5e-4). Then policy_service.trainer.PPOTrainer runs in this process (batch 16, 32 new tokens, 4 PPO
+lr 5e-4). Then rlhf.training.ppo_trainer.PPOTrainer runs in this process (batch 16, 32 new tokens, 4 PPO
 epochs, minibatch 4, i.e. 16 minibatch updates per step), with full fine-tuning and with LoRA, and with two
 reward sources:
   * gRPC: one `RewardClient.score` (ScoreBatch) call per rollout batch, as the policy worker does;
-  * baseline, same run: the simulated rater (`rlhf.rater.rate`) computed locally, i.e. no reward model.
+  * baseline, same run: the simulated rater (`rlhf.sdk.rater.rate`) computed locally, i.e. no reward model.
 Each (mode, source) gets a fresh trainer with the same seed, one warm-up step, then --steps timed steps.
 The score function is wrapped to time its own wall time; the trainer reports time/rollout_and_score_s
 and time/step_s. Reported: median seconds per step, the split rollout / scoring / update, and the share of
@@ -29,13 +29,20 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 def run(mode: str, source: str, score, model_path: str, device: str, args) -> dict:
-    from policy_service.config import TrainingConfig
-    from policy_service.trainer import PPOTrainer
-    from rlhf import corpus
+    from rlhf.training import corpus
+    from rlhf.training.config import TrainingConfig
+    from rlhf.training.ppo_trainer import PPOTrainer
 
-    config = TrainingConfig(use_lora=(mode == "lora"), batch_size=args.batch, mini_batch_size=args.mini_batch,
-                            ppo_epochs=args.epochs, max_new_tokens=args.new_tokens, device=device, seed=0,
-                            learning_rate=1e-5)
+    config = TrainingConfig(
+        use_lora=(mode == "lora"),
+        batch_size=args.batch,
+        mini_batch_size=args.mini_batch,
+        ppo_epochs=args.epochs,
+        max_new_tokens=args.new_tokens,
+        device=device,
+        seed=0,
+        learning_rate=1e-5,
+    )
     trainer = PPOTrainer(config, model_path, device)
     prompts = corpus.prompts(args.batch * (args.steps + 1), seed=0)
     score_times: list[float] = []
@@ -48,18 +55,30 @@ def run(mode: str, source: str, score, model_path: str, device: str, args) -> di
 
     steps = []
     for i in range(args.steps + 1):
-        metrics = trainer.step_on(prompts[i * args.batch:(i + 1) * args.batch], timed_score)
+        metrics = trainer.step_on(prompts[i * args.batch : (i + 1) * args.batch], timed_score)
         if i == 0:
             continue  # warm-up: first generate/backward allocations, first ScoreBatch on a fresh channel
         step_s = metrics["time/step_s"]
         rollout_s = metrics["time/rollout_and_score_s"]
-        steps.append({"step_s": step_s, "rollout_and_score_s": rollout_s, "score_s": score_times[-1],
-                      "update_s": step_s - rollout_s, "response_length": metrics["response_length"],
-                      "reward_share": score_times[-1] / step_s})
+        steps.append(
+            {
+                "step_s": step_s,
+                "rollout_and_score_s": rollout_s,
+                "score_s": score_times[-1],
+                "update_s": step_s - rollout_s,
+                "response_length": metrics["response_length"],
+                "reward_share": score_times[-1] / step_s,
+            }
+        )
     med = {k: common.median([s[k] for s in steps]) for k in steps[0]}
-    return {"mode": mode, "source": source, "steps": steps, **{f"median_{k}": v for k, v in med.items()},
-            # share of the total time over the timed steps (robust when one step is an outlier)
-            "reward_share_total": sum(s["score_s"] for s in steps) / sum(s["step_s"] for s in steps)}
+    return {
+        "mode": mode,
+        "source": source,
+        "steps": steps,
+        **{f"median_{k}": v for k, v in med.items()},
+        # share of the total time over the timed steps (robust when one step is an outlier)
+        "reward_share_total": sum(s["score_s"] for s in steps) / sum(s["step_s"] for s in steps),
+    }
 
 
 def main() -> None:
@@ -78,19 +97,23 @@ def main() -> None:
     common.print_machine(info)
     model_path, model_s = common.ensure_tiny_model()
 
-    from rlhf import rater
-    from rlhf.clients import RewardClient
-    from rlhf.modeling import pick_device
+    from rlhf.sdk import rater
+    from rlhf.sdk.clients import RewardClient
+    from rlhf.training.modeling import pick_device
 
     device = pick_device("auto")
     rows = []
     with common.reward_stack("ppo") as (reward_server, version, _, train_s):
-        print(f"setup: tiny model {model_s:.1f}s, reward model {version} trained through the services in "
-              f"{train_s:.1f}s; PPO on {device}", flush=True)
+        print(
+            f"setup: tiny model {model_s:.1f}s, reward model {version} trained through the services in "
+            f"{train_s:.1f}s; PPO on {device}",
+            flush=True,
+        )
         with RewardClient(reward_server.address, timeout=60) as client:
+
             def grpc_score(prompts: list[str], responses: list[str]) -> list[float]:
                 # As policy_service.worker does: one ScoreBatch per rollout batch; unscorable -> batch floor.
-                answer = client.score("bench", list(zip(prompts, responses)), version=version)
+                answer = client.score("bench", list(zip(prompts, responses, strict=False)), version=version)
                 valid = [s.score for s in answer.scores if s.ok]
                 floor = min(valid) if valid else 0.0
                 return [s.score if s.ok else floor for s in answer.scores]
@@ -102,9 +125,12 @@ def main() -> None:
                 for source, fn in (("grpc", grpc_score), ("local", local_score)):
                     row = run(mode, source, fn, str(model_path), device, args)
                     rows.append(row)
-                    print(f"{mode:4s} {source:5s}: {row['median_step_s']:.3f} s/step, rewards "
-                          f"{1000 * row['median_score_s']:.1f} ms ({100 * row['median_reward_share']:.2f}% "
-                          f"of the step)", flush=True)
+                    print(
+                        f"{mode:4s} {source:5s}: {row['median_step_s']:.3f} s/step, rewards "
+                        f"{1000 * row['median_score_s']:.1f} ms ({100 * row['median_reward_share']:.2f}% "
+                        f"of the step)",
+                        flush=True,
+                    )
 
     by = {(r["mode"], r["source"]): r for r in rows}
     for r in rows:
@@ -112,22 +138,58 @@ def main() -> None:
         r["step_vs_local"] = r["median_step_s"] / base["median_step_s"] if base else None
     print()
     common.print_table(
-        ["mode", "rewards", "s/step", "rollout+score s", "score ms", "update s", "reward share %",
-         "step / local", "resp len"],
-        [[r["mode"], "gRPC ScoreBatch" if r["source"] == "grpc" else "local rater (baseline)", r["median_step_s"],
-          r["median_rollout_and_score_s"], 1000 * r["median_score_s"], r["median_update_s"],
-          100 * r["median_reward_share"], r["step_vs_local"], r["median_response_length"]] for r in rows])
+        [
+            "mode",
+            "rewards",
+            "s/step",
+            "rollout+score s",
+            "score ms",
+            "update s",
+            "reward share %",
+            "step / local",
+            "resp len",
+        ],
+        [
+            [
+                r["mode"],
+                "gRPC ScoreBatch" if r["source"] == "grpc" else "local rater (baseline)",
+                r["median_step_s"],
+                r["median_rollout_and_score_s"],
+                1000 * r["median_score_s"],
+                r["median_update_s"],
+                100 * r["median_reward_share"],
+                r["step_vs_local"],
+                r["median_response_length"],
+            ]
+            for r in rows
+        ],
+    )
     grpc_rows = [r for r in rows if r["source"] == "grpc"]
     met = all(r["median_reward_share"] <= GOAL_REWARD_SHARE for r in grpc_rows)
     worst = max(r["median_reward_share"] for r in grpc_rows)
-    print(f"\ngoal: waiting for rewards <= {100 * GOAL_REWARD_SHARE:.0f}% of the step: "
-          f"{'MET' if met else 'NOT MET'} (worst {100 * worst:.2f}%)")
-    common.write_results("ppo_step", {
-        "benchmark": "ppo_step", "machine": info, "device": device,
-        "config": {"batch": args.batch, "mini_batch": args.mini_batch, "new_tokens": args.new_tokens,
-                   "ppo_epochs": args.epochs, "timed_steps": args.steps, "model": "rlhf-tiny"},
-        "setup_seconds": {"tiny_model": model_s, "reward_model_training": train_s}, "results": rows,
-        "goal": {"max_reward_share": GOAL_REWARD_SHARE, "met": met, "worst_share": worst}})
+    print(
+        f"\ngoal: waiting for rewards <= {100 * GOAL_REWARD_SHARE:.0f}% of the step: "
+        f"{'MET' if met else 'NOT MET'} (worst {100 * worst:.2f}%)"
+    )
+    common.write_results(
+        "ppo_step",
+        {
+            "benchmark": "ppo_step",
+            "machine": info,
+            "device": device,
+            "config": {
+                "batch": args.batch,
+                "mini_batch": args.mini_batch,
+                "new_tokens": args.new_tokens,
+                "ppo_epochs": args.epochs,
+                "timed_steps": args.steps,
+                "model": "rlhf-tiny",
+            },
+            "setup_seconds": {"tiny_model": model_s, "reward_model_training": train_s},
+            "results": rows,
+            "goal": {"max_reward_share": GOAL_REWARD_SHARE, "met": met, "worst_share": worst},
+        },
+    )
 
 
 if __name__ == "__main__":

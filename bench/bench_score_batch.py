@@ -5,7 +5,7 @@ Setup: a feedback server and a reward server, each in its own process; 60 synthe
 (full fine-tune, 1 epoch, batch 16, lr 5e-4, on the tiny model). Then, for batch sizes 16, 64 and 256:
   * gRPC: `RewardClient.score` (one ScoreBatch call: request building, transport, model lookup, scoring,
     response) against the reward server;
-  * baseline, same run: `reward_service.scoring.Scorer.score` in this process on the same model folder,
+  * baseline, same run: `rlhf.training.scoring.Scorer.score` in this process on the same model folder,
     with the service's micro-batch size and device, called from a worker thread as the service calls it
     (asyncio.to_thread). On a loaded 2-core machine, back-to-back calls from the main thread were up to 4x
     slower than from a worker thread (OpenMP scheduling under CPU contention), which would flatter gRPC.
@@ -53,9 +53,9 @@ def main() -> None:
     _, model_s = common.ensure_tiny_model()
 
     from reward_service.config import RewardServiceConfig
-    from reward_service.scoring import Scorer, load_reward_model
-    from rlhf.clients import RewardClient
-    from rlhf.modeling import pick_device
+    from rlhf.sdk.clients import RewardClient
+    from rlhf.training.modeling import pick_device
+    from rlhf.training.scoring import Scorer, load_reward_model
     from tests.helpers import rated_answers
 
     service_defaults = RewardServiceConfig.from_env()
@@ -63,8 +63,10 @@ def main() -> None:
     texts = [(p, r) for p, r, _ in rated_answers(max(sizes), seed=99)]
     rows = []
     with common.reward_stack("score") as (reward_server, version, model_path, train_s):
-        print(f"setup: tiny model {model_s:.1f}s, reward model {version} trained through the services in "
-              f"{train_s:.1f}s", flush=True)
+        print(
+            f"setup: tiny model {model_s:.1f}s, reward model {version} trained through the services in {train_s:.1f}s",
+            flush=True,
+        )
         scorer = Scorer(device, service_defaults.score_micro_batch, cache_size=1)
         loaded = load_reward_model(model_path, device)
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inprocess-scorer")
@@ -72,17 +74,17 @@ def main() -> None:
             for size in sizes:
                 pairs = texts[:size]
 
-                def grpc_call() -> list[float]:
+                def grpc_call(pairs: list[tuple[str, str]] = pairs) -> list[float]:
                     return [s.score for s in client.score("bench", pairs, version=version).scores]
 
-                def local_call() -> list[float]:
+                def local_call(pairs: list[tuple[str, str]] = pairs) -> list[float]:
                     return [s.score for s in pool.submit(scorer.score, loaded, pairs).result()]
 
                 # Warm up (first load of the model in the server, allocator, thread pools) and check that
                 # both paths give the same scores.
                 for _ in range(2):
                     remote, local = grpc_call(), local_call()
-                diff = max(abs(a - b) for a, b in zip(remote, local))
+                diff = max(abs(a - b) for a, b in zip(remote, local, strict=False))
                 est = time.perf_counter()
                 grpc_call()
                 local_call()
@@ -102,35 +104,78 @@ def main() -> None:
                         else:
                             local_times.append(wall)
                             local_cpu.append(own)
-                g, l = common.median(grpc_times), common.median(local_times)
+                g, loc = common.median(grpc_times), common.median(local_times)
                 gc, lc = sum(grpc_cpu) / len(grpc_cpu), sum(local_cpu) / len(local_cpu)
-                row = {"batch": size, "rounds": rounds, "grpc_s": g, "inprocess_s": l,
-                       "grpc_pairs_per_s": size / g, "inprocess_pairs_per_s": size / l,
-                       "overhead": g / l - 1, "grpc_minus_inprocess_ms": (g - l) * 1000,
-                       "overhead_best_of": min(grpc_times) / min(local_times) - 1,
-                       "grpc_cpu_s": gc, "inprocess_cpu_s": lc, "cpu_overhead": gc / lc - 1,
-                       "max_abs_score_diff": diff}
+                row = {
+                    "batch": size,
+                    "rounds": rounds,
+                    "grpc_s": g,
+                    "inprocess_s": loc,
+                    "grpc_pairs_per_s": size / g,
+                    "inprocess_pairs_per_s": size / loc,
+                    "overhead": g / loc - 1,
+                    "grpc_minus_inprocess_ms": (g - loc) * 1000,
+                    "overhead_best_of": min(grpc_times) / min(local_times) - 1,
+                    "grpc_cpu_s": gc,
+                    "inprocess_cpu_s": lc,
+                    "cpu_overhead": gc / lc - 1,
+                    "max_abs_score_diff": diff,
+                }
                 rows.append(row)
-                print(f"batch {size}: gRPC {size / g:,.0f} pairs/s, in-process {size / l:,.0f} pairs/s, "
-                      f"overhead {100 * (g / l - 1):+.1f}%", flush=True)
+                print(
+                    f"batch {size}: gRPC {size / g:,.0f} pairs/s, in-process {size / loc:,.0f} pairs/s, "
+                    f"overhead {100 * (g / loc - 1):+.1f}%",
+                    flush=True,
+                )
 
     print()
     common.print_table(
-        ["batch", "gRPC pairs/s", "in-process pairs/s", "gRPC ms/call", "in-process ms/call", "overhead %",
-         "best-of overhead %", "CPU overhead %", "rounds"],
-        [[r["batch"], r["grpc_pairs_per_s"], r["inprocess_pairs_per_s"], r["grpc_s"] * 1000,
-          r["inprocess_s"] * 1000, 100 * r["overhead"], 100 * r["overhead_best_of"], 100 * r["cpu_overhead"],
-          r["rounds"]] for r in rows])
+        [
+            "batch",
+            "gRPC pairs/s",
+            "in-process pairs/s",
+            "gRPC ms/call",
+            "in-process ms/call",
+            "overhead %",
+            "best-of overhead %",
+            "CPU overhead %",
+            "rounds",
+        ],
+        [
+            [
+                r["batch"],
+                r["grpc_pairs_per_s"],
+                r["inprocess_pairs_per_s"],
+                r["grpc_s"] * 1000,
+                r["inprocess_s"] * 1000,
+                100 * r["overhead"],
+                100 * r["overhead_best_of"],
+                100 * r["cpu_overhead"],
+                r["rounds"],
+            ]
+            for r in rows
+        ],
+    )
     at64 = next((r for r in rows if r["batch"] == 64), None)
     met = at64 is not None and at64["overhead"] <= GOAL_OVERHEAD_AT_64
     if at64 is not None:
-        print(f"\ngoal: gRPC overhead <= {100 * GOAL_OVERHEAD_AT_64:.0f}% at batch 64: "
-              f"{'MET' if met else 'NOT MET'} ({100 * at64['overhead']:+.1f}%)")
-    common.write_results("score_batch", {
-        "benchmark": "score_batch", "machine": info, "device": device,
-        "micro_batch": service_defaults.score_micro_batch, "reward_model": {"version": version, "path": model_path},
-        "setup_seconds": {"tiny_model": model_s, "reward_model_training": train_s}, "results": rows,
-        "goal": {"max_overhead_at_64": GOAL_OVERHEAD_AT_64, "met": met}})
+        print(
+            f"\ngoal: gRPC overhead <= {100 * GOAL_OVERHEAD_AT_64:.0f}% at batch 64: "
+            f"{'MET' if met else 'NOT MET'} ({100 * at64['overhead']:+.1f}%)"
+        )
+    common.write_results(
+        "score_batch",
+        {
+            "benchmark": "score_batch",
+            "machine": info,
+            "device": device,
+            "micro_batch": service_defaults.score_micro_batch,
+            "reward_model": {"version": version, "path": model_path},
+            "setup_seconds": {"tiny_model": model_s, "reward_model_training": train_s},
+            "results": rows,
+            "goal": {"max_overhead_at_64": GOAL_OVERHEAD_AT_64, "met": met},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -5,17 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from typing import Sequence
-
-from rlhf.db import make_engine
-from rlhf.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
-from rlhf.app import run_service, server_flags, server_overrides
-from rlhf.server import RunningServer, ServiceBinding, start_server
+from collections.abc import Sequence
 
 from feedback_service.config import FeedbackServiceConfig
 from feedback_service.domain import FeedbackDomain
 from feedback_service.servicer import FeedbackServicer
 from feedback_service.store import FeedbackStore
+from rlhf.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
+from rlhf.runtime.app import run_service, server_flags, server_overrides
+from rlhf.runtime.db import make_engine
+from rlhf.runtime.server import RunningServer, ServiceBinding, start_server
 
 SERVICE_NAME = "rlhf.feedback.v1.FeedbackService"
 
@@ -30,8 +29,9 @@ async def start(config: FeedbackServiceConfig) -> RunningServer:
     domain = FeedbackDomain(store, config)
     servicer = FeedbackServicer(domain)
     try:
-        running = await start_server(config.server, [
-            ServiceBinding(SERVICE_NAME, servicer, pb_grpc.add_FeedbackServiceServicer_to_server)])
+        running = await start_server(
+            config.server, [ServiceBinding(SERVICE_NAME, servicer, pb_grpc.add_FeedbackServiceServicer_to_server)]
+        )
     except BaseException:
         await domain.close()
         await asyncio.to_thread(engine.dispose)
@@ -47,12 +47,16 @@ async def start(config: FeedbackServiceConfig) -> RunningServer:
 
 
 def parse_args(argv: Sequence[str] | None) -> FeedbackServiceConfig:
-    parser = argparse.ArgumentParser(prog="python -m feedback_service",
-                                     description="Serve rlhf.feedback.v1.FeedbackService over gRPC.")
+    parser = argparse.ArgumentParser(
+        prog="python -m feedback_service", description="Serve rlhf.feedback.v1.FeedbackService over gRPC."
+    )
     server_flags(parser)
-    parser.add_argument("--inference-addr", help="inference service address for attributing feedback to "
-                                                 "policy versions (default RLHF_FEEDBACK_INFERENCE_ADDRESS; "
-                                                 "empty: off)")
+    parser.add_argument(
+        "--inference-addr",
+        help="inference service address for attributing feedback to "
+        "policy versions (default RLHF_FEEDBACK_INFERENCE_ADDRESS; "
+        "empty: off)",
+    )
     args = parser.parse_args(argv)
     return FeedbackServiceConfig.from_env(**server_overrides(args), inference_address=args.inference_addr)
 

@@ -15,7 +15,8 @@ import logging
 import grpc
 
 from feedback_service.models import NewFeedback
-from rlhf.inference.v1 import inference_service_pb2 as inf, inference_service_pb2_grpc as inf_grpc
+from rlhf.inference.v1 import inference_service_pb2 as inf
+from rlhf.inference.v1 import inference_service_pb2_grpc as inf_grpc
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,19 @@ class Attributor:
         found = self._known.get(item.generation_id)
         if found is None:
             try:
-                generation = (await self._stub.GetGeneration(
-                    inf.GetGenerationRequest(generation_id=item.generation_id), timeout=self._timeout)).generation
+                generation = (
+                    await self._stub.GetGeneration(
+                        inf.GetGenerationRequest(generation_id=item.generation_id), timeout=self._timeout
+                    )
+                ).generation
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.NOT_FOUND:
-                    log.warning("attribution of generation %s skipped: inference service %s (%s)",
-                                item.generation_id, error.code().name, error.details())
+                    log.warning(
+                        "attribution of generation %s skipped: inference service %s (%s)",
+                        item.generation_id,
+                        error.code().name,
+                        error.details(),
+                    )
                 return item
             found = (generation.agent_id, generation.policy_version)
             self._known[item.generation_id] = found

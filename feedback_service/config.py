@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
-from rlhf.config import ServerConfig
+from rlhf.runtime.config import ServerConfig
 
 
 @dataclasses.dataclass
@@ -39,7 +39,7 @@ class FeedbackServiceConfig:
     inference_address: str = ""
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "FeedbackServiceConfig":
+    def from_env(cls, **overrides: Any) -> FeedbackServiceConfig:
         """Defaults < environment < `overrides` (None values are ignored, so unset CLI flags fall through).
 
         `server=` gives a whole ServerConfig; host, port, data_dir, database_url, ... go to ServerConfig.from_env.

@@ -11,10 +11,8 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-from typing import AsyncIterator, Callable, TypeVar
-
-from rlhf import validation
-from rlhf.errors import InvalidArgument
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from feedback_service.attribution import Attributor
 from feedback_service.config import FeedbackServiceConfig
@@ -32,6 +30,8 @@ from feedback_service.models import (
 )
 from feedback_service.store import FeedbackStore
 from feedback_service.validate import FeedbackValidator, check_window, new_request_id
+from rlhf.runtime import validation
+from rlhf.runtime.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,12 @@ class FeedbackDomain:
         finally:
             reader.cancel()
             committer.cancel()
-        log.info("feedback stream ended: %d stored, %d duplicate, %d rejected",
-                 counts["stored"], counts["duplicate"], counts["rejected"])
+        log.info(
+            "feedback stream ended: %d stored, %d duplicate, %d rejected",
+            counts["stored"],
+            counts["duplicate"],
+            counts["rejected"],
+        )
 
     async def _read(self, items: AsyncIterator[FeedbackInput], buffer: GroupBuffer) -> None:
         index = 0
@@ -117,8 +121,9 @@ class FeedbackDomain:
             return
         buffer.close()
 
-    async def _commit_groups(self, buffer: GroupBuffer,
-                             outbox: asyncio.Queue[list[Ack] | None | BaseException]) -> None:
+    async def _commit_groups(
+        self, buffer: GroupBuffer, outbox: asyncio.Queue[list[Ack] | None | BaseException]
+    ) -> None:
         wait = self._config.stream_group_wait_ms / 1000
         end: BaseException | None = None
         try:
@@ -137,12 +142,25 @@ class FeedbackDomain:
         acks: list[Ack] = []
         for pending in group:
             if pending.error is not None:
-                acks.append(Ack(index=pending.index, request_id=pending.request_id,
-                                reason=pending.error.message, field=pending.error.field))
+                acks.append(
+                    Ack(
+                        index=pending.index,
+                        request_id=pending.request_id,
+                        reason=pending.error.message,
+                        field=pending.error.field,
+                    )
+                )
                 continue
             result = next(stored)
-            acks.append(Ack(index=pending.index, request_id=pending.request_id, sequence=result.sequence,
-                            accepted=True, duplicate=result.duplicate))
+            acks.append(
+                Ack(
+                    index=pending.index,
+                    request_id=pending.request_id,
+                    sequence=result.sequence,
+                    accepted=True,
+                    duplicate=result.duplicate,
+                )
+            )
         return acks
 
     async def delete(self, agent_id: str, ids: list[str], everything: bool) -> int:
@@ -173,20 +191,19 @@ class FeedbackDomain:
         before = validation.offset_token(page_token) if page_token else None
         self._validator.check_filters(filters)
         # One row more than the page tells whether another page follows, without a count query.
-        records = await asyncio.to_thread(self._store.list_feedback, agent_id, filters,
-                                          before=before, limit=limit + 1)
+        records = await asyncio.to_thread(self._store.list_feedback, agent_id, filters, before=before, limit=limit + 1)
         more = len(records) > limit
         records = records[:limit]
         return Page(records=records, next_token=str(records[-1].sequence) if more else "")
 
-    async def stats(self, agent_id: str, start_us: int | None, end_us: int | None,
-                    group_by_version: bool) -> StatsResult:
+    async def stats(
+        self, agent_id: str, start_us: int | None, end_us: int | None, group_by_version: bool
+    ) -> StatsResult:
         validation.agent_id(agent_id)
         check_window(start_us, end_us)
         return await asyncio.to_thread(self._store.stats, agent_id, start_us, end_us, group_by_version)
 
-    async def export(self, agent_id: str, kind: str, watermark: int,
-                     after_sequence: int) -> AsyncIterator[ExportChunk]:
+    async def export(self, agent_id: str, kind: str, watermark: int, after_sequence: int) -> AsyncIterator[ExportChunk]:
         """Rows in sequence order with after_sequence < sequence <= watermark, in chunks.
 
         A watermark of 0 is fixed at the agent's newest row when the export starts, so rows that arrive
@@ -205,8 +222,9 @@ class FeedbackDomain:
         chunk_size = self._config.export_chunk_size
         sent_any = False
         while True:
-            records = await asyncio.to_thread(self._store.export_chunk, agent_id, kind, watermark,
-                                              after_sequence, chunk_size)
+            records = await asyncio.to_thread(
+                self._store.export_chunk, agent_id, kind, watermark, after_sequence, chunk_size
+            )
             if records or not sent_any:
                 yield ExportChunk(records=records, watermark=watermark)
                 sent_any = True

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from rlhf.errors import InvalidArgument
-
 from feedback_service.models import NewFeedback
+from rlhf.runtime.errors import InvalidArgument
 
 
 class Pending:
@@ -15,8 +14,7 @@ class Pending:
 
     __slots__ = ("index", "request_id", "item", "error")
 
-    def __init__(self, index: int, request_id: str, item: NewFeedback | None,
-                 error: InvalidArgument | None) -> None:
+    def __init__(self, index: int, request_id: str, item: NewFeedback | None, error: InvalidArgument | None) -> None:
         self.index = index
         self.request_id = request_id
         self.item = item

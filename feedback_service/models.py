@@ -31,8 +31,8 @@ class FeedbackInput:
 
 
 @dataclasses.dataclass(slots=True)
-class NewFeedback:
-    """A validated item ready to store; `metadata_json` is already serialised (validation measured it)."""
+class FeedbackFields:
+    """The fields a validated item and a stored row share."""
 
     agent_id: str
     kind: str
@@ -46,8 +46,14 @@ class NewFeedback:
     notes: str
     generation_id: str
     policy_version: str
-    metadata_json: str
     request_id: str
+
+
+@dataclasses.dataclass(slots=True)
+class NewFeedback(FeedbackFields):
+    """A validated item ready to store; `metadata_json` is already serialised (validation measured it)."""
+
+    metadata_json: str
 
 
 class Stored(NamedTuple):
@@ -62,24 +68,11 @@ class Stored(NamedTuple):
 
 
 @dataclasses.dataclass(slots=True)
-class FeedbackRecord:
+class FeedbackRecord(FeedbackFields):
     """One stored row."""
 
     sequence: int
-    agent_id: str
-    kind: str
-    prompt: str
-    response: str
-    score: float | None
-    chosen: str
-    rejected: str
-    margin: float | None
-    run_id: str
-    notes: str
-    generation_id: str
-    policy_version: str
     metadata: dict[str, str]
-    request_id: str
     created_at_us: int
 
 

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from rlhf.errors import InvalidArgument, translate_errors
-from rlhf.feedback.v1 import feedback_service_pb2 as pb
-from rlhf.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
-
 from feedback_service.domain import FeedbackDomain
 from feedback_service.models import COMPARISON, RATING, FeedbackInput, FeedbackRecord, ListFilters, Stats
+from rlhf.feedback.v1 import feedback_service_pb2 as pb
+from rlhf.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
+from rlhf.runtime.errors import InvalidArgument, translate_errors
 
-_KIND_FROM_PB: dict[int, str] = {pb.FEEDBACK_KIND_UNSPECIFIED: "", pb.FEEDBACK_KIND_RATING: RATING,
-                 pb.FEEDBACK_KIND_COMPARISON: COMPARISON}
+_KIND_FROM_PB: dict[int, str] = {
+    pb.FEEDBACK_KIND_UNSPECIFIED: "",
+    pb.FEEDBACK_KIND_RATING: RATING,
+    pb.FEEDBACK_KIND_COMPARISON: COMPARISON,
+}
 _KIND_TO_PB: dict[str, pb.FeedbackKind] = {RATING: pb.FEEDBACK_KIND_RATING, COMPARISON: pb.FEEDBACK_KIND_COMPARISON}
 
 
@@ -47,30 +49,57 @@ def _timestamp(micros: int) -> timestamp_pb2.Timestamp:
 
 def _input(request: pb.SubmitFeedbackRequest) -> FeedbackInput:
     return FeedbackInput(
-        agent_id=request.agent_id, prompt=request.prompt, response=request.response,
-        score=request.score if request.HasField("score") else None, chosen=request.chosen,
-        rejected=request.rejected, margin=request.margin if request.HasField("margin") else None,
-        run_id=request.run_id, notes=request.notes, generation_id=request.generation_id,
-        policy_version=request.policy_version, metadata=dict(request.metadata),
-        request_id=request.request_id, kind=_kind(request.kind))
+        agent_id=request.agent_id,
+        prompt=request.prompt,
+        response=request.response,
+        score=request.score if request.HasField("score") else None,
+        chosen=request.chosen,
+        rejected=request.rejected,
+        margin=request.margin if request.HasField("margin") else None,
+        run_id=request.run_id,
+        notes=request.notes,
+        generation_id=request.generation_id,
+        policy_version=request.policy_version,
+        metadata=dict(request.metadata),
+        request_id=request.request_id,
+        kind=_kind(request.kind),
+    )
 
 
 def _feedback(record: FeedbackRecord) -> pb.Feedback:
     return pb.Feedback(
-        id=str(record.sequence), agent_id=record.agent_id, kind=_KIND_TO_PB[record.kind],
-        prompt=record.prompt, response=record.response, score=record.score, chosen=record.chosen,
-        rejected=record.rejected, margin=record.margin, run_id=record.run_id, notes=record.notes,
-        generation_id=record.generation_id, policy_version=record.policy_version,
-        metadata=record.metadata, request_id=record.request_id,
-        created_at=_timestamp(record.created_at_us), sequence=record.sequence)
+        id=str(record.sequence),
+        agent_id=record.agent_id,
+        kind=_KIND_TO_PB[record.kind],
+        prompt=record.prompt,
+        response=record.response,
+        score=record.score,
+        chosen=record.chosen,
+        rejected=record.rejected,
+        margin=record.margin,
+        run_id=record.run_id,
+        notes=record.notes,
+        generation_id=record.generation_id,
+        policy_version=record.policy_version,
+        metadata=record.metadata,
+        request_id=record.request_id,
+        created_at=_timestamp(record.created_at_us),
+        sequence=record.sequence,
+    )
 
 
 def _stats(stats: Stats) -> pb.FeedbackStats:
     return pb.FeedbackStats(
-        feedback_count=stats.feedback_count, rating_count=stats.rating_count,
-        comparison_count=stats.comparison_count, score_mean=stats.score_mean, score_std=stats.score_std,
-        score_min=stats.score_min, score_max=stats.score_max, score_histogram=stats.score_histogram,
-        watermark=stats.watermark)
+        feedback_count=stats.feedback_count,
+        rating_count=stats.rating_count,
+        comparison_count=stats.comparison_count,
+        score_mean=stats.score_mean,
+        score_std=stats.score_std,
+        score_min=stats.score_min,
+        score_max=stats.score_max,
+        score_histogram=stats.score_histogram,
+        watermark=stats.watermark,
+    )
 
 
 @translate_errors
@@ -78,62 +107,89 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     def __init__(self, domain: FeedbackDomain) -> None:
         self._domain = domain
 
-    async def SubmitFeedback(self, request: pb.SubmitFeedbackRequest,
-                             context: grpc.aio.ServicerContext) -> pb.SubmitFeedbackResponse:
+    async def SubmitFeedback(
+        self, request: pb.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitFeedbackResponse:
         item, stored = await self._domain.submit(_input(request))
         return pb.SubmitFeedbackResponse(
-            id=str(stored.sequence), agent_id=item.agent_id, score=stored.score,
-            created_at=_timestamp(stored.created_at_us), duplicate=stored.duplicate,
-            request_id=item.request_id, kind=_KIND_TO_PB[stored.kind], policy_version=stored.policy_version)
+            id=str(stored.sequence),
+            agent_id=item.agent_id,
+            score=stored.score,
+            created_at=_timestamp(stored.created_at_us),
+            duplicate=stored.duplicate,
+            request_id=item.request_id,
+            kind=_KIND_TO_PB[stored.kind],
+            policy_version=stored.policy_version,
+        )
 
-    async def StreamFeedback(self, request_iterator: AsyncIterator[pb.StreamFeedbackRequest],
-                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamFeedbackResponse]:
+    async def StreamFeedback(
+        self, request_iterator: AsyncIterator[pb.StreamFeedbackRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamFeedbackResponse]:
         async def items() -> AsyncIterator[FeedbackInput]:
             async for request in request_iterator:
                 try:
                     yield _input(request.feedback)
                 except InvalidArgument:
                     # An unknown kind: let the domain reject this item alone, naming the field.
-                    yield FeedbackInput(agent_id=request.feedback.agent_id,
-                                        request_id=request.feedback.request_id, kind="?")
+                    yield FeedbackInput(
+                        agent_id=request.feedback.agent_id, request_id=request.feedback.request_id, kind="?"
+                    )
 
         Response = pb.StreamFeedbackResponse
         async for acks in self._domain.ingest(items()):
             for ack in acks:
-                yield Response(request_id=ack.request_id, id=str(ack.sequence) if ack.accepted else "",
-                               accepted=ack.accepted, duplicate=ack.duplicate, reason=ack.reason,
-                               field=ack.field, index=ack.index)
+                yield Response(
+                    request_id=ack.request_id,
+                    id=str(ack.sequence) if ack.accepted else "",
+                    accepted=ack.accepted,
+                    duplicate=ack.duplicate,
+                    reason=ack.reason,
+                    field=ack.field,
+                    index=ack.index,
+                )
 
-    async def ListFeedback(self, request: pb.ListFeedbackRequest,
-                           context: grpc.aio.ServicerContext) -> pb.ListFeedbackResponse:
+    async def ListFeedback(
+        self, request: pb.ListFeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListFeedbackResponse:
         filters = ListFilters(
-            kind=_kind(request.kind), start_us=_micros(request, "start_time"),
+            kind=_kind(request.kind),
+            start_us=_micros(request, "start_time"),
             end_us=_micros(request, "end_time"),
             min_score=request.min_score if request.HasField("min_score") else None,
             max_score=request.max_score if request.HasField("max_score") else None,
-            policy_version=request.policy_version, run_id=request.run_id)
-        page = await self._domain.list_feedback(request.agent_id, filters, request.page_size,
-                                                request.page_token)
-        return pb.ListFeedbackResponse(feedback=[_feedback(r) for r in page.records],
-                                       next_page_token=page.next_token)
+            policy_version=request.policy_version,
+            run_id=request.run_id,
+        )
+        page = await self._domain.list_feedback(request.agent_id, filters, request.page_size, request.page_token)
+        return pb.ListFeedbackResponse(feedback=[_feedback(r) for r in page.records], next_page_token=page.next_token)
 
-    async def GetFeedbackStats(self, request: pb.GetFeedbackStatsRequest,
-                               context: grpc.aio.ServicerContext) -> pb.GetFeedbackStatsResponse:
-        result = await self._domain.stats(request.agent_id, _micros(request, "start_time"),
-                                          _micros(request, "end_time"), request.group_by_policy_version)
+    async def GetFeedbackStats(
+        self, request: pb.GetFeedbackStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetFeedbackStatsResponse:
+        result = await self._domain.stats(
+            request.agent_id,
+            _micros(request, "start_time"),
+            _micros(request, "end_time"),
+            request.group_by_policy_version,
+        )
         return pb.GetFeedbackStatsResponse(
             stats=_stats(result.overall),
-            by_policy_version=[pb.PolicyVersionStats(policy_version=version, stats=_stats(stats))
-                               for version, stats in sorted((result.by_policy_version or {}).items())])
+            by_policy_version=[
+                pb.PolicyVersionStats(policy_version=version, stats=_stats(stats))
+                for version, stats in sorted((result.by_policy_version or {}).items())
+            ],
+        )
 
-    async def ExportFeedback(self, request: pb.ExportFeedbackRequest,
-                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ExportFeedbackResponse]:
-        async for chunk in self._domain.export(request.agent_id, _kind(request.kind), request.watermark,
-                                               request.after_sequence):
-            yield pb.ExportFeedbackResponse(feedback=[_feedback(r) for r in chunk.records],
-                                            watermark=chunk.watermark)
+    async def ExportFeedback(
+        self, request: pb.ExportFeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ExportFeedbackResponse]:
+        async for chunk in self._domain.export(
+            request.agent_id, _kind(request.kind), request.watermark, request.after_sequence
+        ):
+            yield pb.ExportFeedbackResponse(feedback=[_feedback(r) for r in chunk.records], watermark=chunk.watermark)
 
-    async def DeleteFeedback(self, request: pb.DeleteFeedbackRequest,
-                             context: grpc.aio.ServicerContext) -> pb.DeleteFeedbackResponse:
+    async def DeleteFeedback(
+        self, request: pb.DeleteFeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteFeedbackResponse:
         deleted = await self._domain.delete(request.agent_id, list(request.ids), request.all)
         return pb.DeleteFeedbackResponse(deleted_count=deleted)

@@ -5,10 +5,12 @@ Every method here blocks; the domain layer calls them off the event loop (a writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -37,6 +39,7 @@ from sqlalchemy.exc import IntegrityError
 from feedback_service.models import (
     COMPARISON,
     RATING,
+    FeedbackFields,
     FeedbackRecord,
     ListFilters,
     NewFeedback,
@@ -84,19 +87,23 @@ _IN_CHUNK = 500  # ids per IN (...) list: far below every backend's bound-parame
 _INSERT_ATTEMPTS = 3
 
 
+# Columns named like the fields every item and row share (FeedbackFields).
+SHARED_COLUMNS = tuple(field.name for field in dataclasses.fields(FeedbackFields))
+
+
 def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), size):
-        yield values[start:start + size]
+        yield values[start : start + size]
 
 
 def _record(row: Row) -> FeedbackRecord:
     m = row._mapping
     return FeedbackRecord(
-        sequence=m["sequence"], agent_id=m["agent_id"], kind=m["kind"], prompt=m["prompt"],
-        response=m["response"], score=m["score"], chosen=m["chosen"], rejected=m["rejected"],
-        margin=m["margin"], run_id=m["run_id"], notes=m["notes"], generation_id=m["generation_id"],
-        policy_version=m["policy_version"], metadata=json.loads(m["metadata"]) if m["metadata"] else {},
-        request_id=m["request_id"], created_at_us=m["created_at"])
+        **{name: m[name] for name in SHARED_COLUMNS},
+        sequence=m["sequence"],
+        metadata=json.loads(m["metadata"]) if m["metadata"] else {},
+        created_at_us=m["created_at"],
+    )
 
 
 def _filter_conditions(agent_id: str, filters: ListFilters) -> list[ColumnElement[bool]]:
@@ -123,17 +130,30 @@ def _stats_columns() -> list[ColumnElement[Any]]:
     score = _c.score
     bins = [func.sum(case((and_(score >= i / 10, score < (i + 1) / 10), 1), else_=0)) for i in range(9)]
     bins.append(func.sum(case((score >= 0.9, 1), else_=0)))  # the last bin is closed: [0.9, 1.0]
-    return [func.count(), func.sum(case((_c.kind == RATING, 1), else_=0)),
-            func.sum(case((_c.kind == COMPARISON, 1), else_=0)), func.avg(score), func.min(score),
-            func.max(score), func.max(_c.sequence), *bins]
+    return [
+        func.count(),
+        func.sum(case((_c.kind == RATING, 1), else_=0)),
+        func.sum(case((_c.kind == COMPARISON, 1), else_=0)),
+        func.avg(score),
+        func.min(score),
+        func.max(score),
+        func.max(_c.sequence),
+        *bins,
+    ]
 
 
 def _stats_from(values: Sequence[Any]) -> Stats:
     count, ratings, comparisons, mean, low, high, watermark, *bins = values
-    return Stats(feedback_count=int(count or 0), rating_count=int(ratings or 0),
-                 comparison_count=int(comparisons or 0), score_mean=float(mean or 0.0),
-                 score_min=float(low or 0.0), score_max=float(high or 0.0),
-                 score_histogram=[int(b or 0) for b in bins], watermark=int(watermark or 0))
+    return Stats(
+        feedback_count=int(count or 0),
+        rating_count=int(ratings or 0),
+        comparison_count=int(comparisons or 0),
+        score_mean=float(mean or 0.0),
+        score_min=float(low or 0.0),
+        score_max=float(high or 0.0),
+        score_histogram=[int(b or 0) for b in bins],
+        watermark=int(watermark or 0),
+    )
 
 
 class FeedbackStore:
@@ -174,8 +194,10 @@ class FeedbackStore:
         for agent_id, request_ids in wanted.items():
             for chunk in _chunks(sorted(request_ids), _IN_CHUNK):
                 rows = conn.execute(
-                    select(_c.sequence, _c.created_at, _c.kind, _c.score, _c.policy_version, _c.request_id)
-                    .where(_c.agent_id == agent_id, _c.request_id.in_(chunk)))
+                    select(_c.sequence, _c.created_at, _c.kind, _c.score, _c.policy_version, _c.request_id).where(
+                        _c.agent_id == agent_id, _c.request_id.in_(chunk)
+                    )
+                )
                 for seq, created, kind, score, version, request_id in rows:
                     found[(agent_id, request_id)] = Stored(seq, created, True, kind, score, version)
         return found
@@ -192,13 +214,8 @@ class FeedbackStore:
                 continue
             first_index[key] = index
             positions.append(index)
-            rows.append({
-                "agent_id": item.agent_id, "kind": item.kind, "prompt": item.prompt,
-                "response": item.response, "score": item.score, "chosen": item.chosen,
-                "rejected": item.rejected, "margin": item.margin, "run_id": item.run_id,
-                "notes": item.notes, "generation_id": item.generation_id,
-                "policy_version": item.policy_version, "metadata": item.metadata_json,
-                "request_id": item.request_id, "created_at": now_us})
+            row = {name: getattr(item, name) for name in SHARED_COLUMNS}
+            rows.append({**row, "metadata": item.metadata_json, "created_at": now_us})
         results: list[Stored | None] = [None] * len(items)
         if rows:
             sequences = self._insert_rows(conn, rows)
@@ -243,8 +260,15 @@ class FeedbackStore:
 
     # -- reads ----------------------------------------------------------------------------------------
 
-    def list_feedback(self, agent_id: str, filters: ListFilters, *, before: int | None = None,
-                      after: int | None = None, limit: int = 100) -> list[FeedbackRecord]:
+    def list_feedback(
+        self,
+        agent_id: str,
+        filters: ListFilters,
+        *,
+        before: int | None = None,
+        after: int | None = None,
+        limit: int = 100,
+    ) -> list[FeedbackRecord]:
         """Newest first. Keyset pagination: the next page is `before=<last sequence>`, so rows inserted
         meanwhile (always with higher sequences) never shift or repeat what the next page returns."""
         conditions = _filter_conditions(agent_id, filters)
@@ -261,8 +285,9 @@ class FeedbackStore:
             value = conn.execute(select(func.max(_c.sequence)).where(_c.agent_id == agent_id)).scalar()
         return int(value or 0)
 
-    def export_chunk(self, agent_id: str, kind: str, watermark: int, after_sequence: int,
-                     limit: int) -> list[FeedbackRecord]:
+    def export_chunk(
+        self, agent_id: str, kind: str, watermark: int, after_sequence: int, limit: int
+    ) -> list[FeedbackRecord]:
         """Rows with after_sequence < sequence <= watermark, in sequence order, at most `limit`."""
         conditions = [_c.agent_id == agent_id, _c.sequence > after_sequence, _c.sequence <= watermark]
         if kind:
@@ -271,8 +296,9 @@ class FeedbackStore:
         with self._engine.connect() as conn:
             return [_record(row) for row in conn.execute(query)]
 
-    def export(self, agent_id: str, kind: str, watermark: int, after_sequence: int,
-               chunk: int) -> Iterator[list[FeedbackRecord]]:
+    def export(
+        self, agent_id: str, kind: str, watermark: int, after_sequence: int, chunk: int
+    ) -> Iterator[list[FeedbackRecord]]:
         """Chunks of an export in sequence order; one short query per chunk (no long-held connection)."""
         while True:
             records = self.export_chunk(agent_id, kind, watermark, after_sequence, chunk)
@@ -283,8 +309,9 @@ class FeedbackStore:
             if len(records) < chunk:
                 return
 
-    def stats(self, agent_id: str, start_us: int | None = None, end_us: int | None = None,
-              group_by_version: bool = False) -> StatsResult:
+    def stats(
+        self, agent_id: str, start_us: int | None = None, end_us: int | None = None, group_by_version: bool = False
+    ) -> StatsResult:
         """Counts, score mean/min/max/population std, 10-bin histogram and watermark, overall and per version."""
         conditions = _filter_conditions(agent_id, ListFilters(start_us=start_us, end_us=end_us))
         with self._engine.connect() as conn:
@@ -293,8 +320,9 @@ class FeedbackStore:
             if overall.rating_count:
                 # Second pass around the known mean: exact where E[x^2] - mean^2 would cancel.
                 deviation = _c.score - overall.score_mean
-                variance = conn.execute(select(func.avg(deviation * deviation))
-                                        .where(*conditions, _c.score.is_not(None))).scalar()
+                variance = conn.execute(
+                    select(func.avg(deviation * deviation)).where(*conditions, _c.score.is_not(None))
+                ).scalar()
                 overall.score_std = math.sqrt(max(float(variance or 0.0), 0.0))
             by_version: dict[str, Stats] | None = None
             if group_by_version:
@@ -302,12 +330,19 @@ class FeedbackStore:
                 grouped = select(_c.policy_version, *_stats_columns()).where(*conditions)
                 for version, *values in conn.execute(grouped.group_by(_c.policy_version)):
                     by_version[version] = _stats_from(values)
-                means = (select(_c.policy_version.label("version"), func.avg(_c.score).label("mean"))
-                         .where(*conditions).group_by(_c.policy_version).subquery())
+                means = (
+                    select(_c.policy_version.label("version"), func.avg(_c.score).label("mean"))
+                    .where(*conditions)
+                    .group_by(_c.policy_version)
+                    .subquery()
+                )
                 deviation = _c.score - means.c.mean
-                spread = (select(_c.policy_version, func.avg(deviation * deviation))
-                          .select_from(feedback.join(means, _c.policy_version == means.c.version))
-                          .where(*conditions, _c.score.is_not(None)).group_by(_c.policy_version))
+                spread = (
+                    select(_c.policy_version, func.avg(deviation * deviation))
+                    .select_from(feedback.join(means, _c.policy_version == means.c.version))
+                    .where(*conditions, _c.score.is_not(None))
+                    .group_by(_c.policy_version)
+                )
                 for version, variance in conn.execute(spread):
                     by_version[version].score_std = math.sqrt(max(float(variance or 0.0), 0.0))
         return StatsResult(overall=overall, by_policy_version=by_version)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import uuid
 
-from rlhf import validation
-from rlhf.errors import InvalidArgument
-
 from feedback_service.config import FeedbackServiceConfig
 from feedback_service.models import COMPARISON, KINDS, RATING, FeedbackInput, ListFilters, NewFeedback
+from rlhf.runtime import validation
+from rlhf.runtime.errors import InvalidArgument
 
 
 class FeedbackValidator:
@@ -51,18 +50,30 @@ class FeedbackValidator:
         for name in ("run_id", "generation_id", "policy_version", "request_id"):
             validation.text(getattr(raw, name), name, cfg.max_id_chars, required=False)
         return NewFeedback(
-            agent_id=raw.agent_id, kind=kind, prompt=raw.prompt, response=raw.response, score=raw.score,
-            chosen=raw.chosen, rejected=raw.rejected, margin=raw.margin, run_id=raw.run_id,
-            notes=raw.notes, generation_id=raw.generation_id, policy_version=raw.policy_version,
-            metadata_json=self._metadata_json(raw.metadata), request_id=raw.request_id or new_request_id())
+            agent_id=raw.agent_id,
+            kind=kind,
+            prompt=raw.prompt,
+            response=raw.response,
+            score=raw.score,
+            chosen=raw.chosen,
+            rejected=raw.rejected,
+            margin=raw.margin,
+            run_id=raw.run_id,
+            notes=raw.notes,
+            generation_id=raw.generation_id,
+            policy_version=raw.policy_version,
+            metadata_json=self._metadata_json(raw.metadata),
+            request_id=raw.request_id or new_request_id(),
+        )
 
     def _metadata_json(self, metadata: dict[str, str]) -> str:
         if not metadata:
             return "{}"
         cfg = self._config
         if len(metadata) > cfg.max_metadata_entries:
-            raise InvalidArgument("metadata", f"has {len(metadata)} entries; at most "
-                                              f"{cfg.max_metadata_entries} are allowed")
+            raise InvalidArgument(
+                "metadata", f"has {len(metadata)} entries; at most {cfg.max_metadata_entries} are allowed"
+            )
         size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
         if size > cfg.max_metadata_bytes:
             raise InvalidArgument("metadata", f"is {size} bytes; at most {cfg.max_metadata_bytes} are allowed")
@@ -78,8 +89,7 @@ class FeedbackValidator:
             value = getattr(filters, name)
             if value is not None:
                 validation.number_in(value, name, 0.0, 1.0)
-        if filters.min_score is not None and filters.max_score is not None \
-                and filters.min_score > filters.max_score:
+        if filters.min_score is not None and filters.max_score is not None and filters.min_score > filters.max_score:
             raise InvalidArgument("max_score", "must not be below min_score")
         check_window(filters.start_us, filters.end_us)
 

@@ -12,10 +12,10 @@ from inference_service.models import ModelCache
 from inference_service.policy_client import PolicyClient
 from inference_service.servicer import InferenceServicer
 from inference_service.store import InferenceStore
-from rlhf.db import make_engine
 from rlhf.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from rlhf.app import run_service, server_flags, server_overrides
-from rlhf.server import RunningServer, ServiceBinding, start_server
+from rlhf.runtime.app import run_service, server_flags, server_overrides
+from rlhf.runtime.db import make_engine
+from rlhf.runtime.server import RunningServer, ServiceBinding, start_server
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ async def start(config: InferenceServiceConfig) -> RunningServer:
     servicer = InferenceServicer(domain)
     try:
         running = await start_server(
-            config.server, [ServiceBinding(SERVICE_NAME, servicer, pb_grpc.add_InferenceServiceServicer_to_server)])
+            config.server, [ServiceBinding(SERVICE_NAME, servicer, pb_grpc.add_InferenceServiceServicer_to_server)]
+        )
     except BaseException:
         await policies.close()
         engine.dispose()
@@ -45,8 +46,12 @@ async def start(config: InferenceServiceConfig) -> RunningServer:
         engine.dispose()
 
     running.on_stop.append(cleanup)
-    log.info("inference service: policy service at %s, base model %s, device %s",
-             config.policy_addr, config.base_model, models.device)
+    log.info(
+        "inference service: policy service at %s, base model %s, device %s",
+        config.policy_addr,
+        config.base_model,
+        models.device,
+    )
     return running
 
 
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (RLHF_INFERENCE_DEVICE)")
     parser.add_argument("--base-model", help="model served as version 'base' (RLHF_INFERENCE_BASE_MODEL)")
     args = parser.parse_args(argv)
-    config = InferenceServiceConfig.from_env(**server_overrides(args), policy_addr=args.policy_addr,
-                                             device=args.device, base_model=args.base_model)
+    config = InferenceServiceConfig.from_env(
+        **server_overrides(args), policy_addr=args.policy_addr, device=args.device, base_model=args.base_model
+    )
     run_service("inference", start, config, config.server)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from inference_service.config import InferenceServiceConfig
 from inference_service.generation import SamplingParams
 from inference_service.records import ParamsInput, Target
-from rlhf import validation
-from rlhf.errors import InvalidArgument
+from rlhf.runtime import validation
+from rlhf.runtime.errors import InvalidArgument
 
 BASE = "base"
 MAX_TARGETS = 64
@@ -56,8 +56,14 @@ def sampling(params: ParamsInput, config: InferenceServiceConfig, field: str = "
         if len(stop) > config.max_stop_chars:
             raise InvalidArgument(f"{field}.stop[{i}]", f"is longer than {config.max_stop_chars} characters")
 
-    return SamplingParams(max_new_tokens=max_new, temperature=float(temperature), top_k=int(top_k),
-                          top_p=float(top_p), stop=tuple(params.stop), seed=params.seed)
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        stop=tuple(params.stop),
+        seed=params.seed,
+    )
 
 
 def targets(values: Sequence[Target], field: str = "targets") -> list[Target]:

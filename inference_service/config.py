@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
-from rlhf.config import ServerConfig, env_int, env_str, service_address
+from rlhf.runtime.config import ServerConfig, env_int, env_str, service_address
 
 
 def _env_float(name: str, default: float) -> float:
@@ -44,7 +44,7 @@ class InferenceServiceConfig:
     policy_timeout_seconds: float = 10.0
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "InferenceServiceConfig":
+    def from_env(cls, **overrides: Any) -> InferenceServiceConfig:
         """Environment first, then `overrides` (None values are ignored, so CLI flags can pass through).
 
         Server fields (host, port, data_dir, database_url, max_message_bytes, grace_seconds) go to

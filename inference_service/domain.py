@@ -10,19 +10,19 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from inference_service import checks
 from inference_service.config import InferenceServiceConfig
 from inference_service.generation import GenerationResult, SamplingParams, TokenLoop
 from inference_service.models import LoadedModel, ModelCache
 from inference_service.policy_client import PolicyClient
-from inference_service.records import (Deployment, GenerateInput, GenerationRecord, StreamChunk, Target)
+from inference_service.records import Deployment, GenerateInput, GenerationRecord, StreamChunk, Target
 from inference_service.routing import route
 from inference_service.store import InferenceStore, now
-from rlhf import validation
-from rlhf.errors import NotFound
-from rlhf.modeling import resolve_model
+from rlhf.runtime import validation
+from rlhf.runtime.errors import NotFound
+from rlhf.training.modeling import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ class _Prepared:
 
 
 class InferenceDomain:
-    def __init__(self, config: InferenceServiceConfig, store: InferenceStore, policies: PolicyClient,
-                 models: ModelCache) -> None:
+    def __init__(
+        self, config: InferenceServiceConfig, store: InferenceStore, policies: PolicyClient, models: ModelCache
+    ) -> None:
         self.config = config
         self.store = store
         self.policies = policies
@@ -55,11 +56,14 @@ class InferenceDomain:
         validation.agent_id(agent_id)
         targets = checks.targets(targets)
         # Every version must exist now, so a typo fails here rather than on live traffic.
-        await asyncio.gather(*(self.policies.get(agent_id, t.version)
-                               for t in targets if t.version != checks.BASE))
+        await asyncio.gather(*(self.policies.get(agent_id, t.version) for t in targets if t.version != checks.BASE))
         deployment = await asyncio.to_thread(self.store.set_deployment, agent_id, targets)
-        log.info("deployment of %s is now revision %d: %s", agent_id, deployment.revision,
-                 ", ".join(f"{t.version}={t.weight:g}" for t in deployment.targets))
+        log.info(
+            "deployment of %s is now revision %d: %s",
+            agent_id,
+            deployment.revision,
+            ", ".join(f"{t.version}={t.weight:g}" for t in deployment.targets),
+        )
         return deployment
 
     async def get_deployment(self, agent_id: str) -> Deployment:
@@ -69,8 +73,9 @@ class InferenceDomain:
         if stored is not None:
             return stored
         latest = await self.policies.get(agent_id, "")
-        return Deployment(agent_id=agent_id, targets=(Target(latest.version, 1.0),), revision=0,
-                          updated_at=None, is_default=True)
+        return Deployment(
+            agent_id=agent_id, targets=(Target(latest.version, 1.0),), revision=0, updated_at=None, is_default=True
+        )
 
     # --- generation --------------------------------------------------------------------------------
 
@@ -101,8 +106,9 @@ class InferenceDomain:
             loop.cancel()  # no-op when finished; stops the loop if the client went away
         assert loop.result is not None
         record = await self._log(generation_id, prepared, loop.result)
-        yield StreamChunk(text="", generation_id=generation_id, policy_version=prepared.version,
-                          done=True, record=record)
+        yield StreamChunk(
+            text="", generation_id=generation_id, policy_version=prepared.version, done=True, record=record
+        )
 
     async def get_generation(self, generation_id: str) -> GenerationRecord:
         checks.generation_id(generation_id)
@@ -139,16 +145,24 @@ class InferenceDomain:
         async with self._base_lock:  # the tiny model may be built on first use (~40 s), once
             if self._base_path is None:
                 self._base_path = await asyncio.to_thread(
-                    resolve_model, self.config.base_model, self.config.server.data_dir)
+                    resolve_model, self.config.base_model, self.config.server.data_dir
+                )
             return self._base_path
 
     async def _log(self, generation_id: str, prepared: _Prepared, result: GenerationResult) -> GenerationRecord:
         request = prepared.request
         record = GenerationRecord(
-            generation_id=generation_id, agent_id=request.agent_id, policy_version=prepared.version,
-            prompt=request.prompt, text=result.text, routing_key=request.routing_key,
-            prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason, created_at=now())
+            generation_id=generation_id,
+            agent_id=request.agent_id,
+            policy_version=prepared.version,
+            prompt=request.prompt,
+            text=result.text,
+            routing_key=request.routing_key,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            finish_reason=result.finish_reason,
+            created_at=now(),
+        )
         await asyncio.to_thread(self.store.add_generation, record)
         return record
 

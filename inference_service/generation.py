@@ -26,7 +26,7 @@ import dataclasses
 import inspect
 import random
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from inference_service.models import LoadedModel
 from inference_service.records import FinishReason
@@ -146,18 +146,22 @@ class TokenLoop:
                 break
             safe = safe_prefix_length(text, params.stop)
             if safe > len(emitted) and text.startswith(emitted):
-                piece = text[len(emitted):safe]
+                piece = text[len(emitted) : safe]
                 emitted += piece
                 yield piece
             inputs = torch.tensor([[token]], dtype=torch.long, device=device)
             mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
         # The result is what was streamed plus the rest, so streaming and non-streaming always agree.
-        tail = text[len(emitted):] if text.startswith(emitted) else ""
+        tail = text[len(emitted) :] if text.startswith(emitted) else ""
         if tail:
             yield tail
         self.result = GenerationResult(
-            text=emitted + tail, prompt_tokens=len(prompt_ids), completion_tokens=len(generated),
-            finish_reason=finish, prompt_truncated=len(prompt_ids) < len(all_ids))
+            text=emitted + tail,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(generated),
+            finish_reason=finish,
+            prompt_truncated=len(prompt_ids) < len(all_ids),
+        )
 
 
 def generate(loaded: LoadedModel, prompt: str, params: SamplingParams) -> GenerationResult:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from rlhf.modelcache import ModelCache as SharedModelCache
-from rlhf.modeling import load_model, load_tokenizer, pick_device
-
+from rlhf.training.modelcache import ModelCache as SharedModelCache
+from rlhf.training.modeling import load_model, load_tokenizer, pick_device
 
 
 @dataclasses.dataclass
@@ -34,10 +34,19 @@ def load_for_inference(path: str, device: str) -> LoadedModel:
 
 
 class ModelCache(SharedModelCache[LoadedModel]):
-    """The shared cache (rlhf.modelcache) loading causal LMs for generation on one device."""
+    """The shared cache (rlhf.training.modelcache) loading causal LMs for generation on one device."""
 
-    def __init__(self, capacity: int = 4, device: str = "auto", max_bytes: int = 0,
-                 loader: Callable[[str, str], LoadedModel] = load_for_inference) -> None:
+    def __init__(
+        self,
+        capacity: int = 4,
+        device: str = "auto",
+        max_bytes: int = 0,
+        loader: Callable[[str, str], LoadedModel] = load_for_inference,
+    ) -> None:
         self.device = pick_device(device)
-        super().__init__(lambda path: loader(path, self.device), capacity=capacity, max_bytes=max_bytes,
-                         size_of=lambda loaded: loaded.nbytes)
+        super().__init__(
+            lambda path: loader(path, self.device),
+            capacity=capacity,
+            max_bytes=max_bytes,
+            size_of=lambda loaded: loaded.nbytes,
+        )

@@ -11,8 +11,8 @@ import dataclasses
 
 import grpc
 
-from rlhf.errors import FailedPrecondition, NotFound, Unavailable, from_rpc_error
 from rlhf.policy.v1 import policy_service_pb2, policy_service_pb2_grpc
+from rlhf.runtime.errors import FailedPrecondition, NotFound, Unavailable, from_rpc_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +42,17 @@ class PolicyClient:
             return self._pinned[key]
         try:
             response = await self._stub.GetPolicy(
-                policy_service_pb2.GetPolicyRequest(agent_id=agent_id, version=version), timeout=self._timeout)
+                policy_service_pb2.GetPolicyRequest(agent_id=agent_id, version=version), timeout=self._timeout
+            )
         except grpc.aio.AioRpcError as error:
             raise self._error(error, agent_id, version) from error
         policy = response.policy
         if not policy.model_path:
             raise FailedPrecondition(
                 f"policy {policy.version or version} of agent '{agent_id}' has no model_path in the policy "
-                f"service's registry", subject=f"{agent_id}/{policy.version or version}")
+                f"service's registry",
+                subject=f"{agent_id}/{policy.version or version}",
+            )
         ref = PolicyRef(version=policy.version, model_path=policy.model_path)
         self._pinned[(agent_id, ref.version)] = ref
         return ref
@@ -58,10 +61,13 @@ class PolicyClient:
         code, details = error.code(), error.details()
         if code == grpc.StatusCode.NOT_FOUND:
             if version in ("", "latest"):
-                return NotFound(f"agent '{agent_id}' has no policy versions yet: train one first "
-                                f"(PolicyService.TrainPolicy), or use version 'base' ({details})")
+                return NotFound(
+                    f"agent '{agent_id}' has no policy versions yet: train one first "
+                    f"(PolicyService.TrainPolicy), or use version 'base' ({details})"
+                )
             return NotFound(f"agent '{agent_id}' has no policy version '{version}' ({details})")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return Unavailable(f"policy service at {self.address} is unavailable "
-                               f"({code.name}: {details}); retry when it is back")
+            return Unavailable(
+                f"policy service at {self.address} is unavailable ({code.name}: {details}); retry when it is back"
+            )
         return from_rpc_error(error, "policy service")

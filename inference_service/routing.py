@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from inference_service.records import Target
 
@@ -18,7 +18,7 @@ from inference_service.records import Target
 def key_point(agent_id: str, routing_key: str, revision: int) -> float:
     """A uniform, deterministic point in [0, 1) for this key under this deployment revision."""
     digest = hashlib.sha256(f"{agent_id}\x00{revision}\x00{routing_key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def pick_version(targets: Sequence[Target], point: float) -> str:
@@ -35,7 +35,8 @@ def pick_version(targets: Sequence[Target], point: float) -> str:
     return active[-1].version  # rounding at the very top of the range
 
 
-def route(agent_id: str, targets: Sequence[Target], revision: int, routing_key: str = "",
-          rng: random.Random | None = None) -> str:
+def route(
+    agent_id: str, targets: Sequence[Target], revision: int, routing_key: str = "", rng: random.Random | None = None
+) -> str:
     point = key_point(agent_id, routing_key, revision) if routing_key else (rng or random).random()
     return pick_version(targets, point)

@@ -7,8 +7,21 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import (JSON, BigInteger, Column, DateTime, Engine, Integer, MetaData, String, Table, Text,
-                        insert, select, update)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from inference_service.records import Deployment, FinishReason, GenerationRecord, Target
@@ -16,7 +29,8 @@ from inference_service.records import Deployment, FinishReason, GenerationRecord
 metadata = MetaData()
 
 deployments = Table(
-    "deployments", metadata,
+    "deployments",
+    metadata,
     Column("agent_id", String(64), primary_key=True),
     # [{"version": "v3", "weight": 0.5}, ...] in the order given.
     Column("targets", JSON, nullable=False),
@@ -25,7 +39,8 @@ deployments = Table(
 )
 
 generations = Table(
-    "generations", metadata,
+    "generations",
+    metadata,
     Column("generation_id", String(36), primary_key=True),
     Column("agent_id", String(64), nullable=False, index=True),
     Column("policy_version", String(32), nullable=False),
@@ -69,11 +84,14 @@ class InferenceStore:
             try:
                 with self._engine.begin() as conn:
                     changed = conn.execute(
-                        update(deployments).where(deployments.c.agent_id == agent_id)
-                        .values(targets=payload, revision=deployments.c.revision + 1, updated_at=now())).rowcount
+                        update(deployments)
+                        .where(deployments.c.agent_id == agent_id)
+                        .values(targets=payload, revision=deployments.c.revision + 1, updated_at=now())
+                    ).rowcount
                     if not changed:
-                        conn.execute(insert(deployments).values(
-                            agent_id=agent_id, targets=payload, revision=1, updated_at=now()))
+                        conn.execute(
+                            insert(deployments).values(agent_id=agent_id, targets=payload, revision=1, updated_at=now())
+                        )
                     row = conn.execute(select(deployments).where(deployments.c.agent_id == agent_id)).one()
                     return self._deployment(row)
             except IntegrityError:
@@ -83,19 +101,28 @@ class InferenceStore:
     @staticmethod
     def _deployment(row) -> Deployment:
         targets = tuple(Target(version=t["version"], weight=float(t["weight"])) for t in row.targets)
-        return Deployment(agent_id=row.agent_id, targets=targets, revision=int(row.revision),
-                          updated_at=_utc(row.updated_at))
+        return Deployment(
+            agent_id=row.agent_id, targets=targets, revision=int(row.revision), updated_at=_utc(row.updated_at)
+        )
 
     # --- generation log ----------------------------------------------------------------------------
 
     def add_generation(self, record: GenerationRecord) -> None:
         with self._engine.begin() as conn:
-            conn.execute(insert(generations).values(
-                generation_id=record.generation_id, agent_id=record.agent_id,
-                policy_version=record.policy_version, prompt=record.prompt, text=record.text,
-                routing_key=record.routing_key, prompt_tokens=record.prompt_tokens,
-                completion_tokens=record.completion_tokens, finish_reason=record.finish_reason.value,
-                created_at=record.created_at))
+            conn.execute(
+                insert(generations).values(
+                    generation_id=record.generation_id,
+                    agent_id=record.agent_id,
+                    policy_version=record.policy_version,
+                    prompt=record.prompt,
+                    text=record.text,
+                    routing_key=record.routing_key,
+                    prompt_tokens=record.prompt_tokens,
+                    completion_tokens=record.completion_tokens,
+                    finish_reason=record.finish_reason.value,
+                    created_at=record.created_at,
+                )
+            )
 
     def get_generation(self, generation_id: str) -> GenerationRecord | None:
         with self._engine.connect() as conn:
@@ -103,7 +130,14 @@ class InferenceStore:
         if row is None:
             return None
         return GenerationRecord(
-            generation_id=row.generation_id, agent_id=row.agent_id, policy_version=row.policy_version,
-            prompt=row.prompt, text=row.text, routing_key=row.routing_key, prompt_tokens=row.prompt_tokens,
-            completion_tokens=row.completion_tokens, finish_reason=FinishReason(row.finish_reason),
-            created_at=_utc(row.created_at))
+            generation_id=row.generation_id,
+            agent_id=row.agent_id,
+            policy_version=row.policy_version,
+            prompt=row.prompt,
+            text=row.text,
+            routing_key=row.routing_key,
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            finish_reason=FinishReason(row.finish_reason),
+            created_at=_utc(row.created_at),
+        )

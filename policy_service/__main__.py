@@ -1,4 +1,4 @@
-from rlhf.runtime import prepare_environment
+from rlhf.runtime.environment import prepare_environment
 
 prepare_environment()  # before anything imports torch
 

@@ -7,27 +7,20 @@ import argparse
 from policy_service.config import PolicyServiceConfig
 from policy_service.domain import PolicyDomain
 from policy_service.servicer import PolicyServicer
-from policy_service.store import PolicyStore
-from rlhf.app import run_service, server_flags, server_overrides
-from rlhf.db import make_engine
 from rlhf.policy.v1 import policy_service_pb2_grpc as pb_grpc
-from rlhf.server import RunningServer, ServiceBinding, start_server
+from rlhf.runtime.app import run_service, server_flags, server_overrides, start_with_domain
+from rlhf.runtime.db import make_engine
+from rlhf.runtime.server import RunningServer, ServiceBinding
+from rlhf.runtime.training_store import TrainingStore
 
 
 async def start(config: PolicyServiceConfig) -> RunningServer:
     engine = make_engine(config.server.resolved_database_url())
-    domain = PolicyDomain(config, PolicyStore(engine))
-    await domain.start()
-    running = await start_server(config.server, [ServiceBinding(
-        "rlhf.policy.v1.PolicyService", PolicyServicer(domain), pb_grpc.add_PolicyServiceServicer_to_server)])
-
-    async def cleanup() -> None:
-        await domain.close()
-        engine.dispose()
-
-    running.on_stop.append(cleanup)
-    running.domain = domain
-    return running
+    domain = PolicyDomain(config, TrainingStore(engine, "policies", "policy"))
+    binding = ServiceBinding(
+        "rlhf.policy.v1.PolicyService", PolicyServicer(domain), pb_grpc.add_PolicyServiceServicer_to_server
+    )
+    return await start_with_domain(config.server, engine, domain, binding)
 
 
 def main(argv: list[str] | None = None) -> None:

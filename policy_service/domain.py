@@ -11,15 +11,18 @@ from typing import Any
 
 import grpc
 
-from policy_service.config import PolicyServiceConfig, TrainingConfig
+from policy_service.config import PolicyServiceConfig
 from policy_service.estimate import Estimate, estimate
-from rlhf import checks, validation
-from rlhf.errors import FailedPrecondition, InvalidArgument, Unimplemented, from_rpc_error
-from rlhf.feedback.v1 import feedback_service_pb2 as fb, feedback_service_pb2_grpc as fb_grpc
-from rlhf.jobs import SUCCEEDED, Job, JobManager
-from rlhf.registry import Version
-from rlhf.reward.v1 import reward_service_pb2 as rw, reward_service_pb2_grpc as rw_grpc
-from policy_service.store import PolicyStore
+from rlhf.feedback.v1 import feedback_service_pb2 as fb
+from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
+from rlhf.reward.v1 import reward_service_pb2 as rw
+from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
+from rlhf.runtime import checks, validation
+from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, Unimplemented, from_rpc_error
+from rlhf.runtime.jobs import SUCCEEDED, Job, JobManager
+from rlhf.runtime.registry import Catalog
+from rlhf.runtime.training_store import TrainingStore
+from rlhf.training.config import TrainingConfig
 
 log = logging.getLogger(__name__)
 SUPPORTED_ALGORITHMS = ("ppo",)
@@ -28,11 +31,7 @@ SUPPORTED_ALGORITHMS = ("ppo",)
 def validate_config(config: TrainingConfig, service: PolicyServiceConfig) -> TrainingConfig:
     p = "config"
     v = validation
-    checks.base_model(config.base_model, f"{p}.base_model")
-    checks.lora(config, p)
-    if not 0 < config.learning_rate <= 1:
-        raise InvalidArgument(f"{p}.learning_rate", "must be in (0, 1]")
-    v.int_in(config.batch_size, f"{p}.batch_size", 1, 4096)
+    checks.model_training(config, p)
     v.int_in(config.mini_batch_size, f"{p}.mini_batch_size", 1, config.batch_size)
     v.int_in(config.ppo_epochs, f"{p}.ppo_epochs", 1, 100)
     v.int_in(config.max_steps, "max_steps", 1, service.max_steps_cap)
@@ -47,13 +46,11 @@ def validate_config(config: TrainingConfig, service: PolicyServiceConfig) -> Tra
     v.number_in(config.temperature, f"{p}.temperature", 1e-3, 100.0)
     v.int_in(config.top_k, f"{p}.top_k", 0, 1_000_000)
     v.number_in(config.top_p, f"{p}.top_p", 1e-6, 1.0)
-    v.int_in(config.gradient_accumulation_steps, f"{p}.gradient_accumulation_steps", 1, 1024)
     v.int_in(config.kl_horizon, f"{p}.kl_horizon", 0, 10**9)
     v.number_in(config.max_grad_norm, f"{p}.max_grad_norm", 1e-6, 1e6)
     v.number_in(config.missing_eos_penalty, f"{p}.missing_eos_penalty", -1e3, 1e3)
     v.number_in(config.reward_clip, f"{p}.reward_clip", 0.0, 1e6)
     v.int_in(config.checkpoint_interval, f"{p}.checkpoint_interval", 0, 10**9)
-    checks.device_and_precision(config.device, config.mixed_precision, p)
     return config
 
 
@@ -67,13 +64,16 @@ class DryRun:
 
 
 class PolicyDomain:
-    def __init__(self, config: PolicyServiceConfig, store: PolicyStore) -> None:
+    def __init__(self, config: PolicyServiceConfig, store: TrainingStore) -> None:
         self.config = config
         self.store = store
         self.root = config.server.artifact_root / "policies"
+        self.policies = Catalog(store.registry)
         self.jobs = JobManager(store.jobs, self.root / ".jobs", "policy_service.worker", self._register)
-        self._channels = [grpc.aio.insecure_channel(config.feedback_address),
-                          grpc.aio.insecure_channel(config.reward_address)]
+        self._channels = [
+            grpc.aio.insecure_channel(config.feedback_address),
+            grpc.aio.insecure_channel(config.reward_address),
+        ]
         self.feedback = fb_grpc.FeedbackServiceStub(self._channels[0])
         self.reward = rw_grpc.RewardServiceStub(self._channels[1])
 
@@ -86,8 +86,9 @@ class PolicyDomain:
             await channel.close()
 
     # --- TrainPolicy ---------------------------------------------------------------------------------
-    async def _checks(self, agent_id: str, config: TrainingConfig, algorithm: str,
-                      reward_model_version: str) -> fb.FeedbackStats:
+    async def _checks(
+        self, agent_id: str, config: TrainingConfig, algorithm: str, reward_model_version: str
+    ) -> fb.FeedbackStats:
         """Every check a real run makes, shared by dry runs."""
         validation.agent_id(agent_id)
         validate_config(config, self.config)
@@ -95,40 +96,54 @@ class PolicyDomain:
             raise Unimplemented(f"algorithm {algorithm.upper()} is not available yet; use PPO")
         validation.version(reward_model_version, "reward_model_version")
         try:
-            stats = (await self.feedback.GetFeedbackStats(
-                fb.GetFeedbackStatsRequest(agent_id=agent_id), timeout=10)).stats
+            stats = (
+                await self.feedback.GetFeedbackStats(fb.GetFeedbackStatsRequest(agent_id=agent_id), timeout=10)
+            ).stats
         except grpc.RpcError as error:
             raise from_rpc_error(error, "feedback service") from error
         if stats.feedback_count < self.config.min_feedback:
             raise FailedPrecondition(
                 f"agent '{agent_id}' has {stats.feedback_count} feedback items; at least "
-                f"{self.config.min_feedback} are needed to train a policy", subject=agent_id, kind="FEEDBACK_COUNT")
+                f"{self.config.min_feedback} are needed to train a policy",
+                subject=agent_id,
+                kind="FEEDBACK_COUNT",
+            )
         if reward_model_version:
             try:
-                await self.reward.GetRewardModel(rw.GetRewardModelRequest(
-                    agent_id=agent_id, version=reward_model_version), timeout=10)
+                await self.reward.GetRewardModel(
+                    rw.GetRewardModelRequest(agent_id=agent_id, version=reward_model_version), timeout=10
+                )
             except grpc.RpcError as error:
                 raise from_rpc_error(error, "reward service") from error
         return stats
 
-    async def dry_run(self, agent_id: str, config: TrainingConfig, algorithm: str,
-                      reward_model_version: str) -> DryRun:
+    async def dry_run(self, agent_id: str, config: TrainingConfig, algorithm: str, reward_model_version: str) -> DryRun:
         stats = await self._checks(agent_id, config, algorithm, reward_model_version)
         history = [job.result for job in await self.jobs.list(state=SUCCEEDED, limit=20) if job.result]
         guess = estimate(config, history)
         log.info("dry run for %s: %d steps, %.1f min (%s)", agent_id, guess.steps, guess.minutes, guess.basis)
         return DryRun(stats.feedback_count, stats.score_mean, stats.score_std, guess, config)
 
-    async def start_job(self, agent_id: str, config: TrainingConfig, algorithm: str, reward_model_version: str,
-                        reward_model_config: rw.RewardModelConfig) -> Job:
+    async def start_job(
+        self,
+        agent_id: str,
+        config: TrainingConfig,
+        algorithm: str,
+        reward_model_version: str,
+        reward_model_config: rw.RewardModelConfig,
+    ) -> Job:
         await self._checks(agent_id, config, algorithm, reward_model_version)
-        spec = {"config": dataclasses.asdict(config), "algorithm": algorithm,
-                "reward_model_version": reward_model_version,
-                "reward_model_config": reward_model_config.SerializeToString().hex(),
-                "feedback_address": self.config.feedback_address, "reward_address": self.config.reward_address,
-                "data_dir": str(self.config.server.data_dir),
-                "score_timeout_seconds": self.config.score_timeout_seconds,
-                "score_retries": self.config.score_retries}
+        spec = {
+            "config": dataclasses.asdict(config),
+            "algorithm": algorithm,
+            "reward_model_version": reward_model_version,
+            "reward_model_config": reward_model_config.SerializeToString().hex(),
+            "feedback_address": self.config.feedback_address,
+            "reward_address": self.config.reward_address,
+            "data_dir": str(self.config.server.data_dir),
+            "score_timeout_seconds": self.config.score_timeout_seconds,
+            "score_retries": self.config.score_retries,
+        }
         return await self.jobs.submit(agent_id, spec)
 
     async def resume_job(self, job_id: str) -> Job:
@@ -137,8 +152,9 @@ class PolicyDomain:
             raise InvalidArgument("job_id", "is required")
         job = await self.jobs.get(job_id)
         # The world may have changed since: the same checks as a new run (feedback, reward model).
-        await self._checks(job.agent_id, TrainingConfig(**job.spec["config"]), job.spec["algorithm"],
-                           job.spec["reward_model_version"])
+        await self._checks(
+            job.agent_id, TrainingConfig(**job.spec["config"]), job.spec["algorithm"], job.spec["reward_model_version"]
+        )
         return await self.jobs.resume(job_id)
 
     async def _register(self, job: Job, result: dict[str, Any]) -> str:
@@ -150,17 +166,13 @@ class PolicyDomain:
             results_file.write_text(json.dumps(results, indent=2))
 
         info = {k: v for k, v in result.items() if k != "output_dir"}
-        record = await asyncio.to_thread(self.store.policies.register_folder, job.agent_id,
-                                         pathlib.Path(result["output_dir"]), self.root, job.job_id, info,
-                                         name_final_place)
+        record = await asyncio.to_thread(
+            self.store.registry.register_folder,
+            job.agent_id,
+            pathlib.Path(result["output_dir"]),
+            self.root,
+            job.job_id,
+            info,
+            name_final_place,
+        )
         return record.version
-
-    # --- registry ------------------------------------------------------------------------------------
-    async def get_policy(self, agent_id: str, version: str) -> Version:
-        validation.agent_id(agent_id)
-        validation.version(version)
-        return await asyncio.to_thread(self.store.policies.get, agent_id, version)
-
-    async def list_policies(self, agent_id: str, page_size: int, page_token: str) -> tuple[list[Version], str]:
-        validation.agent_id(agent_id)
-        return await asyncio.to_thread(self.store.policies.page, agent_id, page_size, page_token)

@@ -12,8 +12,8 @@ import dataclasses
 import json
 import pathlib
 
-from policy_service.config import TrainingConfig
-from rlhf.modeling import TINY_MODEL
+from rlhf.training.config import TrainingConfig
+from rlhf.training.modeling import TINY_MODEL
 
 # Seconds per token-pass measured for the tiny model (309k parameters) on a 2-core CPU.
 TINY_SECONDS_PER_TOKEN_PASS = 5.9e-5
@@ -54,8 +54,9 @@ def estimate(config: TrainingConfig, history: list[dict]) -> Estimate:
             basis = f"measured: job {run['lineage']['job_id']} on this server"
             break
     else:
-        params = TINY_PARAMETERS if config.base_model == TINY_MODEL else \
-            parameter_count(config.base_model) or 124_000_000
+        params = (
+            TINY_PARAMETERS if config.base_model == TINY_MODEL else parameter_count(config.base_model) or 124_000_000
+        )
         per_pass = TINY_SECONDS_PER_TOKEN_PASS * max(1.0, params / TINY_PARAMETERS) ** 0.8
         basis = f"default cost model for {params:,} parameters on a 2-core CPU"
     seconds = config.max_steps * token_passes(config) * per_pass

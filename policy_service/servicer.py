@@ -6,36 +6,52 @@ import dataclasses
 
 from google.protobuf import struct_pb2
 
-from policy_service.config import TrainingConfig
 from policy_service.domain import PolicyDomain
-from rlhf.errors import translate_errors
-from rlhf.jobs import Job
-from rlhf.policy.v1 import policy_service_pb2 as pb, policy_service_pb2_grpc as pb_grpc
-from rlhf.protoconfig import from_message, to_message
-from rlhf.registry import Version
+from rlhf.policy.v1 import policy_service_pb2 as pb
+from rlhf.policy.v1 import policy_service_pb2_grpc as pb_grpc
 from rlhf.reward.v1 import reward_service_pb2 as rw
-from rlhf.timestamps import to_proto
+from rlhf.runtime.errors import translate_errors
+from rlhf.runtime.job_rpcs import JobRpcs
+from rlhf.runtime.jobs import Job
+from rlhf.runtime.protoconfig import from_message, to_message
+from rlhf.runtime.registry import Version
+from rlhf.runtime.timestamps import to_proto
+from rlhf.training.config import TrainingConfig
 
-ALGORITHMS = {pb.ALGORITHM_UNSPECIFIED: "ppo", pb.ALGORITHM_PPO: "ppo", pb.ALGORITHM_GRPO: "grpo",
-              pb.ALGORITHM_RLOO: "rloo"}
-STATUS_AFTER_WAIT = {"SUCCEEDED": "trained", "FAILED": "failed", "CANCELLED": "cancelled",
-                     "INTERRUPTED": "interrupted"}
+ALGORITHMS = {
+    pb.ALGORITHM_UNSPECIFIED: "ppo",
+    pb.ALGORITHM_PPO: "ppo",
+    pb.ALGORITHM_GRPO: "grpo",
+    pb.ALGORITHM_RLOO: "rloo",
+}
+STATUS_AFTER_WAIT = {"SUCCEEDED": "trained", "FAILED": "failed", "CANCELLED": "cancelled", "INTERRUPTED": "interrupted"}
 
 
 def job_to_proto(job: Job) -> pb.TrainingJob:
     progress = job.progress
     message = pb.TrainingJob(
-        job_id=job.job_id, agent_id=job.agent_id, state=pb.JobState.Value(f"JOB_STATE_{job.state}"),
+        job_id=job.job_id,
+        agent_id=job.agent_id,
+        state=pb.JobState.Value(f"JOB_STATE_{job.state}"),
         algorithm=pb.Algorithm.Value(f"ALGORITHM_{job.spec['algorithm'].upper()}"),
         config=to_message(TrainingConfig(**job.spec["config"]), pb.TrainingConfig),
-        progress=pb.JobProgress(phase=progress.get("phase", ""), step=progress.get("step", 0),
-                                total_steps=progress.get("total_steps", 0),
-                                steps_per_second=progress.get("steps_per_second", 0.0),
-                                eta_seconds=progress.get("eta_seconds", 0.0), message=progress.get("message", "")),
+        progress=pb.JobProgress(
+            phase=progress.get("phase", ""),
+            step=progress.get("step", 0),
+            total_steps=progress.get("total_steps", 0),
+            steps_per_second=progress.get("steps_per_second", 0.0),
+            eta_seconds=progress.get("eta_seconds", 0.0),
+            message=progress.get("message", ""),
+        ),
         reward_model_version=progress.get("reward_model_version", job.spec.get("reward_model_version", "")),
-        policy_version=job.version, error=job.error, created_at=to_proto(job.created_at),
-        started_at=to_proto(job.started_at), finished_at=to_proto(job.finished_at),
-        reward_job_id=progress.get("reward_job_id", ""), resumed_from_step=progress.get("resumed_from_step", 0))
+        policy_version=job.version,
+        error=job.error,
+        created_at=to_proto(job.created_at),
+        started_at=to_proto(job.started_at),
+        finished_at=to_proto(job.finished_at),
+        reward_job_id=progress.get("reward_job_id", ""),
+        resumed_from_step=progress.get("resumed_from_step", 0),
+    )
     message.progress.metrics.update(progress.get("metrics", {}))
     return message
 
@@ -44,49 +60,71 @@ def policy_to_proto(record: Version) -> pb.Policy:
     info = record.info
     lineage = info["lineage"]
     return pb.Policy(
-        id=record.id, agent_id=record.agent_id, version=record.version, created_at=to_proto(record.created_at),
+        id=record.id,
+        agent_id=record.agent_id,
+        version=record.version,
+        created_at=to_proto(record.created_at),
         metrics=pb.PolicyMetrics(
-            feedback_count=info["feedback_count"], reward_mean=info["final_reward_mean"],
-            reward_std=info["final_reward_std"], training_steps=info["training_steps"], kl=info["final_kl"],
-            entropy=info["entropy"], value_error=info["value_error"],
-            initial_reward_mean=info.get("initial_reward_mean", 0.0)),
-        model_path=f"{record.path}/policy", reward_model_path=lineage["reward_model_path"],
-        reward_model_version=lineage["reward_model_version"], base_model=lineage["base_model"],
+            feedback_count=info["feedback_count"],
+            reward_mean=info["final_reward_mean"],
+            reward_std=info["final_reward_std"],
+            training_steps=info["training_steps"],
+            kl=info["final_kl"],
+            entropy=info["entropy"],
+            value_error=info["value_error"],
+            initial_reward_mean=info.get("initial_reward_mean", 0.0),
+        ),
+        model_path=f"{record.path}/policy",
+        reward_model_path=lineage["reward_model_path"],
+        reward_model_version=lineage["reward_model_version"],
+        base_model=lineage["base_model"],
         feedback_watermark=lineage["feedback_watermark"],
         algorithm=pb.Algorithm.Value(f"ALGORITHM_{info['algorithm'].upper()}"),
-        config=to_message(TrainingConfig(**info["config"]), pb.TrainingConfig), job_id=record.job_id,
-        artifact_path=record.path)
+        config=to_message(TrainingConfig(**info["config"]), pb.TrainingConfig),
+        job_id=record.job_id,
+        artifact_path=record.path,
+    )
 
 
 @translate_errors
-class PolicyServicer(pb_grpc.PolicyServiceServicer):
-    def __init__(self, domain: PolicyDomain) -> None:
-        self.domain = domain
+class PolicyServicer(JobRpcs, pb_grpc.PolicyServiceServicer):
+    messages = pb
+    job_message = staticmethod(job_to_proto)
+    domain: PolicyDomain
 
     async def TrainPolicy(self, request, context):
         config = from_message(
-            request.config if request.HasField("config") else None, TrainingConfig,
+            request.config if request.HasField("config") else None,
+            TrainingConfig,
             max_steps=request.max_steps if request.HasField("max_steps") else None,
-            learning_rate=request.learning_rate if request.HasField("learning_rate") else None)
+            learning_rate=request.learning_rate if request.HasField("learning_rate") else None,
+        )
         algorithm = ALGORITHMS.get(request.algorithm, "unknown")
         if request.dry_run:
             result = await self.domain.dry_run(request.agent_id, config, algorithm, request.reward_model_version)
             model_config = struct_pb2.Struct()
             model_config.update(dataclasses.asdict(result.config))
             return pb.TrainPolicyResponse(
-                status="dry_run", feedback_count=result.feedback_count, estimated_steps=result.estimate.steps,
-                estimated_time_minutes=round(result.estimate.minutes, 2), score_mean=result.score_mean,
-                score_std=result.score_std, model_config=model_config)
-        reward_config = request.reward_model_config if request.HasField("reward_model_config") \
-            else rw.RewardModelConfig()
-        job = await self.domain.start_job(request.agent_id, config, algorithm, request.reward_model_version,
-                                          reward_config)
+                status="dry_run",
+                feedback_count=result.feedback_count,
+                estimated_steps=result.estimate.steps,
+                estimated_time_minutes=round(result.estimate.minutes, 2),
+                score_mean=result.score_mean,
+                score_std=result.score_std,
+                model_config=model_config,
+            )
+        reward_config = (
+            request.reward_model_config if request.HasField("reward_model_config") else rw.RewardModelConfig()
+        )
+        job = await self.domain.start_job(
+            request.agent_id, config, algorithm, request.reward_model_version, reward_config
+        )
         if not request.wait:
             return pb.TrainPolicyResponse(status="queued", job=job_to_proto(job))
         job = await self.domain.jobs.wait(job.job_id)
         response = pb.TrainPolicyResponse(status=STATUS_AFTER_WAIT[job.state], job=job_to_proto(job))
         if job.state == "SUCCEEDED":
-            policy = policy_to_proto(await self.domain.get_policy(job.agent_id, job.version))
+            policy = policy_to_proto(await self.domain.policies.get(job.agent_id, job.version))
             response.policy_id = policy.id
             response.version = policy.version
             response.model_path = policy.model_path
@@ -97,28 +135,14 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             response.reward_std = policy.metrics.reward_std
         return response
 
-    async def GetTrainingJob(self, request, context):
-        return pb.GetTrainingJobResponse(job=job_to_proto(await self.domain.jobs.get(request.job_id)))
-
-    async def ListTrainingJobs(self, request, context):
-        state = pb.JobState.Name(request.state).removeprefix("JOB_STATE_") if request.state else ""
-        jobs, token = await self.domain.jobs.page(request.agent_id, state, request.page_size, request.page_token)
-        return pb.ListTrainingJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
-
-    async def CancelTrainingJob(self, request, context):
-        return pb.CancelTrainingJobResponse(job=job_to_proto(await self.domain.jobs.cancel(request.job_id)))
-
     async def ResumeTrainingJob(self, request, context):
         return pb.ResumeTrainingJobResponse(job=job_to_proto(await self.domain.resume_job(request.job_id)))
 
-    async def WatchTrainingJob(self, request, context):
-        async for job in self.domain.jobs.watch(request.job_id):
-            yield pb.WatchTrainingJobResponse(job=job_to_proto(job))
-
     async def ListPolicies(self, request, context):
-        records, token = await self.domain.list_policies(request.agent_id, request.page_size, request.page_token)
+        records, token = await self.domain.policies.page(request.agent_id, request.page_size, request.page_token)
         return pb.ListPoliciesResponse(policies=[policy_to_proto(r) for r in records], next_page_token=token)
 
     async def GetPolicy(self, request, context):
-        return pb.GetPolicyResponse(policy=policy_to_proto(await self.domain.get_policy(request.agent_id,
-                                                                                        request.version)))
+        return pb.GetPolicyResponse(
+            policy=policy_to_proto(await self.domain.policies.get(request.agent_id, request.version))
+        )

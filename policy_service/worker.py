@@ -11,13 +11,14 @@ from typing import Any
 
 import grpc
 
-from policy_service.config import TrainingConfig
-from policy_service.trainer import PPOTrainer
-from rlhf.clients import FeedbackClient, RewardClient
-from rlhf.modeling import pick_device, resolve_model
-from rlhf.plotting import plot_curves
 from rlhf.reward.v1 import reward_service_pb2 as rw
-from rlhf.worker import Cancelled, JobContext, main_for
+from rlhf.runtime.worker import Cancelled, JobContext, main_for
+from rlhf.sdk.clients import FeedbackClient, RewardClient
+from rlhf.training.config import TrainingConfig
+from rlhf.training.modeling import pick_device, resolve_model
+from rlhf.training.plotting import plot_curves
+from rlhf.training.ppo_trainer import PPOTrainer
+from rlhf.training.scoring import fill_unscorable
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,12 @@ def ensure_reward_model(context: JobContext, reward: RewardClient, resumed_versi
             raise
         p = job.progress
         detail = f" step {p.step}/{p.total_steps}, loss {p.train_loss:.4f}" if p.phase == "training" else ""
-        context.progress(phase="reward_model", step=0, total_steps=spec["config"]["max_steps"],
-                         message=f"reward model {p.phase or 'queued'}{detail}")
+        context.progress(
+            phase="reward_model",
+            step=0,
+            total_steps=spec["config"]["max_steps"],
+            message=f"reward model {p.phase or 'queued'}{detail}",
+        )
     if job.state != rw.JOB_STATE_SUCCEEDED:
         raise RuntimeError(f"reward-model job {job.job_id} ended {rw.JobState.Name(job.state)}: {job.error}")
     return reward.get_model(agent_id, job.reward_model_version)
@@ -85,16 +90,19 @@ def train(context: JobContext) -> dict[str, Any]:
     def score(batch_prompts: list[str], responses: list[str]) -> list[float]:
         context.check_cancelled()
         try:
-            answer = reward.score(agent_id, list(zip(batch_prompts, responses)), version=reward_model.version,
-                                  retries=spec["score_retries"])
+            answer = reward.score(
+                agent_id,
+                list(zip(batch_prompts, responses, strict=False)),
+                version=reward_model.version,
+                retries=spec["score_retries"],
+            )
         except grpc.RpcError as error:
-            raise RuntimeError(f"reward service failed during PPO ({error.code().name}: {error.details()}); "
-                               f"last checkpoint kept at {checkpoint_path}") from error
-        # An unscorable response (e.g. empty) gets the batch's lowest score: never rewarded.
-        valid = [s.score for s in answer.scores if s.ok]
-        floor = min(valid) if valid else 0.0
+            raise RuntimeError(
+                f"reward service failed during PPO ({error.code().name}: {error.details()}); "
+                f"last checkpoint kept at {checkpoint_path}"
+            ) from error
         unscored["count"] += sum(1 for s in answer.scores if not s.ok)
-        return [s.score if s.ok else floor for s in answer.scores]
+        return fill_unscorable([s.score if s.ok else None for s in answer.scores])
 
     started = time.monotonic()
     first_step = trainer.step
@@ -105,8 +113,14 @@ def train(context: JobContext) -> dict[str, Any]:
         last_metrics = metrics
         elapsed = time.monotonic() - started
         rate = (step - first_step) / elapsed if elapsed > 0 else 0.0
-        context.progress(phase="training", step=step, total_steps=config.max_steps, metrics=metrics,
-                         steps_per_second=rate, eta_seconds=(config.max_steps - step) / rate if rate else 0.0)
+        context.progress(
+            phase="training",
+            step=step,
+            total_steps=config.max_steps,
+            metrics=metrics,
+            steps_per_second=rate,
+            eta_seconds=(config.max_steps - step) / rate if rate else 0.0,
+        )
         context.check_cancelled()
 
     def save() -> None:
@@ -121,31 +135,54 @@ def train(context: JobContext) -> dict[str, Any]:
     context.progress(phase="saving", step=trainer.step, total_steps=config.max_steps, metrics=last_metrics)
     output = job_dir / "output"
     trainer.save(output)
-    curves = {"reward (score mean)": history.reward, "KL to reference": history.kl, "loss": history.loss,
-              "entropy": history.entropy, "value loss": history.value_loss, "kl_coef": history.kl_coef}
+    curves = {
+        "reward (score mean)": history.reward,
+        "KL to reference": history.kl,
+        "loss": history.loss,
+        "entropy": history.entropy,
+        "value loss": history.value_loss,
+        "kl_coef": history.kl_coef,
+    }
     plot_curves(curves, output / "curves.png", f"{agent_id}: PPO on {config.base_model}")
     tail = max(1, min(5, len(history.reward)))
     results = {
         # The seed's TrainingResult fields.
-        "model_path": str(output / "policy"), "reward_model_path": reward_model.model_path,
-        "feedback_count": len(rows), "final_reward_mean": sum(history.reward[-tail:]) / tail,
-        "final_reward_std": sum(history.reward_std[-tail:]) / tail, "training_steps": trainer.step,
-        "reward_history": history.reward, "kl_history": history.kl, "loss_history": history.loss,
+        "model_path": str(output / "policy"),
+        "reward_model_path": reward_model.model_path,
+        "feedback_count": len(rows),
+        "final_reward_mean": sum(history.reward[-tail:]) / tail,
+        "final_reward_std": sum(history.reward_std[-tail:]) / tail,
+        "training_steps": trainer.step,
+        "reward_history": history.reward,
+        "kl_history": history.kl,
+        "loss_history": history.loss,
         # More curves, config and lineage.
-        "value_loss_history": history.value_loss, "entropy_history": history.entropy,
-        "kl_coef_history": history.kl_coef, "response_length_history": history.response_length,
-        "value_error": last_metrics.get("val/error", 0.0), "entropy": last_metrics.get("objective/entropy", 0.0),
-        "final_kl": last_metrics.get("objective/kl", 0.0), "unscored_responses": unscored["count"],
-        "config": dataclasses.asdict(config), "algorithm": "ppo",
-        "lineage": {"base_model": config.base_model, "reward_model_version": reward_model.version,
-                    "reward_model_path": reward_model.model_path, "feedback_watermark": watermark,
-                    "job_id": spec["job_id"]},
+        "value_loss_history": history.value_loss,
+        "entropy_history": history.entropy,
+        "kl_coef_history": history.kl_coef,
+        "response_length_history": history.response_length,
+        "value_error": last_metrics.get("val/error", 0.0),
+        "entropy": last_metrics.get("objective/entropy", 0.0),
+        "final_kl": last_metrics.get("objective/kl", 0.0),
+        "unscored_responses": unscored["count"],
+        "config": dataclasses.asdict(config),
+        "algorithm": "ppo",
+        "lineage": {
+            "base_model": config.base_model,
+            "reward_model_version": reward_model.version,
+            "reward_model_path": reward_model.model_path,
+            "feedback_watermark": watermark,
+            "job_id": spec["job_id"],
+        },
         "training_seconds": round(time.monotonic() - started, 2),
         "timed_steps": trainer.step - first_step,  # steps training_seconds covers (a resumed run: fewer)
     }
     (output / "training_results.json").write_text(json.dumps(results, indent=2))
-    return {"output_dir": str(output), **{k: v for k, v in results.items() if not k.endswith("_history")},
-            "initial_reward_mean": history.reward[0] if history.reward else 0.0}
+    return {
+        "output_dir": str(output),
+        **{k: v for k, v in results.items() if not k.endswith("_history")},
+        "initial_reward_mean": history.reward[0] if history.reward else 0.0,
+    }
 
 
 if __name__ == "__main__":

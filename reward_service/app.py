@@ -7,27 +7,20 @@ import argparse
 from reward_service.config import RewardServiceConfig
 from reward_service.domain import RewardDomain
 from reward_service.servicer import RewardServicer
-from reward_service.store import RewardStore
-from rlhf.app import run_service, server_flags, server_overrides
-from rlhf.db import make_engine
 from rlhf.reward.v1 import reward_service_pb2_grpc as pb_grpc
-from rlhf.server import RunningServer, ServiceBinding, start_server
+from rlhf.runtime.app import run_service, server_flags, server_overrides, start_with_domain
+from rlhf.runtime.db import make_engine
+from rlhf.runtime.server import RunningServer, ServiceBinding
+from rlhf.runtime.training_store import TrainingStore
 
 
 async def start(config: RewardServiceConfig) -> RunningServer:
     engine = make_engine(config.server.resolved_database_url())
-    domain = RewardDomain(config, RewardStore(engine))
-    await domain.start()
-    running = await start_server(config.server, [ServiceBinding(
-        "rlhf.reward.v1.RewardService", RewardServicer(domain), pb_grpc.add_RewardServiceServicer_to_server)])
-
-    async def cleanup() -> None:
-        await domain.close()
-        engine.dispose()
-
-    running.on_stop.append(cleanup)
-    running.domain = domain  # tests inspect the cache and jobs
-    return running
+    domain = RewardDomain(config, TrainingStore(engine, "reward_models", "reward model"))
+    binding = ServiceBinding(
+        "rlhf.reward.v1.RewardService", RewardServicer(domain), pb_grpc.add_RewardServiceServicer_to_server
+    )
+    return await start_with_domain(config.server, engine, domain, binding)
 
 
 def main(argv: list[str] | None = None) -> None:

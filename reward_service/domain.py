@@ -11,40 +11,36 @@ from typing import Any
 
 import grpc
 
-from reward_service.config import RewardModelConfig, RewardServiceConfig
-from reward_service.scoring import Scored, Scorer
-from reward_service.store import RewardStore
-from rlhf import checks, validation
-from rlhf.errors import FailedPrecondition, InvalidArgument, from_rpc_error
-from rlhf.feedback.v1 import feedback_service_pb2 as fb, feedback_service_pb2_grpc as fb_grpc
-from rlhf.jobs import Job, JobManager
-from rlhf.registry import Version
+from reward_service.config import RewardServiceConfig
+from rlhf.feedback.v1 import feedback_service_pb2 as fb
+from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
+from rlhf.runtime import checks, validation
+from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, from_rpc_error
+from rlhf.runtime.jobs import Job, JobManager
+from rlhf.runtime.registry import Catalog
+from rlhf.runtime.training_store import TrainingStore
+from rlhf.training.config import RewardModelConfig
+from rlhf.training.scoring import Scored, Scorer
 
 log = logging.getLogger(__name__)
 
 
 def validate_config(config: RewardModelConfig) -> RewardModelConfig:
     p = "config"
-    checks.base_model(config.base_model, f"{p}.base_model")
-    checks.lora(config, p)
-    validation.int_in(config.batch_size, f"{p}.batch_size", 1, 4096)
+    checks.model_training(config, p)
     validation.int_in(config.num_epochs, f"{p}.num_epochs", 1, 1000)
-    validation.number_in(config.learning_rate, f"{p}.learning_rate", 1e-12, 1.0)
-    if config.learning_rate <= 0:
-        raise InvalidArgument(f"{p}.learning_rate", "must be positive")
-    validation.int_in(config.gradient_accumulation_steps, f"{p}.gradient_accumulation_steps", 1, 1024)
     validation.int_in(config.max_length, f"{p}.max_length", 8, 32768)
     validation.number_in(config.validation_fraction, f"{p}.validation_fraction", 0.0, 0.5)
     validation.int_in(config.early_stopping_patience, f"{p}.early_stopping_patience", 0, 1000)
-    checks.device_and_precision(config.device, config.mixed_precision, p)
     return config
 
 
 class RewardDomain:
-    def __init__(self, config: RewardServiceConfig, store: RewardStore) -> None:
+    def __init__(self, config: RewardServiceConfig, store: TrainingStore) -> None:
         self.config = config
         self.store = store
         self.root = config.server.artifact_root / "reward_models"
+        self.models = Catalog(store.registry)
         self.jobs = JobManager(store.jobs, self.root / ".jobs", "reward_service.worker", self._register)
         self.scorer = Scorer(config.device, config.score_micro_batch, config.model_cache_size)
         self._feedback_channel = grpc.aio.insecure_channel(config.feedback_address)
@@ -69,41 +65,55 @@ class RewardDomain:
         if count < self.config.min_feedback:
             raise FailedPrecondition(
                 f"agent '{agent_id}' has {count} feedback items; at least {self.config.min_feedback} are "
-                f"needed to train a reward model", subject=agent_id, kind="FEEDBACK_COUNT")
-        spec = {"config": dataclasses.asdict(config), "feedback_address": self.config.feedback_address,
-                "data_dir": str(self.config.server.data_dir)}
+                f"needed to train a reward model",
+                subject=agent_id,
+                kind="FEEDBACK_COUNT",
+            )
+        spec = {
+            "config": dataclasses.asdict(config),
+            "feedback_address": self.config.feedback_address,
+            "data_dir": str(self.config.server.data_dir),
+        }
         job = await self.jobs.submit(agent_id, spec)
         return job
 
     async def _register(self, job: Job, result: dict[str, Any]) -> str:
-        info = {k: result[k] for k in ("feedback_watermark", "feedback_count", "rating_count",
-                                       "comparison_count", "metrics", "normalization")}
+        info = {
+            k: result[k]
+            for k in (
+                "feedback_watermark",
+                "feedback_count",
+                "rating_count",
+                "comparison_count",
+                "metrics",
+                "normalization",
+            )
+        }
         info["config"] = job.spec["config"]
-        record = await asyncio.to_thread(self.store.models.register_folder, job.agent_id,
-                                         pathlib.Path(result["model_path"]), self.root, job.job_id, info)
+        record = await asyncio.to_thread(
+            self.store.registry.register_folder,
+            job.agent_id,
+            pathlib.Path(result["model_path"]),
+            self.root,
+            job.job_id,
+            info,
+        )
         return record.version
 
-    # --- registry ------------------------------------------------------------------------------------
-    async def get_model(self, agent_id: str, version: str) -> Version:
-        validation.agent_id(agent_id)
-        validation.version(version)
-        return await asyncio.to_thread(self.store.models.get, agent_id, version)
-
-    async def list_models(self, agent_id: str, page_size: int, page_token: str) -> tuple[list[Version], str]:
-        validation.agent_id(agent_id)
-        return await asyncio.to_thread(self.store.models.page, agent_id, page_size, page_token)
-
     # --- scoring -------------------------------------------------------------------------------------
-    async def score(self, agent_id: str, version: str, pairs: list[tuple[str, str]],
-                    time_remaining: float | None) -> tuple[list[Scored], str]:
+    async def score(
+        self, agent_id: str, version: str, pairs: list[tuple[str, str]], time_remaining: float | None
+    ) -> tuple[list[Scored], str]:
         validation.agent_id(agent_id)
         validation.version(version)
         if not pairs:
             raise InvalidArgument("items", "must hold at least one item")
         if len(pairs) > self.config.score_max_batch:
-            raise InvalidArgument("items", f"holds {len(pairs)} items; at most {self.config.score_max_batch} "
-                                           f"per request (split the batch)")
-        record = await asyncio.to_thread(self.store.models.get, agent_id, version)
+            raise InvalidArgument(
+                "items",
+                f"holds {len(pairs)} items; at most {self.config.score_max_batch} per request (split the batch)",
+            )
+        record = await self.models.get(agent_id, version)
         loaded = await self.scorer.cache.get(record.path)
         deadline = time.monotonic() + time_remaining if time_remaining else None
         scored = await asyncio.to_thread(self.scorer.score, loaded, pairs, deadline)

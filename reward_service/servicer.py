@@ -2,30 +2,43 @@
 
 from __future__ import annotations
 
-from reward_service.config import RewardModelConfig
 from reward_service.domain import RewardDomain
-from rlhf.errors import translate_errors
-from rlhf.jobs import Job
-from rlhf.registry import Version
-from rlhf.protoconfig import from_message, to_message
-from rlhf.reward.v1 import reward_service_pb2 as pb, reward_service_pb2_grpc as pb_grpc
-from rlhf.timestamps import to_proto
+from rlhf.reward.v1 import reward_service_pb2 as pb
+from rlhf.reward.v1 import reward_service_pb2_grpc as pb_grpc
+from rlhf.runtime.errors import translate_errors
+from rlhf.runtime.job_rpcs import JobRpcs
+from rlhf.runtime.jobs import Job
+from rlhf.runtime.protoconfig import from_message, to_message
+from rlhf.runtime.registry import Version
+from rlhf.runtime.timestamps import to_proto
+from rlhf.training.config import RewardModelConfig
 
 
 def job_to_proto(job: Job) -> pb.TrainingJob:
     progress = job.progress
     message = pb.TrainingJob(
-        job_id=job.job_id, agent_id=job.agent_id, state=pb.JobState.Value(f"JOB_STATE_{job.state}"),
+        job_id=job.job_id,
+        agent_id=job.agent_id,
+        state=pb.JobState.Value(f"JOB_STATE_{job.state}"),
         config=to_message(RewardModelConfig(**job.spec["config"]), pb.RewardModelConfig),
         progress=pb.JobProgress(
-            phase=progress.get("phase", ""), step=progress.get("step", 0),
-            total_steps=progress.get("total_steps", 0), epoch=progress.get("epoch", 0),
-            total_epochs=progress.get("total_epochs", 0), train_loss=progress.get("train_loss", 0.0),
-            validation_loss=progress.get("validation_loss"), eta_seconds=progress.get("eta_seconds", 0.0),
-            message=progress.get("message", "")),
-        reward_model_version=job.version, error=job.error, created_at=to_proto(job.created_at),
-        started_at=to_proto(job.started_at), finished_at=to_proto(job.finished_at),
-        feedback_watermark=job.result.get("feedback_watermark", 0))
+            phase=progress.get("phase", ""),
+            step=progress.get("step", 0),
+            total_steps=progress.get("total_steps", 0),
+            epoch=progress.get("epoch", 0),
+            total_epochs=progress.get("total_epochs", 0),
+            train_loss=progress.get("train_loss", 0.0),
+            validation_loss=progress.get("validation_loss"),
+            eta_seconds=progress.get("eta_seconds", 0.0),
+            message=progress.get("message", ""),
+        ),
+        reward_model_version=job.version,
+        error=job.error,
+        created_at=to_proto(job.created_at),
+        started_at=to_proto(job.started_at),
+        finished_at=to_proto(job.finished_at),
+        feedback_watermark=job.result.get("feedback_watermark", 0),
+    )
     message.metrics.update(job.result.get("metrics", {}))
     return message
 
@@ -33,51 +46,45 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
 def model_to_proto(record: Version) -> pb.RewardModel:
     info = record.info
     message = pb.RewardModel(
-        agent_id=record.agent_id, version=record.version, model_path=record.path,
-        base_model=info["config"]["base_model"], created_at=to_proto(record.created_at),
-        feedback_watermark=info["feedback_watermark"], feedback_count=info["feedback_count"],
-        rating_count=info["rating_count"], comparison_count=info["comparison_count"],
-        config=to_message(RewardModelConfig(**info["config"]), pb.RewardModelConfig), job_id=record.job_id,
-        normalization=pb.ScoreNormalization(mean=info["normalization"]["mean"], std=info["normalization"]["std"]))
+        agent_id=record.agent_id,
+        version=record.version,
+        model_path=record.path,
+        base_model=info["config"]["base_model"],
+        created_at=to_proto(record.created_at),
+        feedback_watermark=info["feedback_watermark"],
+        feedback_count=info["feedback_count"],
+        rating_count=info["rating_count"],
+        comparison_count=info["comparison_count"],
+        config=to_message(RewardModelConfig(**info["config"]), pb.RewardModelConfig),
+        job_id=record.job_id,
+        normalization=pb.ScoreNormalization(mean=info["normalization"]["mean"], std=info["normalization"]["std"]),
+    )
     message.metrics.update(info["metrics"])
     return message
 
 
 @translate_errors
-class RewardServicer(pb_grpc.RewardServiceServicer):
-    def __init__(self, domain: RewardDomain) -> None:
-        self.domain = domain
+class RewardServicer(JobRpcs, pb_grpc.RewardServiceServicer):
+    messages = pb
+    job_message = staticmethod(job_to_proto)
+    domain: RewardDomain
 
     async def CreateTrainingJob(self, request, context):
         config = from_message(request.config if request.HasField("config") else None, RewardModelConfig)
         return pb.CreateTrainingJobResponse(job=job_to_proto(await self.domain.create_job(request.agent_id, config)))
 
-    async def GetTrainingJob(self, request, context):
-        return pb.GetTrainingJobResponse(job=job_to_proto(await self.domain.jobs.get(request.job_id)))
-
-    async def ListTrainingJobs(self, request, context):
-        state = pb.JobState.Name(request.state).removeprefix("JOB_STATE_") if request.state else ""
-        jobs, token = await self.domain.jobs.page(request.agent_id, state, request.page_size, request.page_token)
-        return pb.ListTrainingJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
-
-    async def CancelTrainingJob(self, request, context):
-        return pb.CancelTrainingJobResponse(job=job_to_proto(await self.domain.jobs.cancel(request.job_id)))
-
-    async def WatchTrainingJob(self, request, context):
-        async for job in self.domain.jobs.watch(request.job_id):
-            yield pb.WatchTrainingJobResponse(job=job_to_proto(job))
-
     async def ListRewardModels(self, request, context):
-        records, token = await self.domain.list_models(request.agent_id, request.page_size, request.page_token)
+        records, token = await self.domain.models.page(request.agent_id, request.page_size, request.page_token)
         return pb.ListRewardModelsResponse(reward_models=[model_to_proto(r) for r in records], next_page_token=token)
 
     async def GetRewardModel(self, request, context):
-        record = await self.domain.get_model(request.agent_id, request.version)
+        record = await self.domain.models.get(request.agent_id, request.version)
         return pb.GetRewardModelResponse(reward_model=model_to_proto(record))
 
     async def ScoreBatch(self, request, context):
         pairs = [(item.prompt, item.response) for item in request.items]
-        scored, version = await self.domain.score(request.agent_id, request.version, pairs,
-                                                  context.time_remaining())
-        return pb.ScoreBatchResponse(version=version, scores=[
-            pb.ItemScore(score=s.score, rating=s.rating, ok=s.ok, error=s.error) for s in scored])
+        scored, version = await self.domain.score(request.agent_id, request.version, pairs, context.time_remaining())
+        return pb.ScoreBatchResponse(
+            version=version,
+            scores=[pb.ItemScore(score=s.score, rating=s.rating, ok=s.ok, error=s.error) for s in scored],
+        )

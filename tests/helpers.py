@@ -8,9 +8,10 @@ import time
 
 import grpc
 
-from rlhf import corpus, rater
-from rlhf.config import ServerConfig
 from rlhf.feedback.v1 import feedback_service_pb2 as fb
+from rlhf.runtime.config import ServerConfig
+from rlhf.sdk import rater
+from rlhf.training import corpus
 
 
 def server_config(service: str, data_dir: pathlib.Path) -> ServerConfig:
@@ -32,9 +33,14 @@ def submit_ratings(channel: grpc.Channel, agent_id: str, items: list[tuple[str, 
     from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
 
     stub = fb_grpc.FeedbackServiceStub(channel)
-    requests = (fb.StreamFeedbackRequest(feedback=fb.SubmitFeedbackRequest(
-        agent_id=agent_id, prompt=p, response=r, score=s, request_id=f"{agent_id}-{i}"))
-        for i, (p, r, s) in enumerate(items))
+    requests = (
+        fb.StreamFeedbackRequest(
+            feedback=fb.SubmitFeedbackRequest(
+                agent_id=agent_id, prompt=p, response=r, score=s, request_id=f"{agent_id}-{i}"
+            )
+        )
+        for i, (p, r, s) in enumerate(items)
+    )
     acks = list(stub.StreamFeedback(requests, timeout=60))
     assert all(a.accepted for a in acks), [a.reason for a in acks if not a.accepted]
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
-from rlhf.server import RunningServer
+from rlhf.runtime.server import RunningServer
 
 
 class ServerThread:
@@ -34,7 +35,7 @@ class ServerThread:
         self._ready.set()
         self._loop.run_forever()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self._thread.start()
         self._ready.wait(120)
         if self._error:

@@ -32,24 +32,34 @@ class Stack:
 
 
 def reward_server(data_dir: pathlib.Path, feedback_address: str) -> ServerThread:
-    return ServerThread(start_reward, RewardServiceConfig(
-        server=server_config("reward", data_dir), feedback_address=feedback_address)).__enter__()
+    return ServerThread(
+        start_reward, RewardServiceConfig(server=server_config("reward", data_dir), feedback_address=feedback_address)
+    ).__enter__()
 
 
-def policy_server(data_dir: pathlib.Path, feedback_address: str, reward_address: str,
-                  score_retries: int = 6) -> ServerThread:
-    return ServerThread(start_policy, PolicyServiceConfig(
-        server=server_config("policy", data_dir), feedback_address=feedback_address,
-        reward_address=reward_address, score_retries=score_retries)).__enter__()
+def policy_server(
+    data_dir: pathlib.Path, feedback_address: str, reward_address: str, score_retries: int = 6
+) -> ServerThread:
+    return ServerThread(
+        start_policy,
+        PolicyServiceConfig(
+            server=server_config("policy", data_dir),
+            feedback_address=feedback_address,
+            reward_address=reward_address,
+            score_retries=score_retries,
+        ),
+    ).__enter__()
 
 
 def start_stack(data_dir: pathlib.Path, with_inference: bool = True) -> Stack:
-    feedback = ServerThread(start_feedback, FeedbackServiceConfig.from_env(
-        server=server_config("feedback", data_dir))).__enter__()
+    feedback = ServerThread(
+        start_feedback, FeedbackServiceConfig.from_env(server=server_config("feedback", data_dir))
+    ).__enter__()
     reward = reward_server(data_dir, feedback.address)
     policy = policy_server(data_dir, feedback.address, reward.address)
     inference = None
     if with_inference:
-        inference = ServerThread(start_inference, InferenceServiceConfig.from_env(
-            data_dir=data_dir, port=0, policy_addr=policy.address)).__enter__()
+        inference = ServerThread(
+            start_inference, InferenceServiceConfig.from_env(data_dir=data_dir, port=0, policy_addr=policy.address)
+        ).__enter__()
     return Stack(data_dir, feedback, reward, policy, inference)

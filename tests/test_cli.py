@@ -13,11 +13,15 @@ import sys
 
 import pytest
 
-from rlhf.clients import wait_until_serving
+from rlhf.sdk.clients import wait_until_serving
 
 BIN = pathlib.Path(sys.executable).parent
-SERVICES = {"feedback": "rlhf.feedback.v1.FeedbackService", "reward": "rlhf.reward.v1.RewardService",
-            "policy": "rlhf.policy.v1.PolicyService", "inference": "rlhf.inference.v1.InferenceService"}
+SERVICES = {
+    "feedback": "rlhf.feedback.v1.FeedbackService",
+    "reward": "rlhf.reward.v1.RewardService",
+    "policy": "rlhf.policy.v1.PolicyService",
+    "inference": "rlhf.inference.v1.InferenceService",
+}
 
 
 def free_port() -> int:
@@ -39,7 +43,7 @@ def served(tmp_path_factory, tiny_model):
             wait_until_serving(f"127.0.0.1:{port}", timeout=120)
     except TimeoutError:
         process.kill()
-        raise AssertionError(process.communicate()[0])
+        raise AssertionError(process.communicate()[0]) from None
     env = {**os.environ, **{f"RLHF_{n.upper()}_ADDR": f"127.0.0.1:{p}" for n, p in ports.items()}}
     yield ports, env, process
     if process.poll() is None:
@@ -48,8 +52,12 @@ def served(tmp_path_factory, tiny_model):
 
 
 def buf_curl(*args: str) -> str:
-    result = subprocess.run([str(BIN / "buf"), "curl", "--protocol", "grpc", "--http2-prior-knowledge", *args],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(BIN / "buf"), "curl", "--protocol", "grpc", "--http2-prior-knowledge", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -68,9 +76,14 @@ def test_reflection_lists_every_service(served):
 def test_seed_shaped_json_through_reflection(served):
     ports, _, _ = served
     base = f"http://127.0.0.1:{ports['feedback']}/rlhf.feedback.v1.FeedbackService"
-    body = {"agentId": "reflect", "prompt": "What is the capital of France?",
-            "response": "The capital of France is Paris.", "score": 0.9, "runId": "execution_123",
-            "notes": "Accurate and concise answer"}
+    body = {
+        "agentId": "reflect",
+        "prompt": "What is the capital of France?",
+        "response": "The capital of France is Paris.",
+        "score": 0.9,
+        "runId": "execution_123",
+        "notes": "Accurate and concise answer",
+    }
     answer = json.loads(buf_curl("-d", json.dumps(body), f"{base}/SubmitFeedback"))
     assert answer["agentId"] == "reflect" and answer["score"] == 0.9 and answer["id"] and answer["createdAt"]
     stats = json.loads(buf_curl("-d", '{"agentId": "reflect"}', f"{base}/GetFeedbackStats"))
@@ -80,8 +93,19 @@ def test_seed_shaped_json_through_reflection(served):
 def test_command_line_workflow(served):
     _, env, _ = served
     for i in range(10):
-        result = rlhf(env, "feedback", "submit", "cli-agent", "--prompt", f"Question {i}?",
-                      "--response", f"Answer {i}.", "--score", str(i / 10), "--json")
+        result = rlhf(
+            env,
+            "feedback",
+            "submit",
+            "cli-agent",
+            "--prompt",
+            f"Question {i}?",
+            "--response",
+            f"Answer {i}.",
+            "--score",
+            str(i / 10),
+            "--json",
+        )
         assert result.returncode == 0, result.stderr
     stats = json.loads(rlhf(env, "feedback", "stats", "cli-agent", "--json").stdout)
     assert stats["stats"]["feedback_count"] == "10"
@@ -90,8 +114,9 @@ def test_command_line_workflow(served):
     assert json.loads(dry.stdout)["estimated_steps"] == 50
     bad = rlhf(env, "feedback", "submit", "cli-agent", "--prompt", "p", "--response", "r", "--score", "2")
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "score" in bad.stderr
-    generated = rlhf(env, "generate", "cli-agent", "What did you see today?", "--version", "base", "--seed", "1",
-                     "--json")
+    generated = rlhf(
+        env, "generate", "cli-agent", "What did you see today?", "--version", "base", "--seed", "1", "--json"
+    )
     assert generated.returncode == 0, generated.stderr
     assert json.loads(generated.stdout)["policy_version"] == "base"
     empty = rlhf(env, "policies", "list", "cli-agent")

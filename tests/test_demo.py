@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from rlhf.demo import DemoConfig, run_demo
+from rlhf.sdk.demo import DemoConfig, run_demo
 
 
 def test_demo_runs_every_stage_and_reports(tmp_path, tiny_model, capsys):

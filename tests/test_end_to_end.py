@@ -8,11 +8,12 @@ import statistics
 import grpc
 import pytest
 
-from rlhf import corpus, rater
-from rlhf.clients import FeedbackClient, InferenceClient, PolicyClient, RewardClient
 from rlhf.feedback.v1 import feedback_service_pb2 as fb
 from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
+from rlhf.sdk import rater
+from rlhf.sdk.clients import FeedbackClient, InferenceClient, PolicyClient, RewardClient
+from rlhf.training import corpus
 from tests.stack import start_stack
 
 AGENT = "e2e-agent"
@@ -26,9 +27,23 @@ def stack(tmp_path_factory, tiny_model):
 
 
 def answers(inference: InferenceClient, prompts: list[str], samples: int, version: str, seed: int):
-    return [(p, inference.generate(AGENT, p, version=version, seed=seed + 100 * i + j, max_new_tokens=24,
-                                   temperature=1.0, top_k=0, top_p=1.0))
-            for i, p in enumerate(prompts) for j in range(samples)]
+    return [
+        (
+            p,
+            inference.generate(
+                AGENT,
+                p,
+                version=version,
+                seed=seed + 100 * i + j,
+                max_new_tokens=24,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+            ),
+        )
+        for i, p in enumerate(prompts)
+        for j in range(samples)
+    ]
 
 
 def test_the_loop_improves_the_rater_score_on_held_out_prompts(stack):
@@ -45,25 +60,51 @@ def test_the_loop_improves_the_rater_score_on_held_out_prompts(stack):
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
     base_answers = [(p, a) for p, a in answers(inference, train_prompts, 10, "base", 0) if a.text.strip()]
-    acks = feedback.stream([fb.SubmitFeedbackRequest(
-        agent_id=AGENT, prompt=p, response=a.text, score=rater.rate(a.text), generation_id=a.generation_id,
-        policy_version=a.policy_version, request_id=f"r{i}") for i, (p, a) in enumerate(base_answers)])
+    acks = feedback.stream(
+        [
+            fb.SubmitFeedbackRequest(
+                agent_id=AGENT,
+                prompt=p,
+                response=a.text,
+                score=rater.rate(a.text),
+                generation_id=a.generation_id,
+                policy_version=a.policy_version,
+                request_id=f"r{i}",
+            )
+            for i, (p, a) in enumerate(base_answers)
+        ]
+    )
     assert all(ack.accepted for ack in acks) and len(acks) == len(base_answers) >= 100
 
-    config = pol.TrainingConfig(use_lora=False, learning_rate=3e-4, batch_size=16, mini_batch_size=8,
-                                ppo_epochs=4, max_new_tokens=24, init_kl_coef=0.05, kl_horizon=0, top_k=0,
-                                top_p=1.0, seed=0)
-    reward_config = rw.RewardModelConfig(use_lora=False, learning_rate=5e-4, num_epochs=6, batch_size=16,
-                                         validation_fraction=0.15)
-    dry = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, dry_run=True, max_steps=15, config=config,
-                                              reward_model_config=reward_config))
+    config = pol.TrainingConfig(
+        use_lora=False,
+        learning_rate=3e-4,
+        batch_size=16,
+        mini_batch_size=8,
+        ppo_epochs=4,
+        max_new_tokens=24,
+        init_kl_coef=0.05,
+        kl_horizon=0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+    )
+    reward_config = rw.RewardModelConfig(
+        use_lora=False, learning_rate=5e-4, num_epochs=6, batch_size=16, validation_fraction=0.15
+    )
+    dry = policy.train(
+        pol.TrainPolicyRequest(
+            agent_id=AGENT, dry_run=True, max_steps=15, config=config, reward_model_config=reward_config
+        )
+    )
     assert dry.status == "dry_run" and dry.feedback_count == len(base_answers) and dry.estimated_steps == 15
     assert dry.estimated_time_minutes > 0
     assert dry.score_mean == pytest.approx(statistics.mean(rater.rate(a.text) for _, a in base_answers), abs=1e-6)
     assert dry.model_config["learning_rate"] == pytest.approx(3e-4) and dry.model_config["use_lora"] is False
 
-    job = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=15, config=config,
-                                              reward_model_config=reward_config)).job
+    job = policy.train(
+        pol.TrainPolicyRequest(agent_id=AGENT, max_steps=15, config=config, reward_model_config=reward_config)
+    ).job
     updates = list(policy.watch(job.job_id, timeout=600))
     final = updates[-1]
     assert final.state == pol.JOB_STATE_SUCCEEDED, final.error
@@ -71,8 +112,16 @@ def test_the_loop_improves_the_rater_score_on_held_out_prompts(stack):
     phases = {u.progress.phase for u in updates}
     assert {"reward_model", "training"} <= phases
     step_metrics = [u.progress.metrics for u in updates if u.progress.phase == "training"]
-    assert {"objective/kl", "objective/entropy", "loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg",
-            "policy/approxkl_avg", "kl_coef", "objective/scores"} <= set(step_metrics[-1])
+    assert {
+        "objective/kl",
+        "objective/entropy",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "policy/clipfrac_avg",
+        "policy/approxkl_avg",
+        "kl_coef",
+        "objective/scores",
+    } <= set(step_metrics[-1])
 
     # The reward model was trained through the reward service and registered there.
     reward_model = reward.get_model(AGENT, "v1")
@@ -121,23 +170,52 @@ def test_feedback_citing_a_generation_is_attributed_to_its_version(stack, tmp_pa
     inference = InferenceClient(stack.inference.address)
     base = inference.generate("attributed", "What did you see today?", version="base", seed=3, max_new_tokens=8)
     assert base.policy_version == "base"
-    config = FeedbackServiceConfig.from_env(server=server_config("feedback", tmp_path),
-                                            inference_address=stack.inference.address)
+    config = FeedbackServiceConfig.from_env(
+        server=server_config("feedback", tmp_path), inference_address=stack.inference.address
+    )
     with ServerThread(start_feedback, config) as server:
         feedback = FeedbackClient(server.address)
-        cited = feedback.submit("attributed", prompt="What did you see today?", response=base.text or "x",
-                                score=0.7, generation_id=base.generation_id)
+        cited = feedback.submit(
+            "attributed",
+            prompt="What did you see today?",
+            response=base.text or "x",
+            score=0.7,
+            generation_id=base.generation_id,
+        )
         assert cited.policy_version == "base"
-        acks = feedback.stream([fb.SubmitFeedbackRequest(
-            agent_id="attributed", prompt="Q?", response="A.", score=0.2, generation_id=base.generation_id,
-            request_id="s1"), fb.SubmitFeedbackRequest(
-            agent_id="attributed", prompt="Q?", response="B.", score=0.4, generation_id="unknown-generation",
-            request_id="s2"), fb.SubmitFeedbackRequest(
-            agent_id="someone-else", prompt="Q?", response="C.", score=0.4, generation_id=base.generation_id,
-            request_id="s3")])
+        acks = feedback.stream(
+            [
+                fb.SubmitFeedbackRequest(
+                    agent_id="attributed",
+                    prompt="Q?",
+                    response="A.",
+                    score=0.2,
+                    generation_id=base.generation_id,
+                    request_id="s1",
+                ),
+                fb.SubmitFeedbackRequest(
+                    agent_id="attributed",
+                    prompt="Q?",
+                    response="B.",
+                    score=0.4,
+                    generation_id="unknown-generation",
+                    request_id="s2",
+                ),
+                fb.SubmitFeedbackRequest(
+                    agent_id="someone-else",
+                    prompt="Q?",
+                    response="C.",
+                    score=0.4,
+                    generation_id=base.generation_id,
+                    request_id="s3",
+                ),
+            ]
+        )
         assert all(a.accepted for a in acks)  # attribution never rejects an item
-        by_version = {s.policy_version: s.stats for s in
-                      feedback.stats("attributed", group_by_policy_version=True).by_policy_version}
+        by_version = {
+            s.policy_version: s.stats
+            for s in feedback.stats("attributed", group_by_policy_version=True).by_policy_version
+        }
         assert by_version["base"].rating_count == 2 and by_version[""].rating_count == 1
         assert by_version["base"].score_mean == pytest.approx(0.45)
         other = feedback.stats("someone-else", group_by_policy_version=True).by_policy_version

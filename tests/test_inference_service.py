@@ -29,11 +29,11 @@ from inference_service.app import start  # noqa: E402
 from inference_service.config import InferenceServiceConfig  # noqa: E402
 from inference_service.models import ModelCache  # noqa: E402
 from inference_service.records import Target  # noqa: E402
-from rlhf.config import ServerConfig  # noqa: E402
 from rlhf.inference.v1 import inference_service_pb2 as pb  # noqa: E402
 from rlhf.inference.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
-from rlhf.modeling import resolve_model  # noqa: E402
 from rlhf.policy.v1 import policy_service_pb2, policy_service_pb2_grpc  # noqa: E402
+from rlhf.runtime.config import ServerConfig  # noqa: E402
+from rlhf.training.modeling import resolve_model  # noqa: E402
 from tests.servers import ServerThread  # noqa: E402
 
 AGENT = "alice"
@@ -62,9 +62,11 @@ def models(tmp_path_factory) -> dict[str, str]:
     """The tiny base model (built once, ~40 s) and two "trained" versions of it."""
     data = tmp_path_factory.mktemp("inference-models")
     base = resolve_model("", data)
-    return {"base": base,
-            "v1": _perturbed_copy(base, data / "alice-v1", seed=1),
-            "v2": _perturbed_copy(base, data / "alice-v2", seed=2)}
+    return {
+        "base": base,
+        "v1": _perturbed_copy(base, data / "alice-v1", seed=1),
+        "v2": _perturbed_copy(base, data / "alice-v2", seed=2),
+    }
 
 
 class RegistryPolicyService(policy_service_pb2_grpc.PolicyServiceServicer):
@@ -82,9 +84,11 @@ class RegistryPolicyService(policy_service_pb2_grpc.PolicyServiceServicer):
             name = max(versions, key=lambda v: int(v[1:]))
         if name not in versions:
             context.abort(grpc.StatusCode.NOT_FOUND, f"agent {request.agent_id} has no version {name}")
-        return policy_service_pb2.GetPolicyResponse(policy=policy_service_pb2.Policy(
-            id=f"{request.agent_id}-{name}", agent_id=request.agent_id, version=name,
-            model_path=versions[name]))
+        return policy_service_pb2.GetPolicyResponse(
+            policy=policy_service_pb2.Policy(
+                id=f"{request.agent_id}-{name}", agent_id=request.agent_id, version=name, model_path=versions[name]
+            )
+        )
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +105,12 @@ def registry(models):
 
 
 def _config(tmp_path: pathlib.Path, models: dict[str, str], policy_addr: str, **overrides) -> InferenceServiceConfig:
-    server = ServerConfig(service="inference", port=0, data_dir=tmp_path,
-                          database_url=f"sqlite:///{tmp_path / 'inference.db'}")
-    return InferenceServiceConfig(server=server, policy_addr=policy_addr, base_model=models["base"],
-                                  device="cpu", **overrides)
+    server = ServerConfig(
+        service="inference", port=0, data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'inference.db'}"
+    )
+    return InferenceServiceConfig(
+        server=server, policy_addr=policy_addr, base_model=models["base"], device="cpu", **overrides
+    )
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +161,10 @@ def test_generation_is_logged_with_its_version(stub):
     assert (got.generation_id, got.agent_id, got.policy_version) == (made.generation_id, AGENT, "v1")
     assert (got.prompt, got.text, got.routing_key) == (PROMPT, made.text, "user-1")
     assert (got.prompt_tokens, got.completion_tokens, got.finish_reason) == (
-        made.prompt_tokens, made.completion_tokens, made.finish_reason)
+        made.prompt_tokens,
+        made.completion_tokens,
+        made.finish_reason,
+    )
     assert got.created_at.ToDatetime() == made.created_at.ToDatetime()
 
 
@@ -173,15 +182,18 @@ def test_without_deployment_the_latest_version_serves(stub, registry, models):
     # A version registered just now (training finished) serves at once.
     registry.versions["carol"]["v3"] = models["v1"]
     assert _generate(stub, agent_id="carol", params=pb.SamplingParams(max_new_tokens=4)).policy_version == "v3"
-    deployed = stub.SetDeployment(pb.SetDeploymentRequest(
-        agent_id="carol", targets=[pb.DeploymentTarget(version="v3", weight=1)])).deployment
+    deployed = stub.SetDeployment(
+        pb.SetDeploymentRequest(agent_id="carol", targets=[pb.DeploymentTarget(version="v3", weight=1)])
+    ).deployment
     assert not deployed.is_default and deployed.revision == 1
     assert _generate(stub, agent_id="carol", params=pb.SamplingParams(max_new_tokens=4)).policy_version == "v3"
 
 
 def test_agent_without_policies_is_not_found_unless_base_is_pinned(stub):
-    for call in (lambda: _generate(stub, agent_id="nobody"),
-                 lambda: stub.GetDeployment(pb.GetDeploymentRequest(agent_id="nobody"))):
+    for call in (
+        lambda: _generate(stub, agent_id="nobody"),
+        lambda: stub.GetDeployment(pb.GetDeploymentRequest(agent_id="nobody")),
+    ):
         with pytest.raises(grpc.RpcError) as caught:
             call()
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -193,18 +205,21 @@ def test_agent_without_policies_is_not_found_unless_base_is_pinned(stub):
     assert base.policy_version == "base"
 
 
-@pytest.mark.parametrize("fields, field", [
-    (dict(params=pb.SamplingParams(temperature=-1)), "params.temperature"),
-    (dict(params=pb.SamplingParams(temperature=float("nan"))), "params.temperature"),
-    (dict(params=pb.SamplingParams(top_p=0)), "params.top_p"),
-    (dict(params=pb.SamplingParams(top_p=1.5)), "params.top_p"),
-    (dict(params=pb.SamplingParams(top_k=-1)), "params.top_k"),
-    (dict(params=pb.SamplingParams(max_new_tokens=0)), "params.max_new_tokens"),
-    (dict(params=pb.SamplingParams(stop=["ok", ""])), "params.stop[1]"),
-    (dict(prompt="  "), "prompt"),
-    (dict(agent_id="a/b"), "agent_id"),
-    (dict(version="seven"), "version"),
-])
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        (dict(params=pb.SamplingParams(temperature=-1)), "params.temperature"),
+        (dict(params=pb.SamplingParams(temperature=float("nan"))), "params.temperature"),
+        (dict(params=pb.SamplingParams(top_p=0)), "params.top_p"),
+        (dict(params=pb.SamplingParams(top_p=1.5)), "params.top_p"),
+        (dict(params=pb.SamplingParams(top_k=-1)), "params.top_k"),
+        (dict(params=pb.SamplingParams(max_new_tokens=0)), "params.max_new_tokens"),
+        (dict(params=pb.SamplingParams(stop=["ok", ""])), "params.stop[1]"),
+        (dict(prompt="  "), "prompt"),
+        (dict(agent_id="a/b"), "agent_id"),
+        (dict(version="seven"), "version"),
+    ],
+)
 def test_bad_parameters_are_invalid_argument_naming_the_field(stub, fields, field):
     with pytest.raises(grpc.RpcError) as caught:
         _generate(stub, **{"version": "base", **fields})
@@ -224,8 +239,12 @@ def test_stop_sequence_truncates_the_text(stub):
     words = full.text.split()
     assert len(words) >= 3, full.text
     stop = " " + words[2]
-    cut = _generate(stub, version="base", prompt=prompt,
-                    params=pb.SamplingParams(max_new_tokens=40, temperature=0, stop=["NEVER", stop]))
+    cut = _generate(
+        stub,
+        version="base",
+        prompt=prompt,
+        params=pb.SamplingParams(max_new_tokens=40, temperature=0, stop=["NEVER", stop]),
+    )
     assert cut.text == full.text[: full.text.index(stop)]
     assert cut.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
     assert cut.completion_tokens < full.completion_tokens
@@ -238,13 +257,19 @@ def test_stream_concatenation_equals_generate_with_the_same_seed(stub):
     stopped = pb.SamplingParams(max_new_tokens=48, seed=7, stop=[stop])
     for params in (sampled, stopped):
         whole = _generate(stub, version="v1", params=params)
-        chunks = list(stub.GenerateStream(pb.GenerateStreamRequest(
-            agent_id=AGENT, prompt=PROMPT, version="v1", params=params), timeout=60))
+        chunks = list(
+            stub.GenerateStream(
+                pb.GenerateStreamRequest(agent_id=AGENT, prompt=PROMPT, version="v1", params=params), timeout=60
+            )
+        )
         assert "".join(c.text for c in chunks) == whole.text
         assert [c.done for c in chunks] == [False] * (len(chunks) - 1) + [True]
         last = chunks[-1]
         assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == (
-            whole.finish_reason, whole.prompt_tokens, whole.completion_tokens)
+            whole.finish_reason,
+            whole.prompt_tokens,
+            whole.completion_tokens,
+        )
         assert {c.generation_id for c in chunks} == {last.generation_id}
         assert {c.policy_version for c in chunks} == {"v1"}
         logged = stub.GetGeneration(pb.GetGenerationRequest(generation_id=last.generation_id)).generation
@@ -277,8 +302,11 @@ def test_set_deployment_validation(stub):
     ]
     for targets, code, field in cases:
         with pytest.raises(grpc.RpcError) as caught:
-            stub.SetDeployment(pb.SetDeploymentRequest(
-                agent_id=AGENT, targets=[pb.DeploymentTarget(version=v, weight=w) for v, w in targets]))
+            stub.SetDeployment(
+                pb.SetDeploymentRequest(
+                    agent_id=AGENT, targets=[pb.DeploymentTarget(version=v, weight=w) for v, w in targets]
+                )
+            )
         assert caught.value.code() == code, targets
         if field:
             assert _violations(caught.value) == [field]
@@ -288,25 +316,33 @@ def test_set_deployment_validation(stub):
 
 def test_ab_split_matches_weights_and_keys_are_sticky(stub, registry):
     registry.versions["ab"] = dict(registry.versions[AGENT])
-    set_ = stub.SetDeployment(pb.SetDeploymentRequest(agent_id="ab", targets=[
-        pb.DeploymentTarget(version="base", weight=1), pb.DeploymentTarget(version="v2", weight=3)]))
+    set_ = stub.SetDeployment(
+        pb.SetDeploymentRequest(
+            agent_id="ab",
+            targets=[pb.DeploymentTarget(version="base", weight=1), pb.DeploymentTarget(version="v2", weight=3)],
+        )
+    )
     assert set_.deployment.revision == 1
     got = stub.GetDeployment(pb.GetDeploymentRequest(agent_id="ab")).deployment
     assert [(t.version, t.weight) for t in got.targets] == [("base", 1.0), ("v2", 3.0)] and not got.is_default
 
     params = pb.SamplingParams(max_new_tokens=1)
-    served = {f"user-{i}": _generate(stub, agent_id="ab", routing_key=f"user-{i}", params=params).policy_version
-              for i in range(400)}
+    served = {
+        f"user-{i}": _generate(stub, agent_id="ab", routing_key=f"user-{i}", params=params).policy_version
+        for i in range(400)
+    }
     counts = collections.Counter(served.values())
     # Expected share of v2 is 0.75; sd over 400 keys is ~0.022, so +-0.08 is a ~3.7 sigma tolerance.
     assert abs(counts["v2"] / 400 - 0.75) <= 0.08, counts
     assert set(counts) == {"base", "v2"}
     for key in ("user-3", "user-42", "user-399"):  # the same key keeps its version
-        assert {_generate(stub, agent_id="ab", routing_key=key, params=params).policy_version
-                for _ in range(3)} == {served[key]}
+        assert {_generate(stub, agent_id="ab", routing_key=key, params=params).policy_version for _ in range(3)} == {
+            served[key]
+        }
 
-    moved = stub.SetDeployment(pb.SetDeploymentRequest(agent_id="ab", targets=[
-        pb.DeploymentTarget(version="v1", weight=1)])).deployment
+    moved = stub.SetDeployment(
+        pb.SetDeploymentRequest(agent_id="ab", targets=[pb.DeploymentTarget(version="v1", weight=1)])
+    ).deployment
     assert moved.revision == 2
     assert _generate(stub, agent_id="ab", routing_key="user-3", params=params).policy_version == "v1"
 
@@ -326,8 +362,9 @@ def test_concurrent_first_requests_load_the_model_once(tmp_path, models, registr
     with ServerThread(start, _config(tmp_path, models, registry.address)) as thread:
         with thread.channel() as channel:
             stub = pb_grpc.InferenceServiceStub(channel)
-            request = pb.GenerateRequest(agent_id=AGENT, prompt=PROMPT, version="v2",
-                                         params=pb.SamplingParams(max_new_tokens=4))
+            request = pb.GenerateRequest(
+                agent_id=AGENT, prompt=PROMPT, version="v2", params=pb.SamplingParams(max_new_tokens=4)
+            )
             futures = [stub.Generate.future(request, timeout=60) for _ in range(8)]
             assert {f.result().policy_version for f in futures} == {"v2"}
         cache = thread.running.bindings[0].servicer.domain.models

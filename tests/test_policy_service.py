@@ -9,15 +9,16 @@ import sys
 import grpc
 import pytest
 
-from rlhf.clients import PolicyClient, RewardClient
 from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
+from rlhf.sdk.clients import PolicyClient, RewardClient
 from tests.helpers import rated_answers, submit_ratings, wait_for
 from tests.stack import policy_server, reward_server, start_stack
 
 AGENT = "policy-agent"
-QUICK = pol.TrainingConfig(use_lora=True, learning_rate=1e-3, batch_size=4, mini_batch_size=2, ppo_epochs=1,
-                           max_new_tokens=8, seed=0)
+QUICK = pol.TrainingConfig(
+    use_lora=True, learning_rate=1e-3, batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=8, seed=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,9 @@ def stack(tmp_path_factory, tiny_model):
         submit_ratings(channel, AGENT, rated_answers(60, seed=2))
         submit_ratings(channel, "few", rated_answers(3, seed=2))
     reward = RewardClient(stack.reward.address)
-    job = reward.create_job(AGENT, rw.RewardModelConfig(use_lora=False, num_epochs=1, batch_size=16,
-                                                        learning_rate=5e-4))
+    job = reward.create_job(
+        AGENT, rw.RewardModelConfig(use_lora=False, num_epochs=1, batch_size=16, learning_rate=5e-4)
+    )
     assert list(reward.watch(job.job_id, timeout=300))[-1].state == rw.JOB_STATE_SUCCEEDED
     yield stack
     stack.stop()
@@ -45,8 +47,7 @@ def job_dir(stack, job_id: str) -> pathlib.Path:
 
 
 def test_dry_run_has_the_seed_fields_and_trains_nothing(policy):
-    response = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, dry_run=True, max_steps=1000,
-                                                   learning_rate=1e-5))
+    response = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, dry_run=True, max_steps=1000, learning_rate=1e-5))
     assert response.status == "dry_run" and response.feedback_count == 60 and response.estimated_steps == 1000
     assert response.estimated_time_minutes > 0
     assert 0 <= response.score_mean <= 1 and response.score_std > 0
@@ -57,22 +58,37 @@ def test_dry_run_has_the_seed_fields_and_trains_nothing(policy):
     assert policy.stub.ListTrainingJobs(pol.ListTrainingJobsRequest(agent_id=AGENT)).jobs == []
 
 
-@pytest.mark.parametrize("request_fields, code, text", [
-    ({"agent_id": "few", "dry_run": True}, grpc.StatusCode.FAILED_PRECONDITION, "has 3 feedback items"),
-    ({"agent_id": "nobody", "dry_run": True}, grpc.StatusCode.FAILED_PRECONDITION, "has 0 feedback items"),
-    ({"agent_id": "a/b", "dry_run": True}, grpc.StatusCode.INVALID_ARGUMENT, "agent_id"),
-    ({"agent_id": AGENT, "dry_run": True, "max_steps": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_steps"),
-    ({"agent_id": AGENT, "dry_run": True, "config": pol.TrainingConfig(gamma=1.5)},
-     grpc.StatusCode.INVALID_ARGUMENT, "config.gamma"),
-    ({"agent_id": AGENT, "dry_run": True, "config": pol.TrainingConfig(batch_size=4, mini_batch_size=8)},
-     grpc.StatusCode.INVALID_ARGUMENT, "config.mini_batch_size"),
-    ({"agent_id": AGENT, "dry_run": True, "config": pol.TrainingConfig(device="tpu")},
-     grpc.StatusCode.INVALID_ARGUMENT, "config.device"),
-    ({"agent_id": AGENT, "dry_run": True, "reward_model_version": "v7"}, grpc.StatusCode.NOT_FOUND, "v7"),
-    ({"agent_id": AGENT, "dry_run": True, "reward_model_version": "seven"},
-     grpc.StatusCode.INVALID_ARGUMENT, "reward_model_version"),
-    ({"agent_id": AGENT, "algorithm": pol.ALGORITHM_GRPO}, grpc.StatusCode.UNIMPLEMENTED, "GRPO"),
-])
+@pytest.mark.parametrize(
+    "request_fields, code, text",
+    [
+        ({"agent_id": "few", "dry_run": True}, grpc.StatusCode.FAILED_PRECONDITION, "has 3 feedback items"),
+        ({"agent_id": "nobody", "dry_run": True}, grpc.StatusCode.FAILED_PRECONDITION, "has 0 feedback items"),
+        ({"agent_id": "a/b", "dry_run": True}, grpc.StatusCode.INVALID_ARGUMENT, "agent_id"),
+        ({"agent_id": AGENT, "dry_run": True, "max_steps": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_steps"),
+        (
+            {"agent_id": AGENT, "dry_run": True, "config": pol.TrainingConfig(gamma=1.5)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "config.gamma",
+        ),
+        (
+            {"agent_id": AGENT, "dry_run": True, "config": pol.TrainingConfig(batch_size=4, mini_batch_size=8)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "config.mini_batch_size",
+        ),
+        (
+            {"agent_id": AGENT, "dry_run": True, "config": pol.TrainingConfig(device="tpu")},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "config.device",
+        ),
+        ({"agent_id": AGENT, "dry_run": True, "reward_model_version": "v7"}, grpc.StatusCode.NOT_FOUND, "v7"),
+        (
+            {"agent_id": AGENT, "dry_run": True, "reward_model_version": "seven"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "reward_model_version",
+        ),
+        ({"agent_id": AGENT, "algorithm": pol.ALGORITHM_GRPO}, grpc.StatusCode.UNIMPLEMENTED, "GRPO"),
+    ],
+)
 def test_bad_requests_get_clear_status_codes(policy, request_fields, code, text):
     with pytest.raises(grpc.RpcError) as error:
         policy.train(pol.TrainPolicyRequest(**request_fields))
@@ -100,8 +116,10 @@ def test_wait_returns_the_seed_result_and_lora_policy_is_merged(policy, tiny_mod
     config = pol.TrainingConfig()
     config.CopyFrom(QUICK)
     config.base_model = str(tiny_model)  # a local model folder, as users pass their own models
-    response = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=config,
-                                                   reward_model_version="latest", wait=True), timeout=300)
+    response = policy.train(
+        pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=config, reward_model_version="latest", wait=True),
+        timeout=300,
+    )
     assert response.status == "trained", response.job.error
     assert response.version.startswith("v") and response.policy_id and response.training_steps == 2
     assert response.model_path.endswith("/policy") and response.reward_model_path
@@ -116,8 +134,10 @@ def test_a_model_that_cannot_be_loaded_fails_the_job_with_what_to_do(policy):
     config = pol.TrainingConfig()
     config.CopyFrom(QUICK)
     config.base_model = "someorg/not-on-this-machine"
-    response = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=config,
-                                                   reward_model_version="v1", wait=True), timeout=300)
+    response = policy.train(
+        pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=config, reward_model_version="v1", wait=True),
+        timeout=300,
+    )
     assert response.status == "failed"
     assert "could not load tokenizer 'someorg/not-on-this-machine'" in response.job.error
     assert "Pass a local model folder" in response.job.error
@@ -126,8 +146,9 @@ def test_a_model_that_cannot_be_loaded_fails_the_job_with_what_to_do(policy):
 def test_cancel_stops_the_job_and_keeps_a_checkpoint(stack, policy):
     config = pol.TrainingConfig()
     config.CopyFrom(QUICK)
-    job = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=10_000, config=config,
-                                              reward_model_version="v1")).job
+    job = policy.train(
+        pol.TrainPolicyRequest(agent_id=AGENT, max_steps=10_000, config=config, reward_model_version="v1")
+    ).job
     with pytest.raises(grpc.RpcError) as error:  # one active job per agent
         policy.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=QUICK, reward_model_version="v1"))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and job.job_id in error.value.details()
@@ -145,8 +166,9 @@ def test_cancel_stops_the_job_and_keeps_a_checkpoint(stack, policy):
 def test_a_cancelled_job_resumes_from_its_checkpoint_and_finishes(stack, policy):
     config = pol.TrainingConfig()
     config.CopyFrom(QUICK)
-    job = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=30, config=config,
-                                              reward_model_version="v1")).job
+    job = policy.train(
+        pol.TrainPolicyRequest(agent_id=AGENT, max_steps=30, config=config, reward_model_version="v1")
+    ).job
     with pytest.raises(grpc.RpcError) as error:  # only ended jobs resume
         policy.stub.ResumeTrainingJob(pol.ResumeTrainingJobRequest(job_id=job.job_id))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -178,8 +200,9 @@ def test_reward_service_outage_fails_the_job_with_the_reason_and_a_checkpoint(st
     flaky_policy = policy_server(stack.data_dir, stack.feedback.address, reward.address, score_retries=1)
     try:
         with PolicyClient(flaky_policy.address) as client:
-            job = client.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=10_000, config=QUICK,
-                                                      reward_model_version="v1")).job
+            job = client.train(
+                pol.TrainPolicyRequest(agent_id=AGENT, max_steps=10_000, config=QUICK, reward_model_version="v1")
+            ).job
             wait_for_training(client, job.job_id)
             reward.stop()
             final = list(client.watch(job.job_id, timeout=180))[-1]
@@ -194,8 +217,9 @@ def test_reward_service_outage_fails_the_job_with_the_reason_and_a_checkpoint(st
 def test_server_restart_reports_the_interrupted_job(stack):
     first = policy_server(stack.data_dir, stack.feedback.address, stack.reward.address)
     with PolicyClient(first.address) as client:
-        job = client.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=10_000, config=QUICK,
-                                                  reward_model_version="v1")).job
+        job = client.train(
+            pol.TrainPolicyRequest(agent_id=AGENT, max_steps=10_000, config=QUICK, reward_model_version="v1")
+        ).job
         wait_for_training(client, job.job_id)
     first.stop()
     second = policy_server(stack.data_dir, stack.feedback.address, stack.reward.address)
@@ -224,14 +248,28 @@ def worker_pids(job_id: str) -> list[int]:
 def start_policy_process(data_dir: pathlib.Path, stack) -> tuple[subprocess.Popen, str]:
     import socket
 
-    from rlhf.clients import wait_until_serving
+    from rlhf.sdk.clients import wait_until_serving
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "policy_service", "--port", str(port), "--data-dir",
-                                str(data_dir), "--feedback-addr", stack.feedback.address, "--reward-addr",
-                                stack.reward.address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "policy_service",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--feedback-addr",
+            stack.feedback.address,
+            "--reward-addr",
+            stack.reward.address,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_until_serving(f"127.0.0.1:{port}", timeout=60)
     return process, f"127.0.0.1:{port}"
 
@@ -240,8 +278,9 @@ def test_kill_9_of_the_server_then_restart_and_resume_from_the_checkpoint(stack,
     server, address = start_policy_process(tmp_path, stack)
     try:
         with PolicyClient(address) as client:
-            job = client.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=40, config=QUICK,
-                                                      reward_model_version="v1")).job
+            job = client.train(
+                pol.TrainPolicyRequest(agent_id=AGENT, max_steps=40, config=QUICK, reward_model_version="v1")
+            ).job
             wait_for_training(client, job.job_id)
         assert worker_pids(job.job_id)
         server.kill()  # SIGKILL: no shutdown code runs in the server

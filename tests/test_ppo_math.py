@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from policy_service import ppo
+from rlhf.training import ppo
 
 
 def test_gae_matches_hand_computation():

@@ -12,22 +12,27 @@ from feedback_service.app import start as start_feedback
 from feedback_service.config import FeedbackServiceConfig
 from reward_service.app import start as start_reward
 from reward_service.config import RewardServiceConfig
-from rlhf import corpus, rater
-from rlhf.reward.v1 import reward_service_pb2 as rw, reward_service_pb2_grpc as rw_grpc
+from rlhf.reward.v1 import reward_service_pb2 as rw
+from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
+from rlhf.sdk import rater
+from rlhf.training import corpus
 from tests.helpers import rated_answers, server_config, submit_ratings
 from tests.servers import ServerThread
 
-FAST_FULL = rw.RewardModelConfig(use_lora=False, learning_rate=5e-4, num_epochs=5, batch_size=16,
-                                 validation_fraction=0.2, seed=0)
+FAST_FULL = rw.RewardModelConfig(
+    use_lora=False, learning_rate=5e-4, num_epochs=5, batch_size=16, validation_fraction=0.2, seed=0
+)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model):
     data_dir = tmp_path_factory.mktemp("reward")
-    feedback = ServerThread(start_feedback, FeedbackServiceConfig.from_env(
-        server=server_config("feedback", data_dir))).__enter__()
-    reward = ServerThread(start_reward, RewardServiceConfig(
-        server=server_config("reward", data_dir), feedback_address=feedback.address)).__enter__()
+    feedback = ServerThread(
+        start_feedback, FeedbackServiceConfig.from_env(server=server_config("feedback", data_dir))
+    ).__enter__()
+    reward = ServerThread(
+        start_reward, RewardServiceConfig(server=server_config("reward", data_dir), feedback_address=feedback.address)
+    ).__enter__()
     yield feedback, reward
     reward.stop()
     feedback.stop()
@@ -75,10 +80,11 @@ def test_training_registers_a_version_with_lineage_and_metrics(stub, trained):
 
 def test_scores_rank_held_out_answers_like_the_rater(stub, trained):
     items = held_out_pairs()
-    response = stub.ScoreBatch(rw.ScoreBatchRequest(agent_id="rated", items=[
-        rw.ScoreItem(prompt=p, response=r) for p, r, _ in items]))
+    response = stub.ScoreBatch(
+        rw.ScoreBatchRequest(agent_id="rated", items=[rw.ScoreItem(prompt=p, response=r) for p, r, _ in items])
+    )
     assert response.version == "v1" and len(response.scores) == len(items)
-    from reward_service.training import correlation, ranks
+    from rlhf.training.reward_training import correlation, ranks
 
     spearman = correlation(ranks([s.score for s in response.scores]), ranks([t for _, _, t in items]))
     assert spearman >= 0.8, spearman
@@ -89,23 +95,33 @@ def test_saved_model_reloads_with_plain_transformers_and_scores_the_same(stub, t
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from reward_service.modeling import join
+    from rlhf.training.reward_inputs import join
 
     model_path = stub.GetRewardModel(rw.GetRewardModelRequest(agent_id="rated", version="v1")).reward_model.model_path
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(model_path).eval()
     items = held_out_pairs(5)
-    service = stub.ScoreBatch(rw.ScoreBatchRequest(agent_id="rated", version="v1", items=[
-        rw.ScoreItem(prompt=p, response=r) for p, r, _ in items])).scores
-    for (prompt, response, _), scored in zip(items, service):
+    service = stub.ScoreBatch(
+        rw.ScoreBatchRequest(
+            agent_id="rated", version="v1", items=[rw.ScoreItem(prompt=p, response=r) for p, r, _ in items]
+        )
+    ).scores
+    for (prompt, response, _), scored in zip(items, service, strict=False):
         with torch.inference_mode():
             local = model(**tokenizer(join(prompt, response), return_tensors="pt")).logits.item()
         assert local == pytest.approx(scored.score, abs=1e-4)
 
 
 def test_unscorable_items_are_reported_without_failing_the_batch(stub, trained):
-    response = stub.ScoreBatch(rw.ScoreBatchRequest(agent_id="rated", items=[
-        rw.ScoreItem(prompt="Hi?", response=" I love the calm sea."), rw.ScoreItem(prompt="Hi?", response="  ")]))
+    response = stub.ScoreBatch(
+        rw.ScoreBatchRequest(
+            agent_id="rated",
+            items=[
+                rw.ScoreItem(prompt="Hi?", response=" I love the calm sea."),
+                rw.ScoreItem(prompt="Hi?", response="  "),
+            ],
+        )
+    )
     assert response.scores[0].ok and not response.scores[1].ok
     assert "empty" in response.scores[1].error
 
@@ -126,7 +142,9 @@ def test_scoring_errors_have_clear_status_codes(stub, trained):
         stub.ScoreBatch(rw.ScoreBatchRequest(agent_id="nobody", items=[rw.ScoreItem(prompt="a", response="b")]))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as error:
-        stub.ScoreBatch(rw.ScoreBatchRequest(agent_id="rated", version="v9", items=[rw.ScoreItem(prompt="a", response="b")]))
+        stub.ScoreBatch(
+            rw.ScoreBatchRequest(agent_id="rated", version="v9", items=[rw.ScoreItem(prompt="a", response="b")])
+        )
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as error:
         stub.ScoreBatch(rw.ScoreBatchRequest(agent_id="rated", items=[]))
@@ -150,29 +168,42 @@ def test_too_little_feedback_is_a_failed_precondition_with_the_count(stack, stub
 
 def test_config_out_of_range_names_the_field(stub):
     with pytest.raises(grpc.RpcError) as error:
-        stub.CreateTrainingJob(rw.CreateTrainingJobRequest(
-            agent_id="rated", config=rw.RewardModelConfig(batch_size=0)))
+        stub.CreateTrainingJob(rw.CreateTrainingJobRequest(agent_id="rated", config=rw.RewardModelConfig(batch_size=0)))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_field(error.value) == "config.batch_size"
 
 
 def test_comparisons_train_a_pairwise_model_with_lora(stack, stub):
     rng = random.Random(5)
-    from rlhf.feedback.v1 import feedback_service_pb2 as fb, feedback_service_pb2_grpc as fb_grpc
+    from rlhf.feedback.v1 import feedback_service_pb2 as fb
+    from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
 
     requests = []
     for i in range(160):
         sea = " " + corpus.answer(rng, "sea")
         other = " " + corpus.answer(rng, rng.choice(["city", "forest", "kitchen"]))
         chosen, rejected = (sea, other) if rater.prefer(sea, other) == 0 else (other, sea)
-        requests.append(fb.StreamFeedbackRequest(feedback=fb.SubmitFeedbackRequest(
-            agent_id="pairs", prompt=rng.choice(corpus.QUESTIONS), chosen=chosen, rejected=rejected,
-            request_id=f"p{i}")))
+        requests.append(
+            fb.StreamFeedbackRequest(
+                feedback=fb.SubmitFeedbackRequest(
+                    agent_id="pairs",
+                    prompt=rng.choice(corpus.QUESTIONS),
+                    chosen=chosen,
+                    rejected=rejected,
+                    request_id=f"p{i}",
+                )
+            )
+        )
     with stack[0].channel() as channel:
         acks = list(fb_grpc.FeedbackServiceStub(channel).StreamFeedback(iter(requests)))
     assert all(a.accepted for a in acks)
-    job = train(stub, "pairs", rw.RewardModelConfig(use_lora=True, lora_r=8, learning_rate=3e-3, num_epochs=4,
-                                                    batch_size=16, validation_fraction=0.25))
+    job = train(
+        stub,
+        "pairs",
+        rw.RewardModelConfig(
+            use_lora=True, lora_r=8, learning_rate=3e-3, num_epochs=4, batch_size=16, validation_fraction=0.25
+        ),
+    )
     assert job.metrics["pairwise_accuracy"] >= 0.8, dict(job.metrics)
     model = stub.GetRewardModel(rw.GetRewardModelRequest(agent_id="pairs")).reward_model
     assert model.comparison_count == 160 and model.config.use_lora

@@ -10,10 +10,14 @@ import subprocess
 import sys
 import time
 
-from rlhf.config import DEFAULT_PORTS
+from rlhf.runtime.config import DEFAULT_PORTS
 
-MODULES = {"feedback": "feedback_service", "reward": "reward_service", "policy": "policy_service",
-           "inference": "inference_service"}
+MODULES = {
+    "feedback": "feedback_service",
+    "reward": "reward_service",
+    "policy": "policy_service",
+    "inference": "inference_service",
+}
 
 
 @dataclasses.dataclass
@@ -39,8 +43,7 @@ class Stack:
         return env
 
 
-def start_stack(stack: Stack, services: list[str], log_dir: pathlib.Path | None = None
-                ) -> dict[str, subprocess.Popen]:
+def start_stack(stack: Stack, services: list[str], log_dir: pathlib.Path | None = None) -> dict[str, subprocess.Popen]:
     env = {**os.environ, **stack.env(), "PYTHONUNBUFFERED": "1"}
     processes = {}
     for service in services:
@@ -50,7 +53,10 @@ def start_stack(stack: Stack, services: list[str], log_dir: pathlib.Path | None 
             output = open(log_dir / f"{service}.log", "ab")
         processes[service] = subprocess.Popen(
             [sys.executable, "-m", MODULES[service], "--port", str(stack.ports[service]), "--host", stack.host],
-            env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
+        )
     return processes
 
 
@@ -84,8 +90,11 @@ def serve(stack: Stack, services: list[str]) -> int:
         while not stop_requested["flag"]:
             dead = [s for s, p in processes.items() if p.poll() is not None]
             if dead:
-                print(f"rlhf: {', '.join(dead)} service exited "
-                      f"(code {processes[dead[0]].returncode}); stopping the others", file=sys.stderr)
+                print(
+                    f"rlhf: {', '.join(dead)} service exited "
+                    f"(code {processes[dead[0]].returncode}); stopping the others",
+                    file=sys.stderr,
+                )
                 code = 1
                 break
             time.sleep(0.2)

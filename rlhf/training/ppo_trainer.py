@@ -16,13 +16,13 @@ import math
 import pathlib
 import random
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from policy_service import ppo
-from policy_service.config import TrainingConfig
+from rlhf.training import ppo
+from rlhf.training.config import TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,12 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_of(attention_mask), output_hidden_states=True)
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_of(attention_mask),
+            output_hidden_states=True,
+        )
         hidden = out.hidden_states[-1]
         return out.logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
@@ -62,15 +66,15 @@ def disable_dropout(model: nn.Module) -> None:
 
 @dataclasses.dataclass
 class Rollout:
-    query: torch.Tensor          # (B, Lq) left-padded prompt ids
-    query_mask: torch.Tensor     # (B, Lq)
-    response: torch.Tensor       # (B, Lr) sampled ids, pad after the first EOS
-    mask: torch.Tensor           # (B, Lr) 1 on real response tokens (through the first EOS)
-    logprobs: torch.Tensor       # (B, Lr) under the sampling policy
-    ref_logprobs: torch.Tensor   # (B, Lr) under the reference
-    values: torch.Tensor         # (B, Lr)
-    scores: torch.Tensor         # (B,) after EOS penalty / clipping / whitening
-    raw_scores: torch.Tensor     # (B,) as the reward model gave them
+    query: torch.Tensor  # (B, Lq) left-padded prompt ids
+    query_mask: torch.Tensor  # (B, Lq)
+    response: torch.Tensor  # (B, Lr) sampled ids, pad after the first EOS
+    mask: torch.Tensor  # (B, Lr) 1 on real response tokens (through the first EOS)
+    logprobs: torch.Tensor  # (B, Lr) under the sampling policy
+    ref_logprobs: torch.Tensor  # (B, Lr) under the reference
+    values: torch.Tensor  # (B, Lr)
+    scores: torch.Tensor  # (B,) after EOS penalty / clipping / whitening
+    raw_scores: torch.Tensor  # (B,) as the reward model gave them
     texts: list[str]
 
 
@@ -92,7 +96,7 @@ class PPOTrainer:
     def __init__(self, config: TrainingConfig, model_path: str, device: str) -> None:
         from transformers import AutoModelForCausalLM
 
-        from rlhf.modeling import autocast_dtype, load_model, load_tokenizer
+        from rlhf.training.modeling import autocast_dtype, load_model, load_tokenizer
 
         self.config = config
         self.device = device
@@ -106,9 +110,16 @@ class PPOTrainer:
         if config.use_lora:
             from peft import LoraConfig, TaskType, get_peft_model
 
-            lm = get_peft_model(lm, LoraConfig(
-                task_type=TaskType.CAUSAL_LM, r=config.lora_r, lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout, target_modules=config.lora_target_modules or None))
+            lm = get_peft_model(
+                lm,
+                LoraConfig(
+                    task_type=TaskType.CAUSAL_LM,
+                    r=config.lora_r,
+                    lora_alpha=config.lora_alpha,
+                    lora_dropout=config.lora_dropout,
+                    target_modules=config.lora_target_modules or None,
+                ),
+            )
         else:
             # Full fine-tuning needs its own frozen copy of the starting weights.
             self.reference = load_model(AutoModelForCausalLM, model_path).to(device).eval()
@@ -135,13 +146,23 @@ class PPOTrainer:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
         with self._autocast():
             generated = self.model.lm.generate(
-                **enc, do_sample=True, temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p,
-                max_new_tokens=c.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+                **enc,
+                do_sample=True,
+                temperature=c.temperature,
+                top_k=c.top_k or None,
+                top_p=c.top_p,
+                max_new_tokens=c.max_new_tokens,
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_id,
+            )
         query = enc["input_ids"]
-        response = generated[:, query.shape[1]:]
+        response = generated[:, query.shape[1] :]
         mask = ppo.mask_after_eos(response, self.eos_id, self.pad_id)
         response = torch.where(mask.bool(), response, torch.full_like(response, self.pad_id))
-        texts = [self.tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(response, mask)]
+        texts = [
+            self.tokenizer.decode(row[m.bool()], skip_special_tokens=True)
+            for row, m in zip(response, mask, strict=False)
+        ]
 
         raw = torch.tensor(score_fn(prompts, texts), dtype=torch.float32, device=self.device)
         scores = raw.clone()
@@ -155,8 +176,7 @@ class PPOTrainer:
 
         logprobs, values, _ = self._forward(self.model, query, enc["attention_mask"], response, mask)
         ref_logprobs = self._reference_logprobs(query, enc["attention_mask"], response, mask)
-        return Rollout(query, enc["attention_mask"], response, mask, logprobs, ref_logprobs, values,
-                       scores, raw, texts)
+        return Rollout(query, enc["attention_mask"], response, mask, logprobs, ref_logprobs, values, scores, raw, texts)
 
     def _forward(self, model: PolicyWithValueHead, query, query_mask, response, mask):
         """Log-probs (temperature-scaled, as sampled), values and logits of the response tokens."""
@@ -175,9 +195,10 @@ class PPOTrainer:
         ids = torch.cat([query, response], 1)
         attention = torch.cat([query_mask, mask.long()], 1)
         with self._autocast():
-            logits = self.reference(input_ids=ids, attention_mask=attention,
-                                    position_ids=position_ids_of(attention)).logits
-        logits = logits[:, query.shape[1] - 1:-1].float() / self.config.temperature
+            logits = self.reference(
+                input_ids=ids, attention_mask=attention, position_ids=position_ids_of(attention)
+            ).logits
+        logits = logits[:, query.shape[1] - 1 : -1].float() / self.config.temperature
         return ppo.logprobs_of(logits, response)
 
     # --- one PPO step --------------------------------------------------------------------------------
@@ -187,8 +208,7 @@ class PPOTrainer:
         roll = self.rollout(prompts, score_fn)
         scored_at = time.monotonic()
         with torch.no_grad():
-            rewards, kl = ppo.token_rewards(roll.scores, roll.logprobs, roll.ref_logprobs, roll.mask,
-                                            self.kl_ctl.value)
+            rewards, kl = ppo.token_rewards(roll.scores, roll.logprobs, roll.ref_logprobs, roll.mask, self.kl_ctl.value)
             advantages, returns = ppo.gae(rewards, roll.values, roll.mask, c.gamma, c.lam)
             advantages = ppo.whiten(advantages, roll.mask)
 
@@ -198,9 +218,10 @@ class PPOTrainer:
         for _ in range(c.ppo_epochs):
             order = torch.randperm(batch, generator=self.generator).tolist()
             for start in range(0, batch, c.mini_batch_size):
-                idx = order[start:start + c.mini_batch_size]
+                idx = order[start : start + c.mini_batch_size]
                 new_logprobs, new_values, logits = self._forward(
-                    self.model, roll.query[idx], roll.query_mask[idx], roll.response[idx], roll.mask[idx])
+                    self.model, roll.query[idx], roll.query_mask[idx], roll.response[idx], roll.mask[idx]
+                )
                 mask = roll.mask[idx]
                 pg, pg_stats = ppo.policy_loss(new_logprobs, roll.logprobs[idx], advantages[idx], mask, c.cliprange)
                 vf, vf_stats = ppo.value_loss(new_values, roll.values[idx], returns[idx], mask, c.cliprange_value)
@@ -228,15 +249,22 @@ class PPOTrainer:
         score_mean = roll.raw_scores.mean().item()
         score_std = roll.raw_scores.std().item() if batch > 1 else 0.0
         metrics = {
-            "objective/scores": score_mean, "objective/scores_std": score_std,
-            "objective/kl": mean_kl, "objective/entropy": avg["entropy"],
+            "objective/scores": score_mean,
+            "objective/scores_std": score_std,
+            "objective/kl": mean_kl,
+            "objective/entropy": avg["entropy"],
             "objective/non_score_reward": (-kl_coef * kl.sum(1)).mean().item(),
             "objective/rlhf_reward": score_mean - kl_coef * mean_kl,
-            "loss/policy_avg": avg["pg"], "loss/value_avg": avg["vf"],
-            "policy/clipfrac_avg": avg["clip"], "policy/approxkl_avg": avg["approxkl"],
-            "val/clipfrac_avg": avg["vclip"], "val/error": avg["verr"], "kl_coef": kl_coef,
+            "loss/policy_avg": avg["pg"],
+            "loss/value_avg": avg["vf"],
+            "policy/clipfrac_avg": avg["clip"],
+            "policy/approxkl_avg": avg["approxkl"],
+            "val/clipfrac_avg": avg["vclip"],
+            "val/error": avg["verr"],
+            "kl_coef": kl_coef,
             "response_length": roll.mask.sum(1).mean().item(),
-            "time/rollout_and_score_s": scored_at - started, "time/step_s": time.monotonic() - started,
+            "time/rollout_and_score_s": scored_at - started,
+            "time/step_s": time.monotonic() - started,
         }
         h = self.history
         h.reward.append(score_mean)
@@ -250,8 +278,9 @@ class PPOTrainer:
         return metrics
 
     def _optimizer_step(self) -> None:
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                       self.config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm
+        )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -264,8 +293,9 @@ class PPOTrainer:
             rng.shuffle(pool)
             yield from reversed(pool)
 
-    def train(self, prompts: list[str], score_fn: ScoreFn, on_step: StepCallback,
-              checkpoint: Callable[[], None] | None = None) -> History:
+    def train(
+        self, prompts: list[str], score_fn: ScoreFn, on_step: StepCallback, checkpoint: Callable[[], None] | None = None
+    ) -> History:
         stream = self._prompt_stream(prompts)
         # A resumed run draws the prompts an uninterrupted run would have drawn from here on.
         for _ in itertools.islice(stream, self.step * self.config.batch_size):
@@ -283,10 +313,16 @@ class PPOTrainer:
         """Trainable weights (value head included), optimizer, KL controller, step, curves and sampling
         state, written atomically; `extra` is kept alongside (e.g. the reward-model version)."""
         trainable = {k: v for k, v in self.model.named_parameters() if v.requires_grad}
-        state = {"step": self.step, "kl_coef": self.kl_ctl.value, "optimizer": self.optimizer.state_dict(),
-                 "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
-                 "history": dataclasses.asdict(self.history), "generator": self.generator.get_state(),
-                 "torch_rng": torch.get_rng_state(), "extra": extra or {}}
+        state = {
+            "step": self.step,
+            "kl_coef": self.kl_ctl.value,
+            "optimizer": self.optimizer.state_dict(),
+            "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
+            "history": dataclasses.asdict(self.history),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "extra": extra or {},
+        }
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
@@ -322,5 +358,6 @@ class PPOTrainer:
         lm.save_pretrained(policy_dir)
         self.tokenizer.save_pretrained(policy_dir)
         torch.save(self.model.value_head.state_dict(), folder / "value_head.pt")
-        (folder / "value_head.json").write_text(json.dumps(
-            {"hidden_size": self.model.value_head.in_features, "input": "last hidden state"}))
+        (folder / "value_head.json").write_text(
+            json.dumps({"hidden_size": self.model.value_head.in_features, "input": "last hidden state"})
+        )

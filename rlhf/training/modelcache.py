@@ -11,15 +11,21 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 V = TypeVar("V")
 log = logging.getLogger(__name__)
 
 
 class ModelCache(Generic[V]):
-    def __init__(self, loader: Callable[[str], V], capacity: int = 4, max_bytes: int = 0,
-                 size_of: Callable[[V], int] = lambda _: 0) -> None:
+    def __init__(
+        self,
+        loader: Callable[[str], V],
+        capacity: int = 4,
+        max_bytes: int = 0,
+        size_of: Callable[[V], int] = lambda _: 0,
+    ) -> None:
         if capacity < 1:
             raise ValueError("model cache capacity must be at least 1")
         self.capacity = capacity

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import pathlib
 
-from rlhf.errors import FailedPrecondition
+from rlhf.training.errors import ModelLoadError
 
-# The name that stands for the project's own tiny model (built on first use, see rlhf.tinymodel).
+# The name that stands for the project's own tiny model (built on first use, see rlhf.training.tinymodel).
 TINY_MODEL = "rlhf-tiny"
 
 
 def resolve_model(name: str | None, data_dir: pathlib.Path) -> str:
     """A path or hub id for from_pretrained; "" or "rlhf-tiny" builds/uses the tiny model in data_dir."""
     if not name or name == TINY_MODEL:
-        from rlhf.tinymodel import ensure_tiny_model
+        from rlhf.training.tinymodel import ensure_tiny_model
+
         return str(ensure_tiny_model(data_dir))
     return name
 
 
 def pick_device(preference: str = "auto") -> str:
-    """"auto" picks cuda, then mps, then cpu; anything else is used as given (e.g. "cuda:1")."""
+    """ "auto" picks cuda, then mps, then cpu; anything else is used as given (e.g. "cuda:1")."""
     import torch
 
     if preference and preference != "auto":
@@ -47,9 +48,11 @@ def load_tokenizer(path: str, padding_side: str = "left"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as error:  # noqa: BLE001 - the message tells the user what to do
-        raise FailedPrecondition(
+        raise ModelLoadError(
             f"could not load tokenizer '{path}': {error}. Pass a local model folder (no model hub is "
-            f"reachable here) or '{TINY_MODEL}'.", subject=path) from error
+            f"reachable here) or '{TINY_MODEL}'.",
+            path,
+        ) from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -61,6 +64,8 @@ def load_model(loader, path: str, **kwargs):
     try:
         return loader.from_pretrained(path, **kwargs)
     except Exception as error:  # noqa: BLE001
-        raise FailedPrecondition(
+        raise ModelLoadError(
             f"could not load model '{path}': {error}. Pass a local model folder (no model hub is "
-            f"reachable here) or '{TINY_MODEL}'.", subject=path) from error
+            f"reachable here) or '{TINY_MODEL}'.",
+            path,
+        ) from error

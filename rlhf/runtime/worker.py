@@ -1,4 +1,4 @@
-"""The worker side of a training job (see rlhf.jobs): spec in, JSON events out, SIGTERM as cancel."""
+"""The worker side of a training job (see rlhf.runtime.jobs): spec in, JSON events out, SIGTERM as cancel."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from rlhf.logs import setup_logging
+from rlhf.runtime.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,7 @@ class JobContext:
             raise Cancelled()
 
 
-def run_worker(component: str, train: Callable[[JobContext], dict[str, Any]],
-               argv: list[str] | None = None) -> int:
+def run_worker(component: str, train: Callable[[JobContext], dict[str, Any]], argv: list[str] | None = None) -> int:
     """Entry point of `python -m <service>.worker --job-dir DIR`: run `train`, report, exit code."""
     parser = argparse.ArgumentParser(description=f"{component} training worker")
     parser.add_argument("--job-dir", required=True, type=pathlib.Path)

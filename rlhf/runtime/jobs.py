@@ -1,7 +1,7 @@
 """Training jobs as resources, shared by the reward and policy services.
 
 A job is a row in the service's own database and a worker process (`python -m <worker_module>`) that
-reads `spec.json` from the job folder and appends JSON events to `events.jsonl` (rlhf.worker). The
+reads `spec.json` from the job folder and appends JSON events to `events.jsonl` (rlhf.runtime.worker). The
 manager tails those events, persists progress, feeds watchers, and on the worker's exit decides the final
 state. Training never runs on the server's event loop, a cancel is a SIGTERM (the worker stops within a
 step and keeps a checkpoint), a crash can't take the server down, and a restarted server marks jobs that
@@ -20,18 +20,25 @@ import pathlib
 import signal
 import sys
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from sqlalchemy import Column, DateTime, Engine, Integer, MetaData, String, Table, Text, select, update
 
-from rlhf import validation
-from rlhf.errors import FailedPrecondition, NotFound
-from rlhf.runtime import prepare_environment
+from rlhf.runtime import validation
+from rlhf.runtime.environment import prepare_environment
+from rlhf.runtime.errors import FailedPrecondition, NotFound
 
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = (
-    "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "FAILED",
+    "CANCELLED",
+    "INTERRUPTED",
+)
 ACTIVE = (QUEUED, RUNNING)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED, INTERRUPTED)
 
@@ -42,11 +49,12 @@ def utcnow() -> dt.datetime:
 
 def jobs_table(metadata: MetaData) -> Table:
     return Table(
-        "jobs", metadata,
+        "jobs",
+        metadata,
         Column("job_id", String(64), primary_key=True),
         Column("agent_id", String(64), nullable=False, index=True),
         Column("state", String(16), nullable=False, index=True),
-        Column("spec", Text, nullable=False),        # JSON: the resolved request
+        Column("spec", Text, nullable=False),  # JSON: the resolved request
         Column("progress", Text, nullable=False, default="{}"),
         Column("result", Text, nullable=False, default="{}"),
         Column("error", Text, nullable=False, default=""),
@@ -93,10 +101,20 @@ class JobStore:
         self.table = table
 
     def _job(self, row: Any) -> Job:
-        return Job(job_id=row.job_id, agent_id=row.agent_id, state=row.state, spec=json.loads(row.spec),
-                   progress=json.loads(row.progress or "{}"), result=json.loads(row.result or "{}"),
-                   error=row.error or "", version=row.version or "", created_at=_aware(row.created_at),
-                   started_at=_aware(row.started_at), finished_at=_aware(row.finished_at), seq=row.seq)
+        return Job(
+            job_id=row.job_id,
+            agent_id=row.agent_id,
+            state=row.state,
+            spec=json.loads(row.spec),
+            progress=json.loads(row.progress or "{}"),
+            result=json.loads(row.result or "{}"),
+            error=row.error or "",
+            version=row.version or "",
+            created_at=_aware(row.created_at),
+            started_at=_aware(row.started_at),
+            finished_at=_aware(row.finished_at),
+            seq=row.seq,
+        )
 
     def _refuse_if_busy(self, conn: Any, agent_id: str) -> None:
         """One active job per agent: checked inside the caller's transaction."""
@@ -105,7 +123,9 @@ class JobStore:
         if active:
             raise FailedPrecondition(
                 f"agent '{agent_id}' already has an active training job {active.job_id}; "
-                f"wait for it or cancel it first", subject=active.job_id)
+                f"wait for it or cancel it first",
+                subject=active.job_id,
+            )
 
     def create(self, agent_id: str, spec: dict[str, Any]) -> Job:
         """Insert a QUEUED job unless the agent has an active one (checked in the same transaction)."""
@@ -113,9 +133,18 @@ class JobStore:
         with self.engine.begin() as conn:
             self._refuse_if_busy(conn, agent_id)
             last = conn.execute(select(t.c.seq).order_by(t.c.seq.desc()).limit(1)).scalar() or 0
-            values = dict(job_id=uuid.uuid4().hex, agent_id=agent_id, state=QUEUED, spec=json.dumps(spec),
-                          progress="{}", result="{}", error="", version="", created_at=utcnow(),
-                          seq=last + 1)
+            values = dict(
+                job_id=uuid.uuid4().hex,
+                agent_id=agent_id,
+                state=QUEUED,
+                spec=json.dumps(spec),
+                progress="{}",
+                result="{}",
+                error="",
+                version="",
+                created_at=utcnow(),
+                seq=last + 1,
+            )
             conn.execute(t.insert().values(**values))
         return self.get(values["job_id"])
 
@@ -127,11 +156,16 @@ class JobStore:
             if row is None:
                 raise NotFound(f"training job '{job_id}' not found")
             if row.state not in (FAILED, CANCELLED, INTERRUPTED):
-                raise FailedPrecondition(f"job {job_id} is {row.state}; only FAILED, CANCELLED or INTERRUPTED "
-                                         f"jobs can be resumed", subject=job_id)
+                raise FailedPrecondition(
+                    f"job {job_id} is {row.state}; only FAILED, CANCELLED or INTERRUPTED jobs can be resumed",
+                    subject=job_id,
+                )
             self._refuse_if_busy(conn, row.agent_id)
-            conn.execute(update(t).where(t.c.job_id == job_id).values(
-                state=QUEUED, error="", progress="{}", finished_at=None, started_at=None))
+            conn.execute(
+                update(t)
+                .where(t.c.job_id == job_id)
+                .values(state=QUEUED, error="", progress="{}", finished_at=None, started_at=None)
+            )
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job:
@@ -163,8 +197,11 @@ class JobStore:
     def interrupt_active(self, reason: str) -> int:
         """On start-up: jobs left active by a previous server process can no longer be running."""
         with self.engine.begin() as conn:
-            result = conn.execute(update(self.table).where(self.table.c.state.in_(ACTIVE)).values(
-                state=INTERRUPTED, error=reason, finished_at=utcnow()))
+            result = conn.execute(
+                update(self.table)
+                .where(self.table.c.state.in_(ACTIVE))
+                .values(state=INTERRUPTED, error=reason, finished_at=utcnow())
+            )
             return result.rowcount
 
 
@@ -175,9 +212,16 @@ OnSuccess = Callable[[Job, dict[str, Any]], Awaitable[str]]
 class JobManager:
     """Launches and supervises worker processes for jobs; one instance per service."""
 
-    def __init__(self, store: JobStore, work_root: pathlib.Path, worker_module: str, on_success: OnSuccess,
-                 worker_env: dict[str, str] | None = None, poll_seconds: float = 0.2,
-                 cancel_grace_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        work_root: pathlib.Path,
+        worker_module: str,
+        on_success: OnSuccess,
+        worker_env: dict[str, str] | None = None,
+        poll_seconds: float = 0.2,
+        cancel_grace_seconds: float = 30.0,
+    ) -> None:
         self.store = store
         self.work_root = work_root
         self.worker_module = worker_module
@@ -193,7 +237,8 @@ class JobManager:
 
     async def recover(self) -> None:
         count = await asyncio.to_thread(
-            self.store.interrupt_active, "the server stopped while this job ran; start a new job")
+            self.store.interrupt_active, "the server stopped while this job ran; start a new job"
+        )
         if count:
             log.warning("marked %d job(s) left running by a previous server as INTERRUPTED", count)
 
@@ -204,8 +249,7 @@ class JobManager:
         job = await asyncio.to_thread(self.store.create, agent_id, spec)
         folder = self.job_dir(job.job_id)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "spec.json").write_text(json.dumps({"job_id": job.job_id, "agent_id": agent_id, **spec},
-                                                     indent=2))
+        (folder / "spec.json").write_text(json.dumps({"job_id": job.job_id, "agent_id": agent_id, **spec}, indent=2))
         self._tasks[job.job_id] = asyncio.create_task(self._supervise(job.job_id))
         log.info("job %s queued for agent %s", job.job_id, agent_id)
         return job
@@ -231,8 +275,9 @@ class JobManager:
         if agent_id:
             validation.agent_id(agent_id)
         size = validation.page_size(page_size)
-        jobs = await self.list(agent_id=agent_id, state=state, before_seq=validation.offset_token(page_token),
-                               limit=size + 1)
+        jobs = await self.list(
+            agent_id=agent_id, state=state, before_seq=validation.offset_token(page_token), limit=size + 1
+        )
         return jobs[:size], (str(jobs[size - 1].seq) if len(jobs) > size else "")
 
     async def cancel(self, job_id: str) -> Job:
@@ -262,11 +307,8 @@ class JobManager:
 
     async def wait(self, job_id: str) -> Job:
         """The job once it has ended."""
-        last = None
-        async for last in self.watch(job_id):
-            pass
-        assert last is not None  # watch always yields the current state first
-        return last
+        states = [job async for job in self.watch(job_id)]
+        return states[-1]  # watch always yields the current state first, so there is one
 
     async def close(self) -> None:
         """Server shutdown: stop workers; their jobs end INTERRUPTED (checkpoints stay on disk)."""
@@ -299,8 +341,16 @@ class JobManager:
             prepare_environment(env)
             with open(log_path, "ab") as log_file:
                 process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", self.worker_module, "--job-dir", str(folder),
-                    stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+                    sys.executable,
+                    "-m",
+                    self.worker_module,
+                    "--job-dir",
+                    str(folder),
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
             self._processes[job_id] = process
             await self._update(job_id, state=RUNNING, started_at=utcnow())
             log.info("job %s running in worker pid %d", job_id, process.pid)
@@ -361,16 +411,20 @@ class JobManager:
                 version = await self.on_success(job, state["result"])
             except Exception as error:  # noqa: BLE001
                 log.exception("job %s: registering the result failed", job_id)
-                await self._update(job_id, state=FAILED, error=f"could not register the result: {error}",
-                                   finished_at=now)
+                await self._update(
+                    job_id, state=FAILED, error=f"could not register the result: {error}", finished_at=now
+                )
                 return
-            await self._update(job_id, state=SUCCEEDED, version=version, result=state["result"],
-                               finished_at=now)
+            await self._update(job_id, state=SUCCEEDED, version=version, result=state["result"], finished_at=now)
             log.info("job %s succeeded: version %s", job_id, version)
             return
         if self._closing:
-            await self._update(job_id, state=INTERRUPTED, finished_at=now,
-                               error="the server shut down while this job ran; start a new job")
+            await self._update(
+                job_id,
+                state=INTERRUPTED,
+                finished_at=now,
+                error="the server shut down while this job ran; start a new job",
+            )
             return
         reason = state["error"] or _tail(log_path) or f"worker exited with code {returncode}"
         await self._update(job_id, state=FAILED, error=reason, finished_at=now)

@@ -6,15 +6,19 @@ import asyncio
 import dataclasses
 import logging
 import signal
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rlhf.config import ServerConfig
+from rlhf.runtime.config import ServerConfig
 
 log = logging.getLogger(__name__)
+
+
+class PortInUse(RuntimeError):
+    """The server's address is taken; the message says how to pick another."""
 
 
 @dataclasses.dataclass
@@ -58,9 +62,16 @@ async def start_server(config: ServerConfig, bindings: list[ServiceBinding]) -> 
         binding.add_to_server(binding.servicer, server)
     names = [b.full_name for b in bindings]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError:
+        port = 0  # some grpc versions raise instead of returning 0
     if port == 0:
-        raise RuntimeError(f"could not bind {config.host}:{config.port}: is another server using it?")
+        raise PortInUse(
+            f"the {config.service} service could not bind {config.host}:{config.port}: the port is "
+            f"already in use (another server?). Stop that server or pick another port "
+            f"(--port or RLHF_{config.service.upper()}_PORT)."
+        )
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

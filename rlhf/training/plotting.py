@@ -16,12 +16,12 @@ def plot_curves(curves: dict[str, list[float]], path: pathlib.Path, title: str) 
     columns = 2
     rows = max(1, (len(named) + columns - 1) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(10, 3.2 * rows), squeeze=False)
-    for axis, (name, values) in zip(axes.flat, named):
+    for axis, (name, values) in zip(axes.flat, named, strict=False):
         axis.plot(range(1, len(values) + 1), values, linewidth=1.5)
         axis.set_title(name)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(named):]:
+    for axis in list(axes.flat)[len(named) :]:
         axis.axis("off")
     figure.suptitle(title)
     figure.tight_layout()

@@ -1,7 +1,7 @@
 """The text the tiny default model learns from: short question/answer documents on a few topics.
 
 Generated deterministically from word lists (no download), so every machine builds the same model.
-Answers stay on one topic each, which gives the demo's simulated rater (rlhf.rater) a learnable,
+Answers stay on one topic each, which gives the demo's simulated rater (rlhf.sdk.rater) a learnable,
 human-readable preference: it likes answers about the sea.
 """
 
@@ -10,11 +10,22 @@ from __future__ import annotations
 import random
 
 QUESTIONS = [
-    "What did you see today?", "Tell me a short story.", "Where did you go this morning?",
-    "What do you like to do?", "Describe your favourite place.", "What happened yesterday?",
-    "What should I visit next?", "How was your trip?", "What is on your mind?", "Tell me about your week.",
-    "What did you dream about?", "Where would you like to live?", "What made you smile?",
-    "Describe the view from your window.", "What did you learn recently?", "Tell me something nice.",
+    "What did you see today?",
+    "Tell me a short story.",
+    "Where did you go this morning?",
+    "What do you like to do?",
+    "Describe your favourite place.",
+    "What happened yesterday?",
+    "What should I visit next?",
+    "How was your trip?",
+    "What is on your mind?",
+    "Tell me about your week.",
+    "What did you dream about?",
+    "Where would you like to live?",
+    "What made you smile?",
+    "Describe the view from your window.",
+    "What did you learn recently?",
+    "Tell me something nice.",
 ]
 
 TOPICS: dict[str, dict[str, list[str]]] = {
@@ -54,8 +65,12 @@ TEMPLATES = [
 def sentence(rng: random.Random, topic: str) -> str:
     words = TOPICS[topic]
     return rng.choice(TEMPLATES).format(
-        verb=rng.choice(words["verb"]), adj=rng.choice(words["adj"]), adj2=rng.choice(words["adj"]),
-        noun=rng.choice(words["noun"]), noun2=rng.choice(words["noun"]))
+        verb=rng.choice(words["verb"]),
+        adj=rng.choice(words["adj"]),
+        adj2=rng.choice(words["adj"]),
+        noun=rng.choice(words["noun"]),
+        noun2=rng.choice(words["noun"]),
+    )
 
 
 def answer(rng: random.Random, topic: str | None = None) -> str:

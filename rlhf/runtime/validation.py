@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from rlhf.errors import InvalidArgument
+from rlhf.runtime.errors import InvalidArgument
 
 AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 VERSION_PATTERN = re.compile(r"^v[1-9][0-9]{0,8}$")

@@ -52,7 +52,7 @@ class ServerConfig:
     grace_seconds: float = 5.0
 
     @classmethod
-    def from_env(cls, service: str, **overrides) -> "ServerConfig":
+    def from_env(cls, service: str, **overrides) -> ServerConfig:
         up = service.upper()
         values = dict(
             service=service,
@@ -76,5 +76,10 @@ class ServerConfig:
         return pathlib.Path(env_str("RLHF_ARTIFACT_ROOT", str(self.data_dir / "artifacts"))).resolve()
 
     def grpc_options(self) -> list[tuple[str, int]]:
-        return [("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.max_receive_message_length", self.max_message_bytes)]
+        # so_reuseport off: with it a second server (another data dir) could bind the same port and calls
+        # would alternate between the two; now the second one fails to start.
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from rlhf.corpus import TOPICS
+from rlhf.training.corpus import TOPICS
 
 PREFERRED_WORDS = frozenset(TOPICS["sea"]["noun"] + TOPICS["sea"]["adj"] + ["sailed", "swam"])
 _WORD = re.compile(r"[a-z]+")

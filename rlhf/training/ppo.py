@@ -39,8 +39,9 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (mask.sum(1).long() - 1).clamp(min=0)
 
 
-def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                  mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def token_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: -kl_coef * (logp - ref_logp) on every token, plus the score on the last one.
 
     Returns (rewards, kl) where kl is the per-token log-ratio (masked)."""
@@ -51,8 +52,9 @@ def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
     return rewards * mask, kl
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens; returns (advantages, returns).
 
     Values past the last real token count as 0 (the episode ends there)."""
@@ -70,28 +72,42 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages * mask, returns * mask
 
 
-def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def policy_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate objective (to minimise), with clip fraction and approximate KL."""
     log_ratio = (new_logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     loss = masked_mean(torch.max(unclipped, clipped), mask)
-    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-             "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask)}
+    stats = {
+        "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+        "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+    }
     return loss, stats
 
 
-def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def value_loss(
+    new_values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss: 0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped within cliprange of the old value."""
     clipped = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
     unclipped_error = (new_values - returns) ** 2
     clipped_error = (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
-    stats = {"clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask),
-             "error": masked_mean(unclipped_error, mask)}
+    stats = {
+        "clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask),
+        "error": masked_mean(unclipped_error, mask),
+    }
     return loss, stats
 
 

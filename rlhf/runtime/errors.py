@@ -10,12 +10,15 @@ import functools
 import inspect
 import logging
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from rlhf.training.errors import DeadlinePassed, ModelLoadError, NotEnoughData, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +48,13 @@ class InvalidArgument(DomainError):
         self.description = description
 
     def details(self) -> list[Any]:
-        return [error_details_pb2.BadRequest(
-            field_violations=[error_details_pb2.BadRequest.FieldViolation(
-                field=self.field, description=self.description)])]
+        return [
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.description)
+                ]
+            )
+        ]
 
 
 class NotFound(DomainError):
@@ -69,9 +76,15 @@ class FailedPrecondition(DomainError):
         self.kind = kind
 
     def details(self) -> list[Any]:
-        return [error_details_pb2.PreconditionFailure(violations=[
-            error_details_pb2.PreconditionFailure.Violation(
-                type=self.kind, subject=self.subject, description=self.message)])]
+        return [
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type=self.kind, subject=self.subject, description=self.message
+                    )
+                ]
+            )
+        ]
 
 
 class Unavailable(DomainError):
@@ -119,17 +132,30 @@ def from_rpc_error(error: grpc.RpcError, service: str) -> DomainError:
     return by_code.get(code, Unavailable)(message)
 
 
+def from_library_error(error: TrainingError) -> DomainError:
+    """The status a training-library error stands for when a service meets it."""
+    if isinstance(error, ModelLoadError):
+        return FailedPrecondition(error.message, subject=error.path, kind="MODEL")
+    if isinstance(error, NotEnoughData):
+        return FailedPrecondition(error.message, kind="FEEDBACK_COUNT")
+    if isinstance(error, DeadlinePassed):
+        return DeadlineExceeded(error.message)
+    return FailedPrecondition(error.message)
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+    if isinstance(error, TrainingError):
+        error = from_library_error(error)
     if isinstance(error, DomainError):
         await context.abort_with_status(to_rpc_status(error))
     incident = uuid.uuid4().hex[:12]
     log.exception("internal error in %s (incident %s)", method, incident, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL,
-                        f"internal error in {method}; the server log has incident {incident}")
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has incident {incident}")
 
 
 def _wrap(method: Callable, name: str) -> Callable:
     if inspect.isasyncgenfunction(method):
+
         @functools.wraps(method)
         async def stream_wrapper(self, request, context):
             try:
@@ -139,6 +165,7 @@ def _wrap(method: Callable, name: str) -> Callable:
                 raise
             except Exception as error:  # noqa: BLE001 - every error gets a status, never a trace
                 await _abort(context, error, name)
+
         return stream_wrapper
 
     @functools.wraps(method)
@@ -149,6 +176,7 @@ def _wrap(method: Callable, name: str) -> Callable:
             raise
         except Exception as error:  # noqa: BLE001
             await _abort(context, error, name)
+
     return unary_wrapper
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from rlhf.errors import InvalidArgument
-from rlhf.validation import int_in, number_in
+from rlhf.runtime.errors import InvalidArgument
+from rlhf.runtime.validation import int_in, number_in
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")
 
@@ -29,3 +29,14 @@ def lora(config, prefix: str) -> None:
 def base_model(name: str, field: str) -> None:
     if not name or len(name) > 1024 or "\x00" in name:
         raise InvalidArgument(field, "must be a hub id or local folder of at most 1024 characters")
+
+
+def model_training(config, prefix: str) -> None:
+    """The fields every training config shares (rlhf.training.config.ModelTrainingConfig)."""
+    base_model(config.base_model, f"{prefix}.base_model")
+    lora(config, prefix)
+    if not 0 < config.learning_rate <= 1:  # also refuses NaN
+        raise InvalidArgument(f"{prefix}.learning_rate", f"must be in (0, 1], got {config.learning_rate}")
+    int_in(config.batch_size, f"{prefix}.batch_size", 1, 4096)
+    int_in(config.gradient_accumulation_steps, f"{prefix}.gradient_accumulation_steps", 1, 1024)
+    device_and_precision(config.device, config.mixed_precision, prefix)

@@ -1,5 +1,6 @@
-"""Reward-model training (runs in the worker process): ratings by MSE on normalised scores,
-comparisons by the Bradley-Terry pairwise loss, both on one scalar head; LoRA optional, merged on save."""
+"""Reward-model training, in-process: ratings by MSE on normalised scores, comparisons by the Bradley-Terry
+pairwise loss, both on one scalar head; LoRA optional, merged on save. The reward service's job worker calls
+`train_reward_model`; so can a notebook or a test, with no server running."""
 
 from __future__ import annotations
 
@@ -11,18 +12,46 @@ import random
 import time
 from typing import Any
 
-from reward_service.config import RewardModelConfig
-from reward_service.modeling import NORMALIZATION_FILE, encode, join, to_rating
-from rlhf.errors import FailedPrecondition
-from rlhf.worker import JobContext
+from rlhf.training.config import RewardModelConfig
+from rlhf.training.errors import NotEnoughData
+from rlhf.training.progress import Progress, SilentProgress
+from rlhf.training.reward_inputs import NORMALIZATION_FILE, encode, join, to_rating
 
-RATING, COMPARISON = 1, 2  # FeedbackKind values
+MIN_EXAMPLES = 10
+
+
+@dataclasses.dataclass
+class Rating:
+    prompt: str
+    response: str
+    score: float  # 0..1
+
+
+@dataclasses.dataclass
+class Comparison:
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float = 0.0  # how much better chosen is; 0 for a plain preference
 
 
 @dataclasses.dataclass
 class Examples:
-    ratings: list[tuple[str, float]]        # (text, score in 0..1)
+    """Reward-model training data in the form the model reads: joined texts."""
+
+    ratings: list[tuple[str, float]]  # (text, score in 0..1)
     comparisons: list[tuple[str, str, float]]  # (chosen text, rejected text, margin)
+
+    @classmethod
+    def of(cls, items: list[Rating | Comparison]) -> Examples:
+        return cls(
+            ratings=[(join(i.prompt, i.response), i.score) for i in items if isinstance(i, Rating)],
+            comparisons=[
+                (join(i.prompt, i.chosen), join(i.prompt, i.rejected), i.margin)
+                for i in items
+                if isinstance(i, Comparison)
+            ],
+        )
 
 
 def split(items: list, fraction: float, rng: random.Random) -> tuple[list, list]:
@@ -32,24 +61,26 @@ def split(items: list, fraction: float, rng: random.Random) -> tuple[list, list]
     return items[held:], items[:held]
 
 
-def examples_from_feedback(rows: list) -> Examples:
-    ratings = [(join(r.prompt, r.response), r.score) for r in rows if r.kind == RATING]
-    comparisons = [(join(r.prompt, r.chosen), join(r.prompt, r.rejected), r.margin if r.HasField("margin") else 0.0)
-                   for r in rows if r.kind == COMPARISON]
-    return Examples(ratings, comparisons)
-
-
-def train_reward_model(context: JobContext, rows: list, watermark: int, config: RewardModelConfig,
-                       base_path: str, output_dir: pathlib.Path) -> dict[str, Any]:
+def train_reward_model(
+    items: list[Rating | Comparison],
+    config: RewardModelConfig,
+    base_path: str,
+    output_dir: pathlib.Path,
+    context: Progress | None = None,
+) -> dict[str, Any]:
+    """Train on `items`, save a model folder loadable by AutoModelForSequenceClassification at `output_dir`
+    (with normalization.json, reward_config.json, loss_history.json) and return counts, metrics and the
+    normalisation. `context` receives progress and may stop the run by raising from check_cancelled."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.modeling import autocast_dtype, load_model, load_tokenizer, pick_device
+    from rlhf.training.modeling import autocast_dtype, load_model, load_tokenizer, pick_device
 
-    examples = examples_from_feedback(rows)
+    context = context or SilentProgress()
+    examples = Examples.of(items)
     usable = len(examples.ratings) + len(examples.comparisons)
-    if usable < 10:
-        raise FailedPrecondition(f"only {usable} usable feedback items; at least 10 are needed")
+    if usable < MIN_EXAMPLES:
+        raise NotEnoughData(f"only {usable} usable feedback items; at least {MIN_EXAMPLES} are needed")
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
@@ -72,16 +103,23 @@ def train_reward_model(context: JobContext, rows: list, watermark: int, config: 
     if config.use_lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout, target_modules=config.lora_target_modules or None))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type=TaskType.SEQ_CLS,
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=config.lora_target_modules or None,
+            ),
+        )
     model.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
 
     # One list of batches per epoch: rating batches and comparison batches interleaved.
     def batches() -> list[tuple[str, list]]:
-        out = [("rating", train_r[i:i + config.batch_size]) for i in range(0, len(train_r), config.batch_size)]
-        out += [("comparison", train_c[i:i + config.batch_size]) for i in range(0, len(train_c), config.batch_size)]
+        out = [("rating", train_r[i : i + config.batch_size]) for i in range(0, len(train_r), config.batch_size)]
+        out += [("comparison", train_c[i : i + config.batch_size]) for i in range(0, len(train_c), config.batch_size)]
         rng.shuffle(out)
         return out
 
@@ -95,7 +133,7 @@ def train_reward_model(context: JobContext, rows: list, watermark: int, config: 
             target = torch.tensor([(s - mean) / std for _, s in batch], device=device)
             return torch.nn.functional.mse_loss(forward([t for t, _ in batch]), target)
         rewards = forward([c for c, _, _ in batch] + [r for _, r, _ in batch])
-        chosen, rejected = rewards[: len(batch)], rewards[len(batch):]
+        chosen, rejected = rewards[: len(batch)], rewards[len(batch) :]
         margin = torch.tensor([m for _, _, m in batch], device=device)
         return -torch.nn.functional.logsigmoid(chosen - rejected - margin).mean()
 
@@ -118,15 +156,27 @@ def train_reward_model(context: JobContext, rows: list, watermark: int, config: 
                 step += 1
                 history.append(loss.item() * config.gradient_accumulation_steps)
                 elapsed = time.monotonic() - started
-                context.progress(phase="training", step=step, total_steps=total_steps, epoch=epoch + 1,
-                                 total_epochs=config.num_epochs, train_loss=history[-1],
-                                 eta_seconds=elapsed / step * (total_steps - step))
+                context.progress(
+                    phase="training",
+                    step=step,
+                    total_steps=total_steps,
+                    epoch=epoch + 1,
+                    total_epochs=config.num_epochs,
+                    train_loss=history[-1],
+                    eta_seconds=elapsed / step * (total_steps - step),
+                )
         metrics = evaluate(model, forward, val_r, val_c, normalization)
         if "validation_loss" in metrics:
             val_history.append(metrics["validation_loss"])
-            context.progress(phase="training", step=step, total_steps=total_steps, epoch=epoch + 1,
-                             total_epochs=config.num_epochs, train_loss=history[-1] if history else 0.0,
-                             validation_loss=metrics["validation_loss"])
+            context.progress(
+                phase="training",
+                step=step,
+                total_steps=total_steps,
+                epoch=epoch + 1,
+                total_epochs=config.num_epochs,
+                train_loss=history[-1] if history else 0.0,
+                validation_loss=metrics["validation_loss"],
+            )
             if metrics["validation_loss"] < best_val - 1e-6:
                 best_val, stale = metrics["validation_loss"], 0
             else:
@@ -144,9 +194,15 @@ def train_reward_model(context: JobContext, rows: list, watermark: int, config: 
     (output_dir / NORMALIZATION_FILE).write_text(json.dumps(normalization))
     (output_dir / "reward_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     (output_dir / "loss_history.json").write_text(json.dumps({"train": history, "validation": val_history}))
-    return {"model_path": str(output_dir), "feedback_watermark": watermark, "feedback_count": len(rows),
-            "rating_count": len(examples.ratings), "comparison_count": len(examples.comparisons),
-            "metrics": metrics, "normalization": normalization, "training_steps": step}
+    return {
+        "model_path": str(output_dir),
+        "feedback_count": len(items),
+        "rating_count": len(examples.ratings),
+        "comparison_count": len(examples.comparisons),
+        "metrics": metrics,
+        "normalization": normalization,
+        "training_steps": step,
+    }
 
 
 def evaluate(model, forward, ratings: list, comparisons: list, normalization: dict) -> dict[str, float]:
@@ -161,13 +217,18 @@ def evaluate(model, forward, ratings: list, comparisons: list, normalization: di
             outputs = forward([t for t, _ in ratings]).tolist()
             predicted = [to_rating(o, normalization) for o in outputs]
             truth = [s for _, s in ratings]
-            errors = [p - t for p, t in zip(predicted, truth)]
+            errors = [p - t for p, t in zip(predicted, truth, strict=False)]
             metrics["mse"] = sum(e * e for e in errors) / len(errors)
             metrics["mae"] = sum(abs(e) for e in errors) / len(errors)
             metrics["pearson"] = correlation(predicted, truth)
             metrics["spearman"] = correlation(ranks(predicted), ranks(truth))
-            losses.append(sum(((o - (t - normalization["mean"]) / normalization["std"]) ** 2)
-                              for o, t in zip(outputs, truth)) / len(truth))
+            losses.append(
+                sum(
+                    ((o - (t - normalization["mean"]) / normalization["std"]) ** 2)
+                    for o, t in zip(outputs, truth, strict=False)
+                )
+                / len(truth)
+            )
         if comparisons:
             chosen = forward([c for c, _, _ in comparisons])
             rejected = forward([r for _, r, _ in comparisons])
@@ -199,7 +260,7 @@ def correlation(a: list[float], b: list[float]) -> float:
     if n < 2:
         return 0.0
     ma, mb = sum(a) / n, sum(b) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=False))
     va = math.sqrt(sum((x - ma) ** 2 for x in a))
     vb = math.sqrt(sum((y - mb) ** 2 for y in b))
     return cov / (va * vb) if va > 0 and vb > 0 else 0.0

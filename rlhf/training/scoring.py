@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from reward_service.modeling import encode, join, read_normalization, to_rating
-from rlhf.errors import DeadlineExceeded
-from rlhf.modelcache import ModelCache
+from rlhf.training.errors import DeadlinePassed
+from rlhf.training.modelcache import ModelCache
+from rlhf.training.reward_inputs import encode, join, read_normalization, to_rating
 
 
 @dataclasses.dataclass
@@ -29,7 +29,7 @@ class Scored:
 def load_reward_model(model_path: str, device: str) -> LoadedRewardModel:
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.modeling import load_model, load_tokenizer, pick_device
+    from rlhf.training.modeling import load_model, load_tokenizer, pick_device
 
     device = pick_device(device)
     tokenizer = load_tokenizer(model_path, padding_side="right")
@@ -42,10 +42,12 @@ class Scorer:
         self.micro_batch = micro_batch
         self.max_length = max_length
         self.cache: ModelCache[LoadedRewardModel] = ModelCache(
-            lambda path: load_reward_model(path, device), capacity=cache_size)
+            lambda path: load_reward_model(path, device), capacity=cache_size
+        )
 
-    def score(self, loaded: LoadedRewardModel, pairs: list[tuple[str, str]],
-              deadline: float | None = None) -> list[Scored]:
+    def score(
+        self, loaded: LoadedRewardModel, pairs: list[tuple[str, str]], deadline: float | None = None
+    ) -> list[Scored]:
         """Blocking: one Scored per pair, in order; empty texts are reported per item."""
         import torch
 
@@ -62,10 +64,30 @@ class Scorer:
         with torch.inference_mode():
             for start in range(0, len(texts), self.micro_batch):
                 if deadline is not None and time.monotonic() > deadline:
-                    raise DeadlineExceeded(f"scoring stopped at item {start} of {len(texts)}: deadline passed")
-                chunk = texts[start:start + self.micro_batch]
+                    raise DeadlinePassed(f"scoring stopped at item {start} of {len(texts)}: deadline passed")
+                chunk = texts[start : start + self.micro_batch]
                 enc = encode(loaded.tokenizer, [t for _, t in chunk], self.max_length).to(loaded.device)
                 values = loaded.model(**enc).logits.squeeze(-1).float().tolist()
-                for (index, _), value in zip(chunk, values):
+                for (index, _), value in zip(chunk, values, strict=False):
                     results[index] = Scored(score=value, rating=to_rating(value, loaded.normalization))
         return results
+
+
+def fill_unscorable(scores: list[float | None]) -> list[float]:
+    """Scores for PPO: an unscorable response (None, e.g. empty) gets the batch's lowest score, never a reward."""
+    valid = [s for s in scores if s is not None]
+    floor = min(valid) if valid else 0.0
+    return [floor if s is None else s for s in scores]
+
+
+def reward_function(model_path: str, device: str = "auto", micro_batch: int = 64):
+    """In-process rewards for PPO with no reward service: `(prompts, responses) -> scores` from the reward
+    model saved at `model_path` (by train_reward_model or the reward service's registry)."""
+    loaded = load_reward_model(model_path, device)
+    scorer = Scorer(device, micro_batch, cache_size=1)
+
+    def score(prompts: list[str], responses: list[str]) -> list[float]:
+        scored = scorer.score(loaded, list(zip(prompts, responses, strict=False)))
+        return fill_unscorable([s.score if s.ok else None for s in scored])
+
+    return score

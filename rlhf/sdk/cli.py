@@ -6,12 +6,13 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
-from rlhf.config import DEFAULT_PORTS, data_dir_default
+from rlhf.runtime.config import DEFAULT_PORTS, data_dir_default
 
 
 def _print(message, as_json: bool) -> None:
@@ -33,7 +34,7 @@ def _print_list(messages, as_json: bool, header: str, row: Callable[[Any], str])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from rlhf.supervisor import MODULES, Stack, serve
+    from rlhf.sdk.supervisor import MODULES, Stack, serve
 
     ports = {s: getattr(args, f"{s}_port") for s in DEFAULT_PORTS}
     stack = Stack(data_dir=args.data_dir.resolve(), host=args.host, ports=ports)
@@ -41,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.service != "all":
         import os
 
-        from rlhf.runtime import prepare_environment
+        from rlhf.runtime.environment import prepare_environment
 
         os.environ.update(stack.env())
         prepare_environment()
@@ -52,13 +53,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rlhf.demo import DemoConfig, run_demo
+    from rlhf.sdk.demo import DemoConfig, run_demo
 
     return run_demo(DemoConfig(data_dir=args.data_dir.resolve(), fresh=not args.keep))
 
 
 def cmd_feedback_submit(args: argparse.Namespace) -> int:
-    from rlhf.clients import FeedbackClient
+    from rlhf.sdk.clients import FeedbackClient
 
     fields = {"prompt": args.prompt, "run_id": args.run_id, "notes": args.notes}
     if args.score is not None:
@@ -71,7 +72,7 @@ def cmd_feedback_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_feedback_stats(args: argparse.Namespace) -> int:
-    from rlhf.clients import FeedbackClient
+    from rlhf.sdk.clients import FeedbackClient
 
     with FeedbackClient(args.feedback_addr) as client:
         _print(client.stats(args.agent_id, group_by_policy_version=args.by_version), args.json)
@@ -79,11 +80,12 @@ def cmd_feedback_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rlhf.clients import PolicyClient
     from rlhf.policy.v1 import policy_service_pb2 as pol
+    from rlhf.sdk.clients import PolicyClient
 
-    request = pol.TrainPolicyRequest(agent_id=args.agent_id, dry_run=args.dry_run,
-                                     reward_model_version=args.reward_model_version or "")
+    request = pol.TrainPolicyRequest(
+        agent_id=args.agent_id, dry_run=args.dry_run, reward_model_version=args.reward_model_version or ""
+    )
     if args.max_steps is not None:
         request.max_steps = args.max_steps
     if args.learning_rate is not None:
@@ -113,14 +115,18 @@ def _watch_job(client, pb, job_id: str, as_json: bool, describe: Callable[[Any],
 
 def _describe_policy_job(job) -> str:
     p, metrics = job.progress, job.progress.metrics
-    return (f"{p.phase} step {p.step}/{p.total_steps} score {metrics.get('objective/scores', 0):.3f} "
-            f"kl {metrics.get('objective/kl', 0):.3f} eta {p.eta_seconds:.0f}s {p.message[:60]:<60}")
+    return (
+        f"{p.phase} step {p.step}/{p.total_steps} score {metrics.get('objective/scores', 0):.3f} "
+        f"kl {metrics.get('objective/kl', 0):.3f} eta {p.eta_seconds:.0f}s {p.message[:60]:<60}"
+    )
 
 
 def _describe_reward_job(job) -> str:
     p = job.progress
-    return (f"{p.phase} epoch {p.epoch}/{p.total_epochs} step {p.step}/{p.total_steps} "
-            f"loss {p.train_loss:.4f} eta {p.eta_seconds:.0f}s   ")
+    return (
+        f"{p.phase} epoch {p.epoch}/{p.total_epochs} step {p.step}/{p.total_steps} "
+        f"loss {p.train_loss:.4f} eta {p.eta_seconds:.0f}s   "
+    )
 
 
 def _watch_policy_job(client, job_id: str, as_json: bool) -> int:
@@ -131,27 +137,27 @@ def _watch_policy_job(client, job_id: str, as_json: bool) -> int:
 
 def _job_client(args: argparse.Namespace):
     """The client and message module of the service whose jobs are meant (policy, or reward with --reward)."""
-    from rlhf.clients import PolicyClient, RewardClient
-    from rlhf.policy.v1 import policy_service_pb2 as pol
-    from rlhf.reward.v1 import reward_service_pb2 as rw
+    from rlhf.sdk.clients import PolicyClient, RewardClient
 
-    if args.reward:
-        return RewardClient(args.reward_addr), rw
-    return PolicyClient(args.policy_addr), pol
+    client = RewardClient(args.reward_addr) if args.reward else PolicyClient(args.policy_addr)
+    return client, client.messages
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     client, pb = _job_client(args)
     with client:
-        jobs = client.stub.ListTrainingJobs(pb.ListTrainingJobsRequest(agent_id=args.agent_id or "",
-                                                                       page_size=args.limit)).jobs
+        jobs, _ = client.list_jobs(args.agent_id or "", page_size=args.limit)
+
     def row(job) -> str:
         version = getattr(job, "policy_version", "") or getattr(job, "reward_model_version", "")
-        return (f"{job.job_id:<34} {job.agent_id:<20} {pb.JobState.Name(job.state)[10:]:<12} "
-                f"{job.progress.phase:<13} {job.progress.step:>5}/{job.progress.total_steps:<5}  {version}")
+        return (
+            f"{job.job_id:<34} {job.agent_id:<20} {pb.JobState.Name(job.state)[10:]:<12} "
+            f"{job.progress.phase:<13} {job.progress.step:>5}/{job.progress.total_steps:<5}  {version}"
+        )
 
-    return _print_list(jobs, args.json,
-                       f"{'job id':<34} {'agent':<20} {'state':<12} {'phase':<13} {'step':>11}  version", row)
+    return _print_list(
+        jobs, args.json, f"{'job id':<34} {'agent':<20} {'state':<12} {'phase':<13} {'step':>11}  version", row
+    )
 
 
 def cmd_jobs_watch(args: argparse.Namespace) -> int:
@@ -169,12 +175,13 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_resume(args: argparse.Namespace) -> int:
-    from rlhf.clients import PolicyClient
     from rlhf.policy.v1 import policy_service_pb2 as pol
+    from rlhf.sdk.clients import PolicyClient
 
     with PolicyClient(args.policy_addr) as client:
-        job = client.stub.ResumeTrainingJob(pol.ResumeTrainingJobRequest(job_id=args.job_id),
-                                            timeout=client.timeout).job
+        job = client.stub.ResumeTrainingJob(
+            pol.ResumeTrainingJobRequest(job_id=args.job_id), timeout=client.timeout
+        ).job
         print(f"job {job.job_id} resumed", file=sys.stderr)
         if args.no_watch:
             _print(job, args.json)
@@ -183,10 +190,11 @@ def cmd_jobs_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_reward_models_list(args: argparse.Namespace) -> int:
-    from rlhf.clients import RewardClient
+    from rlhf.sdk.clients import RewardClient
 
     with RewardClient(args.reward_addr) as client:
         models = client.list_models(args.agent_id)
+
     def row(m) -> str:
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(m.metrics.items()) if k != "validation_count")
         return f"{m.version:<8} {m.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} {m.feedback_count:>8}  {metrics}"
@@ -195,7 +203,7 @@ def cmd_reward_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_policies_show(args: argparse.Namespace) -> int:
-    from rlhf.clients import PolicyClient
+    from rlhf.sdk.clients import PolicyClient
 
     with PolicyClient(args.policy_addr) as client:
         _print(client.get_policy(args.agent_id, args.version or ""), args.json)
@@ -203,20 +211,24 @@ def cmd_policies_show(args: argparse.Namespace) -> int:
 
 
 def cmd_policies_list(args: argparse.Namespace) -> int:
-    from rlhf.clients import PolicyClient
+    from rlhf.sdk.clients import PolicyClient
 
     with PolicyClient(args.policy_addr) as client:
         policies = client.list_policies(args.agent_id)
-    def row(p) -> str:
-        return (f"{p.version:<8} {p.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} {p.metrics.training_steps:>6} "
-                f"{p.metrics.reward_mean:>8.3f} {p.metrics.kl:>8.3f}  {p.model_path}")
 
-    return _print_list(policies, args.json,
-                       f"{'version':<8} {'created':<20} {'steps':>6} {'reward':>8} {'kl':>8}  path", row)
+    def row(p) -> str:
+        return (
+            f"{p.version:<8} {p.created_at.ToDatetime():%Y-%m-%d %H:%M:%S} {p.metrics.training_steps:>6} "
+            f"{p.metrics.reward_mean:>8.3f} {p.metrics.kl:>8.3f}  {p.model_path}"
+        )
+
+    return _print_list(
+        policies, args.json, f"{'version':<8} {'created':<20} {'steps':>6} {'reward':>8} {'kl':>8}  path", row
+    )
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from rlhf.clients import InferenceClient
+    from rlhf.sdk.clients import InferenceClient
 
     weights = {}
     for item in args.weights:
@@ -228,7 +240,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from rlhf.clients import InferenceClient
+    from rlhf.sdk.clients import InferenceClient
 
     params = {"max_new_tokens": args.max_new_tokens}
     if args.seed is not None:
@@ -239,21 +251,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rlhf.config import service_address
+    from rlhf.runtime.config import service_address
 
     parser = argparse.ArgumentParser(prog="rlhf", description="RLHF platform: serve the stack and use it.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start services (all: four processes)")
     serve.add_argument("service", choices=["all", "feedback", "reward", "policy", "inference"])
-    serve.add_argument("--data-dir", type=pathlib.Path, default=data_dir_default(),
-                       help="data dir (env RLHF_DATA_DIR, default ./.rlhf)")
+    serve.add_argument(
+        "--data-dir",
+        type=pathlib.Path,
+        default=data_dir_default(),
+        help="data dir (env RLHF_DATA_DIR, default ./.rlhf)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 in containers)")
     for service, port in DEFAULT_PORTS.items():
         import os
 
-        serve.add_argument(f"--{service}-port", type=int,
-                           default=int(os.environ.get(f"RLHF_{service.upper()}_PORT", port)))
+        serve.add_argument(
+            f"--{service}-port", type=int, default=int(os.environ.get(f"RLHF_{service.upper()}_PORT", port))
+        )
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run the whole loop end to end on embedded defaults")
@@ -265,13 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help_text)
         p.add_argument("--json", action="store_true", help="print compact JSON")
         for service in services:
-            p.add_argument(f"--{service}-addr", default=service_address(service),
-                           help=f"{service} service address (env RLHF_{service.upper()}_ADDR)")
+            p.add_argument(
+                f"--{service}-addr",
+                default=service_address(service),
+                help=f"{service} service address (env RLHF_{service.upper()}_ADDR)",
+            )
         p.set_defaults(func=func)
         return p
 
     feedback = sub.add_parser("feedback", help="submit and inspect feedback").add_subparsers(
-        dest="action", required=True)
+        dest="action", required=True
+    )
     submit = client_parser(feedback, "submit", "submit one rating or comparison", cmd_feedback_submit, ["feedback"])
     submit.add_argument("agent_id")
     submit.add_argument("--prompt", required=True)
@@ -298,16 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     plist = client_parser(policies, "list", "list an agent's policy versions", cmd_policies_list, ["policy"])
     plist.add_argument("agent_id")
 
-    show = client_parser(policies, "show", "one policy version with metrics and lineage", cmd_policies_show,
-                         ["policy"])
+    show = client_parser(policies, "show", "one policy version with metrics and lineage", cmd_policies_show, ["policy"])
     show.add_argument("agent_id")
     show.add_argument("version", nargs="?", help="e.g. v3 (default: the latest)")
 
-    jobs = sub.add_parser("jobs", help="training jobs (policy jobs; --reward for reward-model jobs)"
-                          ).add_subparsers(dest="action", required=True)
-    for name, func, help_text in (("list", cmd_jobs_list, "list jobs, newest first"),
-                                  ("watch", cmd_jobs_watch, "follow a job until it ends"),
-                                  ("cancel", cmd_jobs_cancel, "ask a job to stop")):
+    jobs = sub.add_parser("jobs", help="training jobs (policy jobs; --reward for reward-model jobs)").add_subparsers(
+        dest="action", required=True
+    )
+    for name, func, help_text in (
+        ("list", cmd_jobs_list, "list jobs, newest first"),
+        ("watch", cmd_jobs_watch, "follow a job until it ends"),
+        ("cancel", cmd_jobs_cancel, "ask a job to stop"),
+    ):
         job_parser = client_parser(jobs, name, help_text, func, ["policy", "reward"])
         job_parser.add_argument("--reward", action="store_true", help="reward-model jobs instead of policy jobs")
         if name == "list":
@@ -316,15 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             job_parser.add_argument("job_id")
 
-    resume = client_parser(jobs, "resume", "continue an interrupted, failed or cancelled policy job from its "
-                           "last checkpoint", cmd_jobs_resume, ["policy"])
+    resume = client_parser(
+        jobs,
+        "resume",
+        "continue an interrupted, failed or cancelled policy job from its last checkpoint",
+        cmd_jobs_resume,
+        ["policy"],
+    )
     resume.add_argument("job_id")
     resume.add_argument("--no-watch", action="store_true", help="return once the job is queued")
 
     reward_models = sub.add_parser("reward-models", help="the reward-model registry").add_subparsers(
-        dest="action", required=True)
-    rlist = client_parser(reward_models, "list", "list an agent's reward models", cmd_reward_models_list,
-                          ["reward"])
+        dest="action", required=True
+    )
+    rlist = client_parser(reward_models, "list", "list an agent's reward models", cmd_reward_models_list, ["reward"])
     rlist.add_argument("agent_id")
 
     deploy = client_parser(sub, "deploy", "set an agent's deployment: VERSION=WEIGHT ...", cmd_deploy, ["inference"])

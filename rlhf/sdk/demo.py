@@ -1,6 +1,6 @@
 """`make demo` / `rlhf demo`: the whole RLHF loop through the real services, on embedded defaults.
 
-The base policy answers prompts; a simulated rater (rlhf.rater: likes answers about the sea) rates them;
+The base policy answers prompts; a simulated rater (rlhf.sdk.rater: likes answers about the sea) rates them;
 the ratings stream into the feedback service; the policy service trains a reward model through the reward
 service and then the policy with PPO (every reward a ScoreBatch call); the new version is deployed; and
 base and trained answers to held-out prompts are rated and compared.
@@ -18,12 +18,13 @@ import time
 
 import grpc
 
-from rlhf import corpus, rater
-from rlhf.clients import FeedbackClient, InferenceClient, PolicyClient, wait_until_serving
 from rlhf.feedback.v1 import feedback_service_pb2 as fb
 from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
-from rlhf.supervisor import MODULES, Stack, start_stack, stop_stack
+from rlhf.sdk import rater
+from rlhf.sdk.clients import FeedbackClient, InferenceClient, PolicyClient, wait_until_serving
+from rlhf.sdk.supervisor import MODULES, Stack, start_stack, stop_stack
+from rlhf.training import corpus
 
 
 @dataclasses.dataclass
@@ -58,14 +59,29 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _answers(inference: InferenceClient, agent_id: str, prompts: list[str], samples: int, version: str,
-             seed: int, max_new_tokens: int) -> list[tuple[str, str, str]]:
+def _answers(
+    inference: InferenceClient,
+    agent_id: str,
+    prompts: list[str],
+    samples: int,
+    version: str,
+    seed: int,
+    max_new_tokens: int,
+) -> list[tuple[str, str, str]]:
     """(prompt, text, generation_id) for `samples` seeded answers per prompt."""
     out = []
     for i, prompt in enumerate(prompts):
         for j in range(samples):
-            answer = inference.generate(agent_id, prompt, version=version, seed=seed + 1000 * i + j,
-                                        max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
+            answer = inference.generate(
+                agent_id,
+                prompt,
+                version=version,
+                seed=seed + 1000 * i + j,
+                max_new_tokens=max_new_tokens,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+            )
             out.append((prompt, answer.text, answer.generation_id))
     return out
 
@@ -80,7 +96,7 @@ def run_demo(config: DemoConfig) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
 
     _say("== 1/6 tiny default model")
-    from rlhf.tinymodel import ensure_tiny_model
+    from rlhf.training.tinymodel import ensure_tiny_model
 
     model_dir = ensure_tiny_model(data_dir, progress=lambda line: _say(f"   {line}"))
     _say(f"   {model_dir}")
@@ -104,48 +120,80 @@ def run_demo(config: DemoConfig) -> int:
 def _loop(config: DemoConfig, stack: Stack, started: float) -> int:
     agent = config.agent_id
     questions = corpus.prompts(len(corpus.QUESTIONS), seed=7)
-    train_prompts, held_out = questions[:config.train_prompts], questions[config.train_prompts:]
+    train_prompts, held_out = questions[: config.train_prompts], questions[config.train_prompts :]
     feedback = FeedbackClient(stack.address("feedback"))
     policy = PolicyClient(stack.address("policy"))
     inference = InferenceClient(stack.address("inference"))
 
-    _say(f"== 3/6 the base policy answers {len(train_prompts)} prompts x {config.answers_per_prompt}; "
-         f"the simulated rater rates them")
-    answers = _answers(inference, agent, train_prompts, config.answers_per_prompt, "base", 0,
-                       config.max_new_tokens)
+    _say(
+        f"== 3/6 the base policy answers {len(train_prompts)} prompts x {config.answers_per_prompt}; "
+        f"the simulated rater rates them"
+    )
+    answers = _answers(inference, agent, train_prompts, config.answers_per_prompt, "base", 0, config.max_new_tokens)
     empty = sum(1 for _, text, _ in answers if not text.strip())
     answers = [a for a in answers if a[1].strip()]  # nothing to rate in an empty answer
-    requests = [fb.SubmitFeedbackRequest(
-        agent_id=agent, prompt=p, response=text, score=rater.rate(text), run_id="demo",
-        generation_id=gid, policy_version="base", request_id=f"demo-{i}") for i, (p, text, gid) in enumerate(answers)]
+    requests = [
+        fb.SubmitFeedbackRequest(
+            agent_id=agent,
+            prompt=p,
+            response=text,
+            score=rater.rate(text),
+            run_id="demo",
+            generation_id=gid,
+            policy_version="base",
+            request_id=f"demo-{i}",
+        )
+        for i, (p, text, gid) in enumerate(answers)
+    ]
     acks = feedback.stream(requests)
     accepted = sum(a.accepted for a in acks)
     stats = feedback.stats(agent).stats
-    _say(f"   streamed {len(requests)} ratings ({empty} empty answers skipped): {accepted} acknowledged; "
-         f"mean {stats.score_mean:.3f} (std {stats.score_std:.3f})")
+    _say(
+        f"   streamed {len(requests)} ratings ({empty} empty answers skipped): {accepted} acknowledged; "
+        f"mean {stats.score_mean:.3f} (std {stats.score_std:.3f})"
+    )
     if accepted != len(requests):
         reasons = sorted({f"{a.field}: {a.reason}" for a in acks if not a.accepted})
         raise RuntimeError(f"only {accepted} of {len(requests)} feedback items were accepted: {reasons}")
 
     training = pol.TrainingConfig(
-        use_lora=False, learning_rate=3e-4, batch_size=16, mini_batch_size=8, ppo_epochs=4,
-        max_new_tokens=config.max_new_tokens, init_kl_coef=0.05, kl_horizon=0, top_k=0, top_p=1.0, seed=0)
-    reward_config = rw.RewardModelConfig(use_lora=False, learning_rate=5e-4, num_epochs=6, batch_size=16,
-                                         validation_fraction=0.15, seed=0)
-    request = pol.TrainPolicyRequest(agent_id=agent, max_steps=config.ppo_steps, config=training,
-                                     reward_model_config=reward_config)
-    dry = policy.train(pol.TrainPolicyRequest(agent_id=agent, dry_run=True, max_steps=config.ppo_steps,
-                                              config=training, reward_model_config=reward_config))
-    _say(f"== 4/6 training: reward model, then PPO ({config.ppo_steps} steps; dry-run estimate "
-         f"{dry.estimated_time_minutes:.1f} min of PPO)")
+        use_lora=False,
+        learning_rate=3e-4,
+        batch_size=16,
+        mini_batch_size=8,
+        ppo_epochs=4,
+        max_new_tokens=config.max_new_tokens,
+        init_kl_coef=0.05,
+        kl_horizon=0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+    )
+    reward_config = rw.RewardModelConfig(
+        use_lora=False, learning_rate=5e-4, num_epochs=6, batch_size=16, validation_fraction=0.15, seed=0
+    )
+    request = pol.TrainPolicyRequest(
+        agent_id=agent, max_steps=config.ppo_steps, config=training, reward_model_config=reward_config
+    )
+    dry = policy.train(
+        pol.TrainPolicyRequest(
+            agent_id=agent, dry_run=True, max_steps=config.ppo_steps, config=training, reward_model_config=reward_config
+        )
+    )
+    _say(
+        f"== 4/6 training: reward model, then PPO ({config.ppo_steps} steps; dry-run estimate "
+        f"{dry.estimated_time_minutes:.1f} min of PPO)"
+    )
     job = queued = policy.train(request).job
     last_line = ""
     for job in policy.watch(queued.job_id, timeout=1800):
         p = job.progress
         m = p.metrics
         if p.phase == "training":
-            line = (f"   PPO step {p.step:>3}/{p.total_steps}  reward-model score {m.get('objective/scores', 0):+.3f}  "
-                    f"kl {m.get('objective/kl', 0):.2f}  {p.steps_per_second:.2f} steps/s  eta {p.eta_seconds:.0f}s")
+            line = (
+                f"   PPO step {p.step:>3}/{p.total_steps}  reward-model score {m.get('objective/scores', 0):+.3f}  "
+                f"kl {m.get('objective/kl', 0):.2f}  {p.steps_per_second:.2f} steps/s  eta {p.eta_seconds:.0f}s"
+            )
         elif p.message:
             line = f"   {p.message}"
         else:
@@ -175,7 +223,7 @@ def _loop(config: DemoConfig, stack: Stack, started: float) -> int:
     trained_mean = statistics.mean(rater.rate(t) for _, t, _ in trained)
     _say(f"{'mean rater score':<40} {base_mean:>6.3f} {trained_mean:>8.3f}   (served by {served})")
     _say("\nexample answers (base -> trained):")
-    for (p, b, _), (_, t, _) in list(zip(base, trained))[:: config.eval_samples][:3]:
+    for (p, b, _), (_, t, _) in list(zip(base, trained, strict=False))[:: config.eval_samples][:3]:
         _say(f"  {p}\n    base:    {b.strip()}\n    trained: {t.strip()}")
     folder = pathlib.Path(version.artifact_path)
     _say(f"\nartifacts:       {folder}")

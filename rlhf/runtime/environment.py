@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 
 def prepare_environment(env: MutableMapping[str, str] = os.environ) -> None:

@@ -14,7 +14,7 @@ import os
 import pathlib
 import shutil
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 BUILD_VERSION = 1  # bump when the recipe changes so caches rebuild
 log = logging.getLogger(__name__)
@@ -22,8 +22,11 @@ log = logging.getLogger(__name__)
 
 def tiny_model_dir(data_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """data_dir/models/..., or RLHF_MODEL_CACHE/... when set (one cache shared by several data dirs)."""
-    root = pathlib.Path(os.environ["RLHF_MODEL_CACHE"]) if os.environ.get("RLHF_MODEL_CACHE") \
+    root = (
+        pathlib.Path(os.environ["RLHF_MODEL_CACHE"])
+        if os.environ.get("RLHF_MODEL_CACHE")
         else pathlib.Path(data_dir) / "models"
+    )
     return root / f"rlhf-tiny-v{BUILD_VERSION}-s{seed}"
 
 
@@ -38,8 +41,9 @@ def _file_lock(path: pathlib.Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_tiny_model(data_dir: pathlib.Path, seed: int = 0,
-                      progress: Callable[[str], None] | None = None) -> pathlib.Path:
+def ensure_tiny_model(
+    data_dir: pathlib.Path, seed: int = 0, progress: Callable[[str], None] | None = None
+) -> pathlib.Path:
     """The tiny model's folder, building it first if this data dir has none."""
     target = tiny_model_dir(data_dir, seed)
     if (target / "build_info.json").exists():
@@ -54,27 +58,42 @@ def ensure_tiny_model(data_dir: pathlib.Path, seed: int = 0,
     return target
 
 
-def build_tiny_model(folder: pathlib.Path, seed: int = 0, steps: int = 600,
-                     progress: Callable[[str], None] | None = None) -> None:
+def build_tiny_model(
+    folder: pathlib.Path, seed: int = 0, steps: int = 600, progress: Callable[[str], None] | None = None
+) -> None:
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from rlhf.corpus import documents
+    from rlhf.training.corpus import documents
 
     say = progress or log.info
     started = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)
     docs = documents(6000, seed=seed)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(docs, vocab_size=640, min_frequency=2,
-                            special_tokens=["<|endoftext|>", "<|pad|>"], show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
-                                        eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                                        pad_token="<|pad|>", padding_side="left", model_max_length=256)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=96, n_layer=2, n_head=4,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
+    bpe.train_from_iterator(
+        docs, vocab_size=640, min_frequency=2, special_tokens=["<|endoftext|>", "<|pad|>"], show_progress=False
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        padding_side="left",
+        model_max_length=256,
+    )
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=96,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
     encoded = [tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id] for doc in docs]
@@ -106,8 +125,13 @@ def build_tiny_model(folder: pathlib.Path, seed: int = 0, steps: int = 600,
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    info = {"build_version": BUILD_VERSION, "seed": seed, "steps": steps, "final_loss": loss.item(),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "seconds": round(time.monotonic() - started, 1)}
+    info = {
+        "build_version": BUILD_VERSION,
+        "seed": seed,
+        "steps": steps,
+        "final_loss": loss.item(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": round(time.monotonic() - started, 1),
+    }
     (folder / "build_info.json").write_text(json.dumps(info, indent=2))
     say(f"tiny model built in {info['seconds']}s ({info['parameters']} parameters, loss {info['final_loss']:.3f})")

@@ -1,0 +1,64 @@
+"""The common `main` of every service: flags over env defaults, logging, serve until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import Engine
+
+from rlhf.runtime.config import ServerConfig
+from rlhf.runtime.logs import setup_logging
+from rlhf.runtime.server import PortInUse, RunningServer, ServiceBinding, serve_until_signal, start_server
+
+
+def server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="interface to bind (env RLHF_HOST)")
+    parser.add_argument("--port", type=int, help="port to bind; 0 picks a free one")
+    parser.add_argument("--data-dir", type=pathlib.Path, help="data dir (env RLHF_DATA_DIR, default ./.rlhf)")
+    parser.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite file in the data dir)")
+
+
+def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    data_dir = args.data_dir.resolve() if args.data_dir else None
+    return {"host": args.host, "port": args.port, "data_dir": data_dir, "database_url": args.database_url}
+
+
+def run_service(
+    component: str, start: Callable[[Any], Awaitable[RunningServer]], config: Any, server: ServerConfig
+) -> None:
+    setup_logging(component)
+
+    async def serve() -> None:
+        running = await start(config)
+        await serve_until_signal(running, server.grace_seconds)
+
+    try:
+        asyncio.run(serve())
+    except PortInUse as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+async def start_with_domain(
+    server: ServerConfig, engine: Engine, domain: Any, binding: ServiceBinding
+) -> RunningServer:
+    """Start `domain` (its `start()`), then serve `binding`; stopping the server (or failing to start it)
+    closes the domain (`close()`) and disposes of the engine."""
+    await domain.start()
+    try:
+        running = await start_server(server, [binding])
+    except BaseException:
+        await domain.close()
+        engine.dispose()
+        raise
+
+    async def cleanup() -> None:
+        await domain.close()
+        engine.dispose()
+
+    running.on_stop.append(cleanup)
+    running.domain = domain  # tests and in-process callers reach the domain through the server
+    return running

@@ -1,0 +1,99 @@
+"""Configuration of the library's training runs: the seed's TrainingConfig (RL) and RewardModelConfig.
+
+Both share the model, LoRA and optimiser fields of `ModelTrainingConfig`; each field is documented where
+it is declared. Defaults are the seed's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class ModelTrainingConfig:
+    """What every training run here needs: a base model, LoRA or full fine-tuning, an optimiser, a device."""
+
+    # Hub id or local folder of the starting point; "rlhf-tiny" is the project's own tiny model.
+    base_model: str = "rlhf-tiny"
+    # Train LoRA adapters (merged into the saved model) instead of every weight.
+    use_lora: bool = True
+    # LoRA rank.
+    lora_r: int = 8
+    # LoRA scaling numerator (scale = alpha / r).
+    lora_alpha: int = 32
+    # Dropout on the LoRA path (the base model's own dropout is off in RL).
+    lora_dropout: float = 0.1
+    # Modules that get adapters; empty lets peft pick the architecture's defaults.
+    lora_target_modules: list[str] = dataclasses.field(default_factory=list)
+    # AdamW learning rate.
+    learning_rate: float = 1e-5
+    # Examples per batch: prompts per rollout batch (RL), items per optimisation step (reward model).
+    batch_size: int = 8
+    # Micro-batches accumulated per optimiser step.
+    gradient_accumulation_steps: int = 1
+    # Seed of sampling, data order, splits and initialisation.
+    seed: int = 0
+    # "auto", "cpu", "cuda", "cuda:N" or "mps".
+    device: str = "auto"
+    # "no", "fp16" or "bf16" (autocast on GPU only).
+    mixed_precision: str = "no"
+
+
+@dataclasses.dataclass
+class TrainingConfig(ModelTrainingConfig):
+    """Knobs of one RL run (PPO): the seed's TrainingConfig, then the extras."""
+
+    # Rows per PPO minibatch.
+    mini_batch_size: int = 4
+    # Passes over each rollout batch.
+    ppo_epochs: int = 4
+    # Rollout + update steps.
+    max_steps: int = 1000
+    # Initial coefficient of the per-token KL penalty against the reference.
+    init_kl_coef: float = 0.2
+    # KL (summed over a response) the adaptive controller aims for.
+    target_kl: float = 6.0
+    # Discount of GAE.
+    gamma: float = 1.0
+    # Lambda of GAE.
+    lam: float = 0.95
+    # Clip range of the policy ratio.
+    cliprange: float = 0.2
+    # Weight of the value loss.
+    vf_coef: float = 0.1
+    # Longest response sampled.
+    max_new_tokens: int = 128
+    # Sampling temperature (logits are divided by it in training too).
+    temperature: float = 1.0
+    # Top-k sampling; 0 disables.
+    top_k: int = 50
+    # Nucleus sampling.
+    top_p: float = 0.95
+    # Clip range of the value prediction around its old value.
+    cliprange_value: float = 0.2
+    # Horizon of the adaptive KL controller; 0 keeps the coefficient fixed.
+    kl_horizon: int = 10000
+    # Gradient norm clip.
+    max_grad_norm: float = 1.0
+    # Added to the score of a response that ends without EOS (usually negative); 0 disables.
+    missing_eos_penalty: float = 0.0
+    # Clip scores to [-reward_clip, reward_clip]; 0 disables.
+    reward_clip: float = 0.0
+    # Whiten scores per rollout batch.
+    whiten_rewards: bool = False
+    # Save a checkpoint every this many steps; 0 saves only at the end, on cancel and on failure.
+    checkpoint_interval: int = 0
+
+
+@dataclasses.dataclass
+class RewardModelConfig(ModelTrainingConfig):
+    """Knobs of one reward-model training run: the seed's RewardModelConfig."""
+
+    # Passes over the training split.
+    num_epochs: int = 3
+    # Tokens of prompt + response kept (longest first truncated from the left of the prompt).
+    max_length: int = 256
+    # Share of items held out for validation metrics (seeded split).
+    validation_fraction: float = 0.1
+    # Stop after this many epochs without validation-loss improvement; 0 disables early stopping.
+    early_stopping_patience: int = 0
