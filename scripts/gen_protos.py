@@ -15,8 +15,15 @@ PROTOS = ROOT / "protos"
 def main() -> int:
     well_known = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
-    args = ["protoc", f"-I{PROTOS}", f"-I{well_known}", f"--python_out={ROOT}", f"--pyi_out={ROOT}",
-            f"--grpc_python_out={ROOT}", *files]
+    args = [
+        "protoc",
+        f"-I{PROTOS}",
+        f"-I{well_known}",
+        f"--python_out={ROOT}",
+        f"--pyi_out={ROOT}",
+        f"--grpc_python_out={ROOT}",
+        *files,
+    ]
     code = protoc.main(args)
     if code != 0:
         print("protoc failed", file=sys.stderr)
