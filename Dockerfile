@@ -7,22 +7,28 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# The CPU build of torch first: the largest layer, reused while the rest changes.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# The CPU build of torch first: the largest layer, reused while the rest changes. Its dependencies come
+# from requirements.lock with the others.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu --no-deps
 
 WORKDIR /app
 
-# Runtime dependencies from pyproject.toml (no test extras), plus the PostgreSQL driver that the
-# postgresql+psycopg database URLs need. A layer of its own: source edits don't reinstall them.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt "psycopg[binary]>=3.1" \
+# Every other package at its version in requirements.lock: the runtime dependencies from pyproject.toml,
+# the PostgreSQL driver that the postgresql+psycopg database URLs need (postgres extra) and grpcio-tools
+# for the code generation below (build extra); no test extras. A layer of its own: source edits don't
+# reinstall them.
+COPY pyproject.toml requirements.lock ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+extras = p['optional-dependencies']; \
+print('\n'.join(p['dependencies'] + extras['postgres'] + extras['build']))" > /tmp/requirements.txt \
+    && pip install -c requirements.lock -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The project itself: generate the gRPC code from protos/ into rlhf/, then install the packages.
+# The project itself: generate the gRPC code from protos/ into rlhf/, drop the generator (not needed at
+# run time), then install the packages.
 COPY . .
 RUN python scripts/gen_protos.py \
+    && pip uninstall --yes grpcio-tools \
     && pip install --no-deps . \
     && rm -rf build *.egg-info
 

@@ -5,16 +5,45 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 GENERATED := rlhf/.generated
 PROTOS := $(shell find protos -name '*.proto')
+# Every version that `make install` and the Dockerfile install (a pip constraints file; `make lock` writes it).
+LOCK := requirements.lock
+LOCK_PYTHON := 3.11
+UV_VERSION := 0.13.9
+# Where `make lock` finds the CPU build of torch, so that torch's dependencies are locked for it and no
+# CUDA packages are: /opt/wheels on the project's machines; elsewhere e.g.
+# `make lock TORCH_FIND_LINKS=https://download.pytorch.org/whl/cpu/torch/`.
+TORCH_FIND_LINKS ?= /opt/wheels
 
-.PHONY: install demo test bench lint-protos breaking-protos serve clean
+.PHONY: install lock demo test bench lint format lint-protos breaking-protos serve clean
 
 install: $(INSTALLED) $(GENERATED)
 
-$(INSTALLED): pyproject.toml
+# torch first, on its own: pip then keeps the installed CPU build (2.13.0+cpu satisfies torch==2.13.0).
+# The lock is for CPython $(LOCK_PYTHON) (CI, the Docker image); another Python installs without it.
+$(INSTALLED): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@set -e; constraints="-c $(LOCK)"; \
+	if [ "$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$(LOCK_PYTHON)" ]; then \
+	  echo "NOTE: $(LOCK) is for Python $(LOCK_PYTHON); installing without it"; constraints=""; fi; \
+	set -x; \
+	$(BIN)/python -m pip install --quiet $$constraints torch==2.13.0; \
+	$(BIN)/python -m pip install --quiet $$constraints -e '.[build,test]'
 	touch $(INSTALLED)
+
+# Regenerates $(LOCK) from pyproject.toml (runtime dependencies plus the build, postgres and test extras)
+# after a dependency changes there. Keeps the versions already locked where they still fit; UPGRADE=1
+# moves every package to its newest allowed release. The command:
+#   uv pip compile pyproject.toml --extra build --extra postgres --extra test --no-emit-package torch \
+#     --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_FIND_LINKS) \
+#     --custom-compile-command "make lock" -o requirements.lock
+# torch is left out: pyproject.toml pins it exactly, and `make install` / the Dockerfile install the CPU
+# build before anything else.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml --extra build --extra postgres --extra test --no-emit-package torch \
+	  --python-version $(LOCK_PYTHON) --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_FIND_LINKS) \
+	  --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) -o $(LOCK)
 
 $(GENERATED): $(INSTALLED) $(PROTOS) scripts/gen_protos.py
 	$(BIN)/python scripts/gen_protos.py
@@ -31,6 +60,16 @@ bench: install
 
 serve: install
 	$(BIN)/rlhf serve all
+
+# Python lint and format check (ruff, configured in pyproject.toml), as CI runs them.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Applies ruff's safe fixes, then formats. What cannot be fixed automatically is left for `make lint`.
+format: install
+	$(BIN)/ruff check --fix --exit-zero .
+	$(BIN)/ruff format .
 
 lint-protos: install
 	$(BIN)/buf lint

@@ -1,4 +1,4 @@
-"""compose.yaml, Dockerfile and .dockerignore, checked without a Docker daemon.
+"""compose.yaml, Dockerfile, .dockerignore and requirements.lock, checked without a Docker daemon.
 
 Every reference must resolve: depends_on targets (healthy ones), volumes, modules, ports, service addresses,
 environment names the code reads, database URLs against the databases the init script creates. The health
@@ -26,23 +26,23 @@ import grpc
 import pytest
 import yaml
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
+else:  # Python 3.10: tomli, the same parser (the test extra installs it there)
+    import tomli as tomllib
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from rlhf.config import DEFAULT_PORTS
-from rlhf.supervisor import MODULES
+from rlhf.runtime.config import DEFAULT_PORTS
+from rlhf.sdk.supervisor import MODULES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-# Where the compose specification's JSON schema would be vendored (Apache-2.0, compose-spec/compose-spec,
-# schema/compose-spec.json); no PyPI package ships a current copy.
-COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
+LOCK_FILE = ROOT / "requirements.lock"  # `make lock`; for CPython 3.11 (CI, the image)
+# check-jsonschema (test extra) ships the compose specification's JSON schema as a builtin schema.
+CHECK_JSONSCHEMA = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
 # The services that read or write model artifacts, and so must share the artifact volume.
 ARTIFACT_USERS = {"reward", "policy", "inference"}
 SOURCE_FILES = [p for d in ["rlhf", *MODULES.values()] for p in (ROOT / d).rglob("*.py")]
@@ -52,8 +52,10 @@ SOURCE_FILES = [p for d in ["rlhf", *MODULES.values()] for p in (ROOT / d).rglob
 # Reading the files as Docker would
 
 
-_VARIABLE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
-                       r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+_VARIABLE = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 def interpolate(value: Any, env: dict[str, str], strict: bool = True) -> Any:
@@ -160,7 +162,8 @@ def service_port(name: str) -> int:
 def healthcheck_code(name: str) -> str:
     test = SERVICES[name]["healthcheck"]["test"]
     assert isinstance(test, list) and len(test) == 4 and test[:3] == ["CMD", "python", "-c"], (
-        f"{name}: the health check should be [CMD, python, -c, <one-liner>], got {test}")
+        f"{name}: the health check should be [CMD, python, -c, <one-liner>], got {test}"
+    )
     return test[3]
 
 
@@ -248,24 +251,51 @@ def test_compose_has_postgres_and_every_service_and_no_version_key():
     assert {"postgres", *MODULES} <= set(SERVICES)
 
 
-def test_every_variable_has_a_default_and_overrides_reach_every_use():
-    assert load_compose() == COMPOSE  # raises on a ${VAR} without a default
+def test_every_variable_has_its_documented_default_and_overrides_reach_every_use():
+    text = COMPOSE_FILE.read_text()
+    # The header documents each variable as "#   NAME   meaning (default VALUE...)".
+    documented = dict(re.findall(r"^#   ([A-Z][A-Z0-9_]*) +[^\n]*\(default ([^;)\s]+)", text, re.M))
+    uses = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}", text)
+    assert uses and {name for name, _ in uses} == set(documented), (
+        f"used {sorted({n for n, _ in uses})}, documented in the header {sorted(documented)}"
+    )
+    for name, default in uses:
+        assert default == documented[name], f"${{{name}}} defaults to {default!r}, the header says {documented[name]!r}"
+
+    defaults = load_compose()  # strict: raises on a ${VAR} without a default
+    assert defaults == COMPOSE
+    assert defaults["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == documented["POSTGRES_PASSWORD"]
+    for name in MODULES:
+        service = defaults["services"][name]
+        assert service["image"] == documented["RLHF_IMAGE"]
+        port = DEFAULT_PORTS[name]
+        assert service["ports"] == [f"{documented['RLHF_PUBLISH_HOST']}:{port}:{port}"], service["ports"]
+
     # An override must land everywhere the variable is used.
-    overridden = load_compose({"POSTGRES_PASSWORD": "s3cret", "RLHF_PUBLISH_HOST": "0.0.0.0"})
+    overridden = load_compose(
+        {"POSTGRES_PASSWORD": "s3cret", "RLHF_PUBLISH_HOST": "0.0.0.0", "RLHF_IMAGE": "me/rlhf:1"}
+    )
     assert overridden["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
     for name in MODULES:
-        url = environment(overridden["services"][name])[f"RLHF_{name.upper()}_DATABASE_URL"]
+        service = overridden["services"][name]
+        url = environment(service)[f"RLHF_{name.upper()}_DATABASE_URL"]
         assert ":s3cret@" in url, url
+        assert service["image"] == "me/rlhf:1"
+        assert all(str(entry).startswith("0.0.0.0:") for entry in service["ports"]), service["ports"]
 
 
-def test_matches_the_compose_specification_schema():
-    jsonschema = pytest.importorskip("jsonschema")
-    if not COMPOSE_SCHEMA.exists():
-        pytest.skip(f"the compose-spec JSON schema is not vendored at {COMPOSE_SCHEMA.relative_to(ROOT)}")
-    schema = json.loads(COMPOSE_SCHEMA.read_text())
-    # The schema says draft-07 by a URL jsonschema doesn't recognise; name the draft explicitly.
-    jsonschema.Draft7Validator.check_schema(schema)
-    jsonschema.Draft7Validator(schema).validate(yaml.safe_load(COMPOSE_FILE.read_text()))
+def _check_compose_schema(path: pathlib.Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*CHECK_JSONSCHEMA, str(path)], capture_output=True, text=True, timeout=120)
+
+
+def test_matches_the_compose_specification_schema(tmp_path):
+    result = _check_compose_schema(COMPOSE_FILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The same check rejects a service key that compose doesn't know (so it really validates).
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("\n    command:", "\n    comand:", 1))
+    result = _check_compose_schema(broken)
+    assert result.returncode == 1 and "'comand' was unexpected" in result.stdout, result.stdout + result.stderr
 
 
 def test_depends_on_targets_exist_are_healthy_and_acyclic():
@@ -301,12 +331,14 @@ def test_every_named_volume_is_declared_and_used_and_binds_exist():
                 used.add(mount.source)
             else:
                 assert (ROOT / mount.source).exists(), f"{name} binds missing {mount.source}"
-    assert declared == used, f"declared but unused volumes: {declared - used}"
+    assert used and declared == used, f"declared but unused volumes: {declared - used}"
 
 
 def test_artifacts_and_model_cache_are_one_shared_volume_each():
-    for variable, users in [("RLHF_ARTIFACT_ROOT", ARTIFACT_USERS),
-                            ("RLHF_MODEL_CACHE", {n for n in MODULES if _loads_models(n)})]:
+    for variable, users in [
+        ("RLHF_ARTIFACT_ROOT", ARTIFACT_USERS),
+        ("RLHF_MODEL_CACHE", {n for n in MODULES if _loads_models(n)}),
+    ]:
         volumes = set()
         for name in users:
             path = environment(SERVICES[name]).get(variable)
@@ -337,8 +369,13 @@ def test_each_service_command_runs_its_own_module_with_accepted_flags():
         assert args[:3] == ["python", "-m", module], f"{name} should run `python -m {module}`, got {args}"
         assert importlib.util.find_spec(module) and importlib.util.find_spec(f"{module}.__main__"), module
         assert flag(args, "--host") == "0.0.0.0"
-        helps[name] = subprocess.Popen([sys.executable, "-m", module, "--help"], cwd=ROOT, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        helps[name] = subprocess.Popen(
+            [sys.executable, "-m", module, "--help"],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
     for name, process in helps.items():
         output, _ = process.communicate(timeout=60)
         assert process.returncode == 0, output
@@ -354,11 +391,13 @@ def test_ports_agree_everywhere():
         assert port == DEFAULT_PORTS[name], f"{name}: {port} is not the default port the CLI expects"
         assert environment(service)[f"RLHF_{name.upper()}_PORT"] == str(port)
         assert published_ports(service) == [(str(port), port)], (
-            f"{name}: publish {port} on the host's same port, got {service.get('ports')}")
+            f"{name}: publish {port} on the host's same port, got {service.get('ports')}"
+        )
         assert healthcheck_code(name).count(f"'127.0.0.1:{port}'") == 1, f"{name}: health check on another port"
 
 
 def test_service_addresses_point_at_compose_services_on_their_ports():
+    checked = set()
     for name, service in SERVICES.items():
         env = environment(service)
         for key, value in env.items():
@@ -372,8 +411,12 @@ def test_service_addresses_point_at_compose_services_on_their_ports():
         if name in MODULES:
             for needed in required_addresses(name):
                 assert f"RLHF_{needed.upper()}_ADDR" in env, (
-                    f"{name} reads the {needed} address; without RLHF_{needed.upper()}_ADDR it dials 127.0.0.1")
+                    f"{name} reads the {needed} address; without RLHF_{needed.upper()}_ADDR it dials 127.0.0.1"
+                )
                 assert needed in depends_on(service), f"{name} calls {needed}, so should depend on it"
+                checked.add((name, needed))
+    # Not vacuous: the scan of the service packages finds the calls it is meant to find.
+    assert {("reward", "feedback"), ("policy", "feedback"), ("policy", "reward"), ("inference", "policy")} <= checked
 
 
 def test_environment_names_are_ones_the_code_reads():
@@ -403,7 +446,11 @@ def test_database_urls_reach_databases_the_init_script_creates():
         assert url.database not in seen, f"{name} and {seen[url.database]} share a database"
         seen[url.database] = name
         assert "postgres" in depends_on(SERVICES[name]), f"{name} uses PostgreSQL, so should depend on it"
-        create_engine(url).dispose()  # the dialect and driver load (no connection is made)
+        engine = create_engine(url)  # the dialect and the driver load (no connection is made)
+        try:
+            assert (engine.dialect.name, engine.dialect.driver) == ("postgresql", "psycopg")
+        finally:
+            engine.dispose()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -424,7 +471,7 @@ def _closed_port() -> int:
 def test_health_check_passes_on_the_real_feedback_service_and_fails_otherwise(tmp_path):
     from feedback_service.app import start
     from feedback_service.config import FeedbackServiceConfig
-    from rlhf.config import ServerConfig
+    from rlhf.runtime.config import ServerConfig
     from tests.servers import ServerThread
 
     code, port = healthcheck_code("feedback"), service_port("feedback")
@@ -433,8 +480,10 @@ def test_health_check_passes_on_the_real_feedback_service_and_fails_otherwise(tm
         result = _run_check(code, port, server.address)
         assert result.returncode == 0, result.stderr
         # Shutting down reports NOT_SERVING before the port closes: the check must fail then.
-        asyncio.run_coroutine_threadsafe(server.running.health.set(
-            proto_service_name("feedback"), health_pb2.HealthCheckResponse.NOT_SERVING), server._loop).result(10)
+        asyncio.run_coroutine_threadsafe(
+            server.running.health.set(proto_service_name("feedback"), health_pb2.HealthCheckResponse.NOT_SERVING),
+            server._loop,
+        ).result(10)
         assert _run_check(code, port, server.address).returncode != 0
     assert _run_check(code, port, f"127.0.0.1:{_closed_port()}").returncode != 0
 
@@ -471,8 +520,14 @@ def test_dockerfile_builds_one_lean_non_root_image():
     runs = " && ".join(by_name("RUN"))
     torch_pin = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch"))
     assert f"pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu" in runs
-    assert "[test]" not in runs, "no test extras in the image"
-    assert "psycopg" in runs, "the postgresql+psycopg URLs need the psycopg driver in the image"
+    assert "[test]" not in runs and "'test'" not in runs, "no test extras in the image"
+    # Every other package at its locked version: the runtime dependencies, the postgres extra (the
+    # postgresql+psycopg URLs need the driver) and the build extra (gen_protos.py needs grpcio-tools).
+    assert "pip install -c requirements.lock -r /tmp/requirements.txt" in runs
+    assert all(f"extras['{extra}']" in runs for extra in ("postgres", "build"))
+    assert any(d.startswith("psycopg") for d in PYPROJECT["project"]["optional-dependencies"]["postgres"])
+    assert any(d.startswith("grpcio-tools") for d in PYPROJECT["project"]["optional-dependencies"]["build"])
+    assert any(instruction == "COPY" and "requirements.lock" in args.split()[:-1] for instruction, args in instructions)
     # Protos are generated before the project is installed, so the installed package contains them.
     assert (ROOT / "scripts" / "gen_protos.py").exists()
     assert runs.index("python scripts/gen_protos.py") < runs.index("pip install --no-deps .")
@@ -482,26 +537,83 @@ def test_dockerfile_builds_one_lean_non_root_image():
 
 
 def test_dockerfile_default_command_is_a_valid_rlhf_command():
-    from rlhf.cli import build_parser
+    from rlhf.sdk.cli import build_parser
 
     (cmd,) = [args for instruction, args in dockerfile_instructions() if instruction == "CMD"]
     argv = json.loads(cmd)  # exec form, so signals reach the process
     assert argv[0] in PYPROJECT["project"]["scripts"], f"{argv[0]} is not a console script of the project"
     args = build_parser().parse_args(argv[1:])
     assert args.command == "serve" and args.host == "0.0.0.0"
-    exposed = {int(port.split("/")[0]) for instruction, args in dockerfile_instructions()
-               if instruction == "EXPOSE" for port in args.split()}
+    exposed = {
+        int(port.split("/")[0])
+        for instruction, args in dockerfile_instructions()
+        if instruction == "EXPOSE"
+        for port in args.split()
+    }
     assert exposed == set(DEFAULT_PORTS.values())
 
 
 def test_dockerignore_keeps_the_sources_and_drops_local_state():
-    tracked = subprocess.run(["git", "ls-files", "--", "pyproject.toml", "scripts", "protos",
-                              *PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]],
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        [
+            "git",
+            "ls-files",
+            "--",
+            "pyproject.toml",
+            "requirements.lock",
+            "scripts",
+            "protos",
+            *PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     tracked += [str(p.relative_to(ROOT)) for d in ["rlhf", *MODULES.values()] for p in (ROOT / d).glob("*.py")]
-    assert "pyproject.toml" in tracked and any(p.endswith(".proto") for p in tracked)
+    assert {"pyproject.toml", "requirements.lock"} <= set(tracked) and any(p.endswith(".proto") for p in tracked)
     needed = [p for p in tracked if "__pycache__" not in p]
     assert [p for p in needed if dockerignored(p)] == []
-    for local in [".venv/bin/python", ".git/HEAD", ".rlhf/feedback.db", "rlhf/feedback/v1/feedback_service_pb2.py",
-                  "rlhf_platform.egg-info/PKG-INFO", "rlhf/__pycache__/config.cpython-311.pyc"]:
+    for local in [
+        ".venv/bin/python",
+        ".git/HEAD",
+        ".rlhf/feedback.db",
+        "rlhf/feedback/v1/feedback_service_pb2.py",
+        "rlhf_platform.egg-info/PKG-INFO",
+        "rlhf/__pycache__/config.cpython-311.pyc",
+    ]:
         assert dockerignored(local), f"{local} would be sent to the build"
+
+
+def test_lock_pins_every_declared_dependency_within_its_range_and_no_cuda_packages():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in LOCK_FILE.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version and ";" not in line, f"requirements.lock: expected NAME==VERSION, got {line!r}"
+            pins[canonicalize_name(name)] = version
+    project = PYPROJECT["project"]
+    declared = [*project["dependencies"], *(d for deps in project["optional-dependencies"].values() for d in deps)]
+    lock_python = {"python_version": "3.11", "python_full_version": "3.11.0"}
+    checked = 0
+    for spec in declared:
+        requirement = Requirement(spec)
+        name = canonicalize_name(requirement.name)
+        if requirement.marker and not requirement.marker.evaluate(lock_python):
+            continue
+        if name == "torch":  # pinned exactly in pyproject.toml and installed first, as the CPU build
+            assert str(requirement.specifier) == "==2.13.0" and name not in pins
+            continue
+        assert name in pins, f"{spec} is not in requirements.lock: run `make lock`"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"requirements.lock has {name}=={pins[name]}, outside {spec}: run `make lock`"
+        )
+        checked += 1
+    assert checked >= 20
+    # Locked against the CPU build of torch: a CUDA build's packages would be pulled in by them.
+    cuda = [n for n in pins if n.startswith(("nvidia-", "cuda-", "triton"))]
+    assert cuda == [], f"requirements.lock has CUDA packages: {cuda}"
