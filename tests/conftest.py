@@ -14,13 +14,32 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # No model hub is reachable here: fail hub look-ups at once instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rlhf.runtime import prepare_environment  # noqa: E402
+from rlhf.runtime.environment import prepare_environment  # noqa: E402
 
 prepare_environment()  # servers run in this process: set before torch loads
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> pathlib.Path:
-    from rlhf.tinymodel import ensure_tiny_model
+    from rlhf.training.tinymodel import ensure_tiny_model
 
     return ensure_tiny_model(pathlib.Path(os.environ["RLHF_MODEL_CACHE"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# CI runs the PostgreSQL test cases (.ci/run starts a server and sets RLHF_TEST_POSTGRES_URL). There, a
+# missing URL fails them instead of letting them skip; locally they still skip without a server.
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Runs before the item's fixtures are set up, so before any fixture can skip it.
+    if (
+        item.get_closest_marker("postgres")
+        and os.environ.get("CI") == "true"
+        and not os.environ.get("RLHF_TEST_POSTGRES_URL")
+    ):
+        pytest.fail(
+            "CI=true but RLHF_TEST_POSTGRES_URL is not set: the PostgreSQL test cases must run in CI "
+            "(.ci/run starts a server with .ci/postgres.sh)",
+            pytrace=False,
+        )
