@@ -17,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent("""
-    import json, pathlib, sys
+    import json, pathlib, random, sys
     from rlhf.runtime.environment import prepare_environment
     prepare_environment()
     from rlhf.training.config import RewardModelConfig, TrainingConfig
@@ -25,11 +25,14 @@ SCRIPT = textwrap.dedent("""
     from rlhf.training.ppo_trainer import PPOTrainer
     from rlhf.training.reward_training import Comparison, Rating, train_reward_model
     from rlhf.training.scoring import reward_function
-    from tests.helpers import rated_answers
+    from rlhf.sdk import rater
+    from rlhf.training import corpus
 
     out = pathlib.Path(sys.argv[1])
     base = resolve_model("rlhf-tiny", out)  # the cached build (RLHF_MODEL_CACHE)
-    items = [Rating(p, r, s) for p, r, s in rated_answers(40, seed=5)]
+    rng = random.Random(5)
+    answers = [" ".join(corpus.sentence(rng, rng.choice(sorted(corpus.TOPICS))) for _ in range(2)) for _ in range(40)]
+    items = [Rating(rng.choice(corpus.QUESTIONS), a, rater.rate(a)) for a in answers]
     items += [Comparison("Q?", " the sea is calm and blue", " I ate bread", 0.0)] * 4
     events = []
 
