@@ -13,7 +13,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from rlhf.runtime.errors import translate_errors
+from rlhf.runtime.errors import InvalidArgument, translate_errors
 from rlhf.runtime.jobs import Job, JobManager
 
 
@@ -32,6 +32,8 @@ class JobRpcs:
         return self.messages.GetTrainingJobResponse(job=self.job_message(await self.jobs.get(request.job_id)))
 
     async def ListTrainingJobs(self, request: Any, context: Any) -> Message:
+        if request.state not in self.messages.JobState.values():  # proto3 enums are open: any number arrives
+            raise InvalidArgument("state", f"unknown job state {request.state}")
         state = self.messages.JobState.Name(request.state).removeprefix("JOB_STATE_") if request.state else ""
         jobs, token = await self.jobs.page(request.agent_id, state, request.page_size, request.page_token)
         return self.messages.ListTrainingJobsResponse(jobs=[self.job_message(j) for j in jobs], next_page_token=token)
