@@ -11,7 +11,6 @@ import asyncio
 import collections
 import concurrent.futures
 import pathlib
-import socket
 import sys
 
 import grpc
@@ -142,6 +141,39 @@ def _generate(stub, **fields) -> pb.GenerateResponse:
     return stub.Generate(pb.GenerateRequest(**fields), timeout=60)
 
 
+def _greedy_reference(model_path: str, prompt: str, max_new_tokens: int) -> tuple[str, int, int]:
+    """(text, completion tokens, finish reason) of greedy decoding by transformers' own `generate`: an
+    oracle independent of the service's token loop."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        )
+    new = out[0, ids.shape[1] :].tolist()
+    finish = pb.FINISH_REASON_LENGTH
+    if eos in new:
+        new, finish = new[: new.index(eos)], pb.FINISH_REASON_STOP
+    text = tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return text, len(new), finish
+
+
+@pytest.fixture(scope="module")
+def greedy(models) -> dict[str, tuple[str, int, int]]:
+    """Each version's greedy answer to PROMPT (24 new tokens at most), computed without the service."""
+    return {name: _greedy_reference(path, PROMPT, 24) for name, path in models.items()}
+
+
 # --- generation ----------------------------------------------------------------------------------------------
 
 
@@ -233,6 +265,23 @@ def test_greedy_is_deterministic(stub):
     assert first.text == second.text and first.text
 
 
+def test_greedy_text_is_the_served_versions_own_decoding(stub, greedy):
+    """What Generate returns is the decoded tokens of the version asked for (transformers' greedy decoding
+    of that version's weights), not of some other model, and streaming pieces join to the same text."""
+    assert greedy["v2"][0] != greedy["base"][0], "the versions must answer differently for this to tell them apart"
+    params = pb.SamplingParams(max_new_tokens=24, temperature=0)
+    for version in ("base", "v1", "v2"):
+        made = _generate(stub, version=version, params=params)
+        text, tokens, finish = greedy[version]
+        assert text and (made.text, made.completion_tokens, made.finish_reason) == (text, tokens, finish), version
+        chunks = list(
+            stub.GenerateStream(
+                pb.GenerateStreamRequest(agent_id=AGENT, prompt=PROMPT, version=version, params=params), timeout=60
+            )
+        )
+        assert "".join(c.text for c in chunks) == text and chunks[-1].completion_tokens == tokens
+
+
 def test_stop_sequence_truncates_the_text(stub):
     prompt = "What did you see today?"
     full = _generate(stub, version="base", prompt=prompt, params=pb.SamplingParams(max_new_tokens=40, temperature=0))
@@ -257,6 +306,7 @@ def test_stream_concatenation_equals_generate_with_the_same_seed(stub):
     stopped = pb.SamplingParams(max_new_tokens=48, seed=7, stop=[stop])
     for params in (sampled, stopped):
         whole = _generate(stub, version="v1", params=params)
+        assert whole.text and whole.completion_tokens > 0  # an empty answer would make the comparisons below vacuous
         chunks = list(
             stub.GenerateStream(
                 pb.GenerateStreamRequest(agent_id=AGENT, prompt=PROMPT, version="v1", params=params), timeout=60
@@ -270,7 +320,7 @@ def test_stream_concatenation_equals_generate_with_the_same_seed(stub):
             whole.prompt_tokens,
             whole.completion_tokens,
         )
-        assert {c.generation_id for c in chunks} == {last.generation_id}
+        assert last.generation_id and {c.generation_id for c in chunks} == {last.generation_id}
         assert {c.policy_version for c in chunks} == {"v1"}
         logged = stub.GetGeneration(pb.GetGenerationRequest(generation_id=last.generation_id)).generation
         assert logged.text == whole.text
@@ -386,10 +436,9 @@ def test_model_cache_evicts_least_recently_used(models):
     asyncio.run(scenario())
 
 
-def test_policy_service_down_is_unavailable_and_base_still_serves(tmp_path, models):
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+def test_policy_service_down_is_unavailable_and_base_still_serves(tmp_path, models, greedy):
+    # A unix socket nobody listens on: unlike a TCP port bound and released, nothing can take it meanwhile.
+    dead = f"unix:{tmp_path / 'no-policy-service.sock'}"
     with ServerThread(start, _config(tmp_path, models, dead, policy_timeout_seconds=5)) as thread:
         with thread.channel() as channel:
             stub = pb_grpc.InferenceServiceStub(channel)
@@ -397,4 +446,6 @@ def test_policy_service_down_is_unavailable_and_base_still_serves(tmp_path, mode
                 _generate(stub)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "policy service" in caught.value.details()
-            assert _generate(stub, version="base", params=pb.SamplingParams(max_new_tokens=2)).text is not None
+            made = _generate(stub, version="base", params=pb.SamplingParams(max_new_tokens=24, temperature=0))
+            assert made.policy_version == "base" and made.completion_tokens > 0
+            assert made.text == greedy["base"][0] and made.text
