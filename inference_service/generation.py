@@ -23,13 +23,13 @@ Everything here is blocking; callers run it in a thread (the domain uses asyncio
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import random
 import threading
 from collections.abc import Iterator
 
 from inference_service.models import LoadedModel
 from inference_service.records import FinishReason
+from rlhf.training import sequences
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,15 +56,6 @@ class GenerationResult:
     finish_reason: FinishReason
     # True when the prompt was cut from the left to fit the context.
     prompt_truncated: bool
-
-
-def context_length(model) -> int | None:
-    config = model.config
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def fit_to_context(prompt_ids: list[int], max_new_tokens: int, n_ctx: int | None) -> tuple[list[int], int]:
@@ -112,16 +103,16 @@ class TokenLoop:
 
         tokenizer, model, device = self._loaded.tokenizer, self._loaded.model, self._loaded.device
         params = self.params
-        all_ids = tokenizer(self._prompt, add_special_tokens=False)["input_ids"]
-        prompt_ids, budget = fit_to_context(all_ids, params.max_new_tokens, context_length(model))
-        eos_ids = _eos_ids(model, tokenizer)
+        all_ids = sequences.encode_prompt(tokenizer, self._prompt)
+        prompt_ids, budget = fit_to_context(all_ids, params.max_new_tokens, sequences.context_length(model))
+        eos_ids = sequences.eos_token_ids(model, tokenizer)
         seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
         generator = torch.Generator(device=device).manual_seed(seed)
 
         inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         # One sequence, no padding: the mask is all ones, passed because models warn without it.
         mask = torch.ones_like(inputs)
-        cache_kw, extra = _forward_kwargs(model)
+        cache_kw, extra = sequences.forward_keywords(model)
         past = None
         generated: list[int] = []
         emitted = ""
@@ -171,26 +162,6 @@ def generate(loaded: LoadedModel, prompt: str, params: SamplingParams) -> Genera
         pass
     assert loop.result is not None
     return loop.result
-
-
-def _forward_kwargs(model) -> tuple[str, dict]:
-    """The KV-cache keyword (transformers 5 renamed past_key_values to cache) and optional speed-ups."""
-    names = inspect.signature(model.forward).parameters
-    cache_kw = "cache" if "cache" in names else "past_key_values"
-    # Only the last position's logits are needed.
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in names else {}
-    return cache_kw, extra
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (configured, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

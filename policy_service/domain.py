@@ -48,7 +48,13 @@ def validate_config(config: TrainingConfig, service: PolicyServiceConfig) -> Tra
     v.number_in(config.top_p, f"{p}.top_p", 1e-6, 1.0)
     v.int_in(config.kl_horizon, f"{p}.kl_horizon", 0, 10**9)
     v.number_in(config.max_grad_norm, f"{p}.max_grad_norm", 1e-6, 1e6)
-    v.number_in(config.missing_eos_penalty, f"{p}.missing_eos_penalty", -1e3, 1e3)
+    if config.missing_eos_penalty < 0:
+        raise InvalidArgument(
+            f"{p}.missing_eos_penalty",
+            f"is subtracted from the score of an answer without EOS (TRL's convention): "
+            f"pass {-config.missing_eos_penalty} instead of {config.missing_eos_penalty}",
+        )
+    v.number_in(config.missing_eos_penalty, f"{p}.missing_eos_penalty", 0.0, 1e3)
     v.number_in(config.reward_clip, f"{p}.reward_clip", 0.0, 1e6)
     v.int_in(config.checkpoint_interval, f"{p}.checkpoint_interval", 0, 10**9)
     return config

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.training import ppo
+from rlhf.training import ppo, sequences
 
 
 def test_gae_matches_hand_computation():
@@ -74,11 +74,20 @@ def test_value_loss_takes_the_larger_of_clipped_and_unclipped_error():
     assert stats["clipfrac"].item() == pytest.approx(0.5)
 
 
-def test_mask_after_eos_keeps_the_first_eos_and_drops_the_rest():
-    eos, pad = 2, 0
+def test_response_mask_keeps_the_first_eos_and_drops_the_rest():
     tokens = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 5, 5, 5, 5]])
-    mask = ppo.mask_after_eos(tokens, eos, pad)
+    mask = sequences.response_mask(tokens, {2})
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_a_sampled_pad_token_is_part_of_the_response_and_any_eos_id_ends_it():
+    # pad (0) differs from the EOS ids (2 and 3, as a generation config's list): a pad sampled mid-response
+    # used to leave a hole in the mask, so the score landed on the wrong token.
+    pad = 0
+    tokens = torch.tensor([[5, pad, 6, 3, pad], [5, 6, pad, pad, pad], [pad, 2, pad, pad, pad]])
+    mask = sequences.response_mask(tokens, {2, 3})
+    assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert ppo.last_token_index(mask).tolist() == [3, 4, 1]
 
 
 def test_adaptive_kl_controller_moves_towards_the_target():

@@ -29,7 +29,8 @@ class ModelTrainingConfig:
     learning_rate: float = 1e-5
     # Examples per batch: prompts per rollout batch (RL), items per optimisation step (reward model).
     batch_size: int = 8
-    # Micro-batches accumulated per optimiser step.
+    # Micro-batches per optimiser step: PPO splits each minibatch into this many (still one step per
+    # minibatch, as TRL does); the reward model accumulates this many batches.
     gradient_accumulation_steps: int = 1
     # Seed of sampling, data order, splits and initialisation.
     seed: int = 0
@@ -61,13 +62,15 @@ class TrainingConfig(ModelTrainingConfig):
     cliprange: float = 0.2
     # Weight of the value loss.
     vf_coef: float = 0.1
-    # Longest response sampled.
+    # Longest response sampled; must leave room for a prompt in the model's context (prompts longer than
+    # the room left are cut from the left, keeping their end).
     max_new_tokens: int = 128
     # Sampling temperature (logits are divided by it in training too).
     temperature: float = 1.0
-    # Top-k sampling; 0 disables.
+    # The seed's top-k; PPO rollouts do not truncate: they sample the full softmax at `temperature`, the
+    # distribution their log-probs, KL and entropy are computed under (as TRL does). Kept and recorded.
     top_k: int = 50
-    # Nucleus sampling.
+    # The seed's nucleus top-p; not applied to PPO rollouts, for the same reason as top_k.
     top_p: float = 0.95
     # Clip range of the value prediction around its old value.
     cliprange_value: float = 0.2
@@ -75,7 +78,7 @@ class TrainingConfig(ModelTrainingConfig):
     kl_horizon: int = 10000
     # Gradient norm clip.
     max_grad_norm: float = 1.0
-    # Added to the score of a response that ends without EOS (usually negative); 0 disables.
+    # Subtracted from the score of a response that ends without EOS (TRL's convention: >= 0); 0 disables.
     missing_eos_penalty: float = 0.0
     # Clip scores to [-reward_clip, reward_clip]; 0 disables.
     reward_clip: float = 0.0

@@ -122,16 +122,6 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.gather(logits.log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def mask_after_eos(tokens: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-    """1 up to and including the first EOS of each row, 0 after it (and 0 on padding)."""
-    is_eos = tokens == eos_token_id
-    after_first_eos = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
-    mask = (~after_first_eos).float()
-    if pad_token_id != eos_token_id:
-        mask = mask * (tokens != pad_token_id).float()
-    return mask
-
-
 @dataclasses.dataclass
 class AdaptiveKLController:
     """Ziegler et al.'s controller: move the KL coefficient so the measured KL tracks `target`.

@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from rlhf.training import ppo
+from rlhf.training import ppo, sequences
 from rlhf.training.config import TrainingConfig
+from rlhf.training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,12 @@ class PPOTrainer:
         torch.manual_seed(config.seed)
         self.tokenizer = load_tokenizer(model_path, padding_side="left")
         lm = load_model(AutoModelForCausalLM, model_path)
-        disable_dropout(lm)
+        self.n_ctx = sequences.context_length(lm)
+        if self.n_ctx is not None and config.max_new_tokens >= self.n_ctx:
+            raise TrainingError(
+                f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in this model's context of "
+                f"{self.n_ctx} tokens; use at most {self.n_ctx - 1} (prompts are cut from the left to fit)"
+            )
         self.reference = None
         if config.use_lora:
             from peft import LoraConfig, TaskType, get_peft_model
@@ -126,15 +132,33 @@ class PPOTrainer:
             disable_dropout(self.reference)
             self.reference.requires_grad_(False)
         self.model = PolicyWithValueHead(lm).to(device)
-        self.model.train()  # dropout is already 0: train mode only enables gradients bookkeeping
-        self.eos_id = self.tokenizer.eos_token_id
+        # After peft: its LoRA dropout layers exist only now. With any dropout left on, two passes over the
+        # same tokens differ and the PPO ratio drifts from 1 before an update (lora_dropout stays a valid
+        # setting for the reward model; RL runs without dropout, as TRL does).
+        disable_dropout(self.model)
+        self.model.train()  # dropout is 0 everywhere: train mode only enables gradient bookkeeping
+        self.eos_ids = sequences.eos_token_ids(lm, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
+        # No weight decay (TRL's default): it would pull LoRA adapters and the value head towards 0.
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-5)
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-5, weight_decay=0.0)
+        # Linear decay to 0 over the run's optimiser steps, as TRL's trainers do by default.
+        total_updates = max(
+            1, config.max_steps * config.ppo_epochs * math.ceil(config.batch_size / config.mini_batch_size)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda update: max(0.0, 1.0 - update / total_updates)
+        )
+        # fp16 needs loss scaling or small gradients underflow to 0; bf16 and fp32 don't.
+        self.scaler = torch.amp.GradScaler(device.split(":")[0], enabled=self.amp == torch.float16)
         self.kl_ctl = ppo.AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
         self.history = History()
         self.step = 0
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        # Draws of the sampling loop, on the model's device.
+        self.sampler = torch.Generator(device=device).manual_seed(config.seed)
+        # Prompts cut from the left to fit the context beside max_new_tokens (reported in the metrics).
+        self.truncated_prompts = 0
 
     # --- rollouts ------------------------------------------------------------------------------------
     def _autocast(self):
@@ -143,40 +167,51 @@ class PPOTrainer:
     @torch.no_grad()
     def rollout(self, prompts: list[str], score_fn: ScoreFn) -> Rollout:
         c = self.config
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
-        with self._autocast():
-            generated = self.model.lm.generate(
-                **enc,
-                do_sample=True,
-                temperature=c.temperature,
-                top_k=c.top_k or None,
-                top_p=c.top_p,
-                max_new_tokens=c.max_new_tokens,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.eos_id,
-            )
-        query = enc["input_ids"]
-        response = generated[:, query.shape[1] :]
-        mask = ppo.mask_after_eos(response, self.eos_id, self.pad_id)
-        response = torch.where(mask.bool(), response, torch.full_like(response, self.pad_id))
+        room = self.n_ctx - c.max_new_tokens if self.n_ctx is not None else None
+        ids = [sequences.encode_prompt(self.tokenizer, prompt) for prompt in prompts]
+        if room is not None:
+            self.truncated_prompts += sum(1 for row in ids if len(row) > room)
+            ids = [sequences.keep_end(row, room) for row in ids]
+        sampled = sequences.sample(
+            self.model.lm,
+            ids,
+            c.max_new_tokens,
+            c.temperature,
+            self.eos_ids,
+            self.pad_id,
+            self.sampler,
+            self._autocast(),
+        )
+        query, query_mask, response, mask = sampled.query, sampled.query_mask, sampled.response, sampled.mask
         texts = [
-            self.tokenizer.decode(row[m.bool()], skip_special_tokens=True)
-            for row, m in zip(response, mask, strict=False)
+            self.tokenizer.decode(
+                [int(token) for token in row[m.bool()] if int(token) not in self.eos_ids], skip_special_tokens=True
+            )
+            for row, m in zip(response, mask, strict=True)
         ]
 
         raw = torch.tensor(score_fn(prompts, texts), dtype=torch.float32, device=self.device)
+        if raw.shape != (len(prompts),):
+            raise TrainingError(f"the reward function returned {tuple(raw.shape)} scores for {len(prompts)} responses")
+        bad = (~torch.isfinite(raw)).sum().item()
+        if bad:
+            # One NaN would poison whitening, GAE and every weight after the update.
+            raise TrainingError(
+                f"the reward model returned {bad} non-finite score(s) (NaN or infinity) for step {self.step + 1}; "
+                f"check the reward model (retrain it, or use another version)"
+            )
         scores = raw.clone()
         if c.missing_eos_penalty:
-            has_eos = (response == self.eos_id).any(1)
-            scores = torch.where(has_eos, scores, scores + c.missing_eos_penalty)
+            # TRL's convention: a positive penalty, subtracted from responses that never ended.
+            scores = torch.where(sampled.ended, scores, scores - c.missing_eos_penalty)
         if c.reward_clip:
             scores = scores.clamp(-c.reward_clip, c.reward_clip)
         if c.whiten_rewards and len(scores) > 1:
             scores = (scores - scores.mean()) / (scores.std() + 1e-8)
 
-        logprobs, values, _ = self._forward(self.model, query, enc["attention_mask"], response, mask)
-        ref_logprobs = self._reference_logprobs(query, enc["attention_mask"], response, mask)
-        return Rollout(query, enc["attention_mask"], response, mask, logprobs, ref_logprobs, values, scores, raw, texts)
+        logprobs, values, _ = self._forward(self.model, query, query_mask, response, mask)
+        ref_logprobs = self._reference_logprobs(query, query_mask, response, mask)
+        return Rollout(query, query_mask, response, mask, logprobs, ref_logprobs, values, scores, raw, texts)
 
     def _forward(self, model: PolicyWithValueHead, query, query_mask, response, mask):
         """Log-probs (temperature-scaled, as sampled), values and logits of the response tokens."""
@@ -213,33 +248,46 @@ class PPOTrainer:
             advantages = ppo.whiten(advantages, roll.mask)
 
         batch = roll.query.shape[0]
-        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clip", "approxkl", "vclip", "entropy", "verr")}
-        micro = 0
-        for _ in range(c.ppo_epochs):
+        keys = ("pg", "vf", "clip", "approxkl", "vclip", "entropy", "verr", "ratio")
+        stats: dict[str, list[float]] = {k: [] for k in keys}
+        first_ratio_error = 0.0
+        for epoch in range(c.ppo_epochs):
             order = torch.randperm(batch, generator=self.generator).tolist()
             for start in range(0, batch, c.mini_batch_size):
-                idx = order[start : start + c.mini_batch_size]
-                new_logprobs, new_values, logits = self._forward(
-                    self.model, roll.query[idx], roll.query_mask[idx], roll.response[idx], roll.mask[idx]
-                )
-                mask = roll.mask[idx]
-                pg, pg_stats = ppo.policy_loss(new_logprobs, roll.logprobs[idx], advantages[idx], mask, c.cliprange)
-                vf, vf_stats = ppo.value_loss(new_values, roll.values[idx], returns[idx], mask, c.cliprange_value)
-                loss = (pg + c.vf_coef * vf) / c.gradient_accumulation_steps
-                loss.backward()
-                micro += 1
-                if micro % c.gradient_accumulation_steps == 0:
-                    self._optimizer_step()
-                with torch.no_grad():
-                    stats["pg"].append(pg.item())
-                    stats["vf"].append(vf.item())
-                    stats["clip"].append(pg_stats["clipfrac"].item())
-                    stats["approxkl"].append(pg_stats["approxkl"].item())
-                    stats["vclip"].append(vf_stats["clipfrac"].item())
-                    stats["verr"].append(vf_stats["error"].item())
-                    stats["entropy"].append(ppo.masked_mean(ppo.entropy_from_logits(logits), mask).item())
-        if micro % c.gradient_accumulation_steps:
-            self._optimizer_step()
+                minibatch = order[start : start + c.mini_batch_size]
+                # TRL's accumulation: a minibatch is split into micro-batches for memory, and it is still one
+                # optimiser step, so no step straddles two minibatches or epochs and none is partial.
+                for micro in (
+                    m.tolist() for m in torch.tensor_split(torch.tensor(minibatch), c.gradient_accumulation_steps)
+                ):
+                    if not micro:
+                        continue
+                    new_logprobs, new_values, logits = self._forward(
+                        self.model, roll.query[micro], roll.query_mask[micro], roll.response[micro], roll.mask[micro]
+                    )
+                    mask = roll.mask[micro]
+                    old = roll.logprobs[micro]
+                    pg, pg_stats = ppo.policy_loss(new_logprobs, old, advantages[micro], mask, c.cliprange)
+                    vf, vf_stats = ppo.value_loss(
+                        new_values, roll.values[micro], returns[micro], mask, c.cliprange_value
+                    )
+                    loss = (pg + c.vf_coef * vf) * (len(micro) / len(minibatch))
+                    self.scaler.scale(loss).backward()
+                    with torch.no_grad():
+                        ratio = torch.exp((new_logprobs - old) * mask)
+                        if epoch == 0 and start == 0:
+                            # Nothing was updated yet: the ratio must be 1 (dropout off, same distribution).
+                            error = ((ratio - 1).abs() * mask).max().item()
+                            first_ratio_error = max(first_ratio_error, error)
+                        stats["ratio"].append(ppo.masked_mean(ratio, mask).item())
+                        stats["pg"].append(pg.item())
+                        stats["vf"].append(vf.item())
+                        stats["clip"].append(pg_stats["clipfrac"].item())
+                        stats["approxkl"].append(pg_stats["approxkl"].item())
+                        stats["vclip"].append(vf_stats["clipfrac"].item())
+                        stats["verr"].append(vf_stats["error"].item())
+                        stats["entropy"].append(ppo.masked_mean(ppo.entropy_from_logits(logits), mask).item())
+                self._optimizer_step()
 
         mean_kl = kl.sum(1).mean().item()
         kl_coef = self.kl_ctl.value
@@ -262,6 +310,10 @@ class PPOTrainer:
             "val/clipfrac_avg": avg["vclip"],
             "val/error": avg["verr"],
             "kl_coef": kl_coef,
+            "val/ratio": avg["ratio"],
+            "policy/first_minibatch_ratio_error": first_ratio_error,
+            "lr": self.scheduler.get_last_lr()[0],
+            "prompts_truncated": float(self.truncated_prompts),
             "response_length": roll.mask.sum(1).mean().item(),
             "time/rollout_and_score_s": scored_at - started,
             "time/step_s": time.monotonic() - started,
@@ -278,11 +330,14 @@ class PPOTrainer:
         return metrics
 
     def _optimizer_step(self) -> None:
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm
         )
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
 
     # --- the loop ------------------------------------------------------------------------------------
     def _prompt_stream(self, prompts: list[str]) -> Iterator[str]:
@@ -317,6 +372,10 @@ class PPOTrainer:
             "step": self.step,
             "kl_coef": self.kl_ctl.value,
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": self.sampler.get_state().cpu(),
+            "truncated_prompts": self.truncated_prompts,
             "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
             "history": dataclasses.asdict(self.history),
             "generator": self.generator.get_state(),
@@ -342,6 +401,11 @@ class PPOTrainer:
             for name, value in state["trainable"].items():
                 parameters[name].copy_(value.to(parameters[name].device))
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:  # checkpoints from before the schedule keep a constant rate
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.sampler.set_state(state["sampler"])
+            self.truncated_prompts = state["truncated_prompts"]
         self.kl_ctl.value = state["kl_coef"]
         self.step = state["step"]
         self.history = History(**state["history"])

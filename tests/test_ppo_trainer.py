@@ -1,0 +1,131 @@
+"""The PPO trainer in-process on the tiny model: the defects a review found, each pinned by a test."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from rlhf.training import sequences
+from rlhf.training.config import TrainingConfig
+from rlhf.training.errors import TrainingError
+from rlhf.training.ppo_trainer import PPOTrainer
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Where did you go today?", "Tell me something nice.", "What did you see?", "How was the sea?"]
+
+
+def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """A reward that changes the policy quickly: longer answers score higher."""
+    return [min(len(r), 40) / 40 for r in responses]
+
+
+def quick(**overrides) -> TrainingConfig:
+    values = dict(learning_rate=1e-3, batch_size=4, mini_batch_size=2, ppo_epochs=2, max_steps=3, max_new_tokens=8)
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_ratio_is_one_on_the_first_minibatch_of_every_step(tiny_model, use_lora):
+    # The seed's default lora_dropout=0.1 used to stay active in rollouts and updates: two passes over the
+    # same tokens differed and the ratio drifted from 1 before any update of the step.
+    trainer = PPOTrainer(quick(use_lora=use_lora, lora_dropout=0.1), str(tiny_model), "cpu")
+    errors = []
+    trainer.train(PROMPTS, length_reward, lambda step, m: errors.append(m["policy/first_minibatch_ratio_error"]))
+    assert len(errors) == 3
+    assert max(errors) < 1e-4, errors
+    assert not any(m.training and isinstance(m, torch.nn.Dropout) and m.p > 0 for m in trainer.model.modules())
+
+
+def test_rollouts_sample_the_full_softmax_they_are_scored_under(tiny_model):
+    # With top_k/top_p truncation the tail was never sampled though log-probs, KL and entropy counted it.
+    trainer = PPOTrainer(quick(top_k=5, top_p=0.5), str(tiny_model), "cpu")
+    prompt = sequences.encode_prompt(trainer.tokenizer, "Where did you go today?")
+    n = 3000
+    temperature = 3.0  # flatter, so that the tail beyond the top 5 holds enough mass to count
+    drawn = sequences.sample(
+        trainer.model.lm, [prompt] * n, 1, temperature, trainer.eos_ids, trainer.pad_id, trainer.sampler
+    )
+    with torch.no_grad():
+        logits = trainer.model.lm(input_ids=torch.tensor([prompt])).logits[0, -1]
+    probs = torch.softmax(logits.float() / temperature, -1)
+    top5 = set(torch.topk(probs, 5).indices.tolist())
+    tail_mass = 1.0 - probs[list(top5)].sum().item()
+    tail_drawn = sum(1 for token in drawn.response[:, 0].tolist() if token not in top5) / n
+    assert tail_mass > 0.05  # the test means something on this model
+    assert tail_drawn == pytest.approx(tail_mass, abs=4 * math.sqrt(tail_mass * (1 - tail_mass) / n) + 0.005)
+
+
+def test_a_checkpoints_generation_config_does_not_change_what_rollouts_sample(tiny_model, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    config_file = folder / "generation_config.json"
+    generation = json.loads(config_file.read_text()) if config_file.exists() else {}
+    generation.update({"repetition_penalty": 1e9, "top_k": 1, "do_sample": False})
+    config_file.write_text(json.dumps(generation))
+    plain = PPOTrainer(quick(), str(tiny_model), "cpu")
+    penalised = PPOTrainer(quick(), str(folder), "cpu")
+    prompt = sequences.encode_prompt(plain.tokenizer, "Tell me something nice.")
+    a = sequences.sample(plain.model.lm, [prompt] * 6, 12, 1.0, plain.eos_ids, plain.pad_id, plain.sampler)
+    b = sequences.sample(
+        penalised.model.lm, [prompt] * 6, 12, 1.0, penalised.eos_ids, penalised.pad_id, penalised.sampler
+    )
+    assert torch.equal(a.response, b.response)  # same seed, same weights: the settings had no effect
+
+
+def test_a_prompt_longer_than_the_context_is_cut_from_the_left_and_trains(tiny_model):
+    trainer = PPOTrainer(quick(max_steps=1), str(tiny_model), "cpu")
+    context = sequences.context_length(trainer.model.lm)
+    long_prompt = "Tell me about the sea and the boats and the long walk home. " * 60  # ~3,600 characters
+    assert len(sequences.encode_prompt(trainer.tokenizer, long_prompt)) > context
+    metrics = []
+    trainer.train([long_prompt, *PROMPTS], length_reward, lambda step, m: metrics.append(m))
+    assert metrics and metrics[-1]["prompts_truncated"] >= 1
+
+
+def test_max_new_tokens_that_leave_no_room_for_a_prompt_are_refused(tiny_model):
+    from transformers import AutoConfig
+
+    context = AutoConfig.from_pretrained(tiny_model).n_positions
+    with pytest.raises(TrainingError, match="max_new_tokens"):
+        PPOTrainer(quick(max_new_tokens=context), str(tiny_model), "cpu")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_score_fails_the_step_with_the_reason(tiny_model, bad):
+    trainer = PPOTrainer(quick(max_steps=1), str(tiny_model), "cpu")
+    before = {k: v.clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+
+    def poisoned(prompts, responses):
+        scores = length_reward(prompts, responses)
+        scores[1] = bad
+        return scores
+
+    with pytest.raises(TrainingError, match="non-finite"):
+        trainer.train(PROMPTS, poisoned, lambda step, m: None)
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(value, after[name]) for name, value in before.items())  # nothing was updated
+
+
+def test_missing_eos_penalty_is_positive_and_subtracted_as_in_trl(tiny_model):
+    trainer = PPOTrainer(quick(max_new_tokens=2, missing_eos_penalty=1.0), str(tiny_model), "cpu")
+    roll = trainer.rollout(PROMPTS, lambda p, r: [0.5] * len(p))
+    last = roll.response.gather(1, (roll.mask.sum(1).long() - 1).unsqueeze(1)).squeeze(1)
+    ended = torch.tensor([int(token) in trainer.eos_ids for token in last])
+    expected = torch.where(ended, torch.tensor(0.5), torch.tensor(-0.5))
+    assert torch.equal(roll.scores, expected)
+    assert (~ended).any()  # two tokens: some answers never end
+
+
+def test_learning_rate_decays_linearly_and_no_weight_decay(tiny_model):
+    trainer = PPOTrainer(quick(max_steps=2, ppo_epochs=1), str(tiny_model), "cpu")
+    assert all(group["weight_decay"] == 0.0 for group in trainer.optimizer.param_groups)
+    rates = []
+    trainer.train(PROMPTS, length_reward, lambda step, m: rates.append(m["lr"]))
+    # 2 steps x 1 epoch x 2 minibatches = 4 updates from 1e-3 down to 0
+    assert rates == pytest.approx([5e-4, 0.0])
