@@ -23,6 +23,7 @@ from rlhf.runtime.jobs import SUCCEEDED, Job, JobManager
 from rlhf.runtime.registry import Catalog
 from rlhf.runtime.training_store import TrainingStore
 from rlhf.training.config import TrainingConfig
+from rlhf.training.modeling import known_context_length
 
 log = logging.getLogger(__name__)
 SUPPORTED_ALGORITHMS = ("ppo",)
@@ -43,6 +44,13 @@ def validate_config(config: TrainingConfig, service: PolicyServiceConfig) -> Tra
     v.number_in(config.cliprange_value, f"{p}.cliprange_value", 1e-6, 1e4)
     v.number_in(config.vf_coef, f"{p}.vf_coef", 0.0, 100.0)
     v.int_in(config.max_new_tokens, f"{p}.max_new_tokens", 1, service.max_new_tokens_cap)
+    context = known_context_length(config.base_model)
+    if context is not None and config.max_new_tokens >= context:
+        raise InvalidArgument(
+            f"{p}.max_new_tokens",
+            f"{config.max_new_tokens} leaves no room for a prompt in the base model's context of {context} tokens; "
+            f"use at most {context - 1}",
+        )
     v.number_in(config.temperature, f"{p}.temperature", 1e-3, 100.0)
     v.int_in(config.top_k, f"{p}.top_k", 0, 1_000_000)
     v.number_in(config.top_p, f"{p}.top_p", 1e-6, 1.0)

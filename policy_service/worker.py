@@ -17,7 +17,7 @@ from rlhf.sdk.clients import FeedbackClient, RewardClient
 from rlhf.training.config import TrainingConfig
 from rlhf.training.modeling import pick_device, resolve_model
 from rlhf.training.plotting import plot_curves
-from rlhf.training.ppo_trainer import PPOTrainer
+from rlhf.training.ppo_trainer import PPOTrainer, Scores
 from rlhf.training.scoring import fill_unscorable
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def train(context: JobContext) -> dict[str, Any]:
     extra = {"reward_model_version": reward_model.version, "reward_job_id": context.sticky.get("reward_job_id", "")}
     unscored = {"count": 0}
 
-    def score(batch_prompts: list[str], responses: list[str]) -> list[float]:
+    def score(batch_prompts: list[str], responses: list[str]) -> Scores:
         context.check_cancelled()
         try:
             answer = reward.score(
@@ -102,7 +102,10 @@ def train(context: JobContext) -> dict[str, Any]:
                 f"last checkpoint kept at {checkpoint_path}"
             ) from error
         unscored["count"] += sum(1 for s in answer.scores if not s.ok)
-        return fill_unscorable([s.score if s.ok else None for s in answer.scores])
+        return Scores(
+            fill_unscorable([s.score if s.ok else None for s in answer.scores]),
+            fill_unscorable([s.rating if s.ok else None for s in answer.scores]),
+        )
 
     started = time.monotonic()
     first_step = trainer.step
@@ -135,8 +138,14 @@ def train(context: JobContext) -> dict[str, Any]:
     context.progress(phase="saving", step=trainer.step, total_steps=config.max_steps, metrics=last_metrics)
     output = job_dir / "output"
     trainer.save(output)
+    # The seed's reward fields are on the 0..1 feedback scale (the reward service's ratings: the reward
+    # model's saved normalisation undone); the reward model's own units are reported beside them.
+    rewards, reward_stds = (
+        (history.rating, history.rating_std) if history.rating else (history.reward, history.reward_std)
+    )
     curves = {
-        "reward (score mean)": history.reward,
+        "reward (0..1 feedback scale)": rewards,
+        "reward-model score": history.reward,
         "KL to reference": history.kl,
         "loss": history.loss,
         "entropy": history.entropy,
@@ -144,19 +153,22 @@ def train(context: JobContext) -> dict[str, Any]:
         "kl_coef": history.kl_coef,
     }
     plot_curves(curves, output / "curves.png", f"{agent_id}: PPO on {config.base_model}")
-    tail = max(1, min(5, len(history.reward)))
+    tail = max(1, min(5, len(rewards)))
     results = {
         # The seed's TrainingResult fields.
         "model_path": str(output / "policy"),
         "reward_model_path": reward_model.model_path,
         "feedback_count": len(rows),
-        "final_reward_mean": sum(history.reward[-tail:]) / tail,
-        "final_reward_std": sum(history.reward_std[-tail:]) / tail,
+        "final_reward_mean": sum(rewards[-tail:]) / tail,
+        "final_reward_std": sum(reward_stds[-tail:]) / tail,
         "training_steps": trainer.step,
-        "reward_history": history.reward,
+        "reward_history": rewards,
         "kl_history": history.kl,
         "loss_history": history.loss,
-        # More curves, config and lineage.
+        # More curves, config and lineage. Scores in the reward model's own units:
+        "final_score_mean": sum(history.reward[-tail:]) / tail,
+        "final_score_std": sum(history.reward_std[-tail:]) / tail,
+        "score_history": history.reward,
         "value_loss_history": history.value_loss,
         "entropy_history": history.entropy,
         "kl_coef_history": history.kl_coef,
@@ -181,7 +193,8 @@ def train(context: JobContext) -> dict[str, Any]:
     return {
         "output_dir": str(output),
         **{k: v for k, v in results.items() if not k.endswith("_history")},
-        "initial_reward_mean": history.reward[0] if history.reward else 0.0,
+        "initial_reward_mean": rewards[0] if rewards else 0.0,
+        "initial_score_mean": history.reward[0] if history.reward else 0.0,
     }
 
 

@@ -24,11 +24,22 @@ from torch import nn
 from rlhf.training import ppo, sequences
 from rlhf.training.config import TrainingConfig
 from rlhf.training.errors import TrainingError
+from rlhf.training.modeling import disable_dropout
 
 log = logging.getLogger(__name__)
 
-# (prompts, responses) -> one score per pair
-ScoreFn = Callable[[list[str], list[str]], list[float]]
+
+@dataclasses.dataclass
+class Scores:
+    """What a reward function may return instead of a plain list of scores: the reward model's scores (what
+    PPO optimises) and, where known, the same on the 0..1 feedback scale (what users read)."""
+
+    scores: list[float]
+    ratings: list[float] | None = None
+
+
+# (prompts, responses) -> one score per pair (a list, or Scores with ratings beside)
+ScoreFn = Callable[[list[str], list[str]], "list[float] | Scores"]
 # (step, metrics) -> None; raising stops training (cancel)
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -59,12 +70,6 @@ def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-
-
 @dataclasses.dataclass
 class Rollout:
     query: torch.Tensor  # (B, Lq) left-padded prompt ids
@@ -76,6 +81,7 @@ class Rollout:
     values: torch.Tensor  # (B, Lr)
     scores: torch.Tensor  # (B,) after EOS penalty / clipping / whitening
     raw_scores: torch.Tensor  # (B,) as the reward model gave them
+    ratings: torch.Tensor | None  # (B,) the same on the 0..1 feedback scale, when the reward function says
     texts: list[str]
 
 
@@ -85,6 +91,9 @@ class History:
 
     reward: list[float] = dataclasses.field(default_factory=list)
     reward_std: list[float] = dataclasses.field(default_factory=list)
+    # Mean and std of the scores on the 0..1 feedback scale (empty when the reward function gives none).
+    rating: list[float] = dataclasses.field(default_factory=list)
+    rating_std: list[float] = dataclasses.field(default_factory=list)
     kl: list[float] = dataclasses.field(default_factory=list)
     loss: list[float] = dataclasses.field(default_factory=list)
     value_loss: list[float] = dataclasses.field(default_factory=list)
@@ -190,7 +199,9 @@ class PPOTrainer:
             for row, m in zip(response, mask, strict=True)
         ]
 
-        raw = torch.tensor(score_fn(prompts, texts), dtype=torch.float32, device=self.device)
+        answer = score_fn(prompts, texts)
+        given, ratings = (answer.scores, answer.ratings) if isinstance(answer, Scores) else (answer, None)
+        raw = torch.tensor(given, dtype=torch.float32, device=self.device)
         if raw.shape != (len(prompts),):
             raise TrainingError(f"the reward function returned {tuple(raw.shape)} scores for {len(prompts)} responses")
         bad = (~torch.isfinite(raw)).sum().item()
@@ -211,7 +222,8 @@ class PPOTrainer:
 
         logprobs, values, _ = self._forward(self.model, query, query_mask, response, mask)
         ref_logprobs = self._reference_logprobs(query, query_mask, response, mask)
-        return Rollout(query, query_mask, response, mask, logprobs, ref_logprobs, values, scores, raw, texts)
+        rated = torch.tensor(ratings, dtype=torch.float32) if ratings is not None else None
+        return Rollout(query, query_mask, response, mask, logprobs, ref_logprobs, values, scores, raw, rated, texts)
 
     def _forward(self, model: PolicyWithValueHead, query, query_mask, response, mask):
         """Log-probs (temperature-scaled, as sampled), values and logits of the response tokens."""
@@ -321,6 +333,11 @@ class PPOTrainer:
         h = self.history
         h.reward.append(score_mean)
         h.reward_std.append(score_std)
+        if roll.ratings is not None:
+            metrics["objective/ratings"] = roll.ratings.mean().item()
+            metrics["objective/ratings_std"] = roll.ratings.std().item() if batch > 1 else 0.0
+            h.rating.append(metrics["objective/ratings"])
+            h.rating_std.append(metrics["objective/ratings_std"])
         h.kl.append(mean_kl)
         h.loss.append(avg["pg"] + c.vf_coef * avg["vf"])
         h.value_loss.append(avg["vf"])

@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 from rlhf.training.config import RewardModelConfig
-from rlhf.training.errors import NotEnoughData
+from rlhf.training.errors import NotEnoughData, TrainingError
 from rlhf.training.progress import Progress, SilentProgress
-from rlhf.training.reward_inputs import NORMALIZATION_FILE, encode, join, to_rating
+from rlhf.training.reward_inputs import CONFIG_FILE, NORMALIZATION_FILE, encode, pair_text, to_rating
 
 MIN_EXAMPLES = 10
 
@@ -37,17 +37,20 @@ class Comparison:
 
 @dataclasses.dataclass
 class Examples:
-    """Reward-model training data in the form the model reads: joined texts."""
+    """Reward-model training data in the form the model reads: one text per pair (reward_inputs.pair_text)."""
 
     ratings: list[tuple[str, float]]  # (text, score in 0..1)
     comparisons: list[tuple[str, str, float]]  # (chosen text, rejected text, margin)
 
     @classmethod
-    def of(cls, items: list[Rating | Comparison]) -> Examples:
+    def of(cls, items: list[Rating | Comparison], tokenizer: Any) -> Examples:
+        def text(prompt: str, response: str) -> str:
+            return pair_text(tokenizer, prompt, response)
+
         return cls(
-            ratings=[(join(i.prompt, i.response), i.score) for i in items if isinstance(i, Rating)],
+            ratings=[(text(i.prompt, i.response), i.score) for i in items if isinstance(i, Rating)],
             comparisons=[
-                (join(i.prompt, i.chosen), join(i.prompt, i.rejected), i.margin)
+                (text(i.prompt, i.chosen), text(i.prompt, i.rejected), i.margin)
                 for i in items
                 if isinstance(i, Comparison)
             ],
@@ -61,45 +64,23 @@ def split(items: list, fraction: float, rng: random.Random) -> tuple[list, list]
     return items[held:], items[:held]
 
 
-def train_reward_model(
-    items: list[Rating | Comparison],
-    config: RewardModelConfig,
-    base_path: str,
-    output_dir: pathlib.Path,
-    context: Progress | None = None,
-) -> dict[str, Any]:
-    """Train on `items`, save a model folder loadable by AutoModelForSequenceClassification at `output_dir`
-    (with normalization.json, reward_config.json, loss_history.json) and return counts, metrics and the
-    normalisation. `context` receives progress and may stop the run by raising from check_cancelled."""
-    import torch
+def prepare_model(config: RewardModelConfig, base_path: str, tokenizer: Any) -> Any:
+    """The model to train: a one-label sequence classifier on the base model, its own dropout off (as TRL's
+    RewardTrainer does), LoRA adapters when asked for (their dropout stays: the regulariser asked for)."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.training.modeling import autocast_dtype, load_model, load_tokenizer, pick_device
+    from rlhf.training.modeling import disable_dropout, load_model
+    from rlhf.training.sequences import context_length
 
-    context = context or SilentProgress()
-    examples = Examples.of(items)
-    usable = len(examples.ratings) + len(examples.comparisons)
-    if usable < MIN_EXAMPLES:
-        raise NotEnoughData(f"only {usable} usable feedback items; at least {MIN_EXAMPLES} are needed")
-    rng = random.Random(config.seed)
-    torch.manual_seed(config.seed)
-    device = pick_device(config.device)
-    amp = autocast_dtype(config.mixed_precision, device)
-
-    # Normalise ratings so the head regresses a unit-scale target; kept to report 0..1 ratings later.
-    scores = [s for _, s in examples.ratings]
-    mean = sum(scores) / len(scores) if scores else 0.0
-    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)) if scores else 1.0
-    std = std if std > 1e-6 else 1.0
-    normalization = {"kind": "rating" if scores else "comparison", "mean": mean, "std": std}
-
-    train_r, val_r = split(examples.ratings, config.validation_fraction, rng)
-    train_c, val_c = split(examples.comparisons, config.validation_fraction, rng)
-
-    context.progress(phase="loading", message=f"loading {base_path}")
-    tokenizer = load_tokenizer(base_path, padding_side="right")
     model = load_model(AutoModelForSequenceClassification, base_path, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
+    window = context_length(model)
+    if window is not None and config.max_length > window:
+        raise TrainingError(
+            f"max_length {config.max_length} is longer than the base model's context of {window} tokens; "
+            f"use at most {window}"
+        )
+    disable_dropout(model)
     if config.use_lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -113,8 +94,52 @@ def train_reward_model(
                 target_modules=config.lora_target_modules or None,
             ),
         )
+    return model
+
+
+def train_reward_model(
+    items: list[Rating | Comparison],
+    config: RewardModelConfig,
+    base_path: str,
+    output_dir: pathlib.Path,
+    context: Progress | None = None,
+) -> dict[str, Any]:
+    """Train on `items`, save a model folder loadable by AutoModelForSequenceClassification at `output_dir`
+    (with normalization.json, reward_config.json, loss_history.json) and return counts, metrics and the
+    normalisation. `context` receives progress and may stop the run by raising from check_cancelled."""
+    import torch
+
+    from rlhf.training.modeling import autocast_dtype, load_tokenizer, pick_device
+
+    context = context or SilentProgress()
+    usable = sum(1 for i in items if isinstance(i, (Rating, Comparison)))
+    if usable < MIN_EXAMPLES:
+        raise NotEnoughData(f"only {usable} usable feedback items; at least {MIN_EXAMPLES} are needed")
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    amp = autocast_dtype(config.mixed_precision, device)
+
+    context.progress(phase="loading", message=f"loading {base_path}")
+    tokenizer = load_tokenizer(base_path, padding_side="right")
+    model = prepare_model(config, base_path, tokenizer)
+    examples = Examples.of(items, tokenizer)
+    train_r, val_r = split(examples.ratings, config.validation_fraction, rng)
+    train_c, val_c = split(examples.comparisons, config.validation_fraction, rng)
+
+    # Normalise ratings so the head regresses a unit-scale target; kept to report 0..1 ratings later.
+    # From the training split only: validation items must not leak into what the model is fitted to.
+    scores = [s for _, s in train_r]
+    mean = sum(scores) / len(scores) if scores else 0.0
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)) if scores else 1.0
+    std = std if std > 1e-6 else 1.0
+    normalization = {"kind": "rating" if examples.ratings else "comparison", "mean": mean, "std": std}
+
     model.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
+    # fp16 needs loss scaling or small gradients underflow to 0.
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=amp == torch.float16)
 
     # One list of batches per epoch: rating batches and comparison batches interleaved.
     def batches() -> list[tuple[str, list]]:
@@ -142,16 +167,22 @@ def train_reward_model(
     history: list[float] = []
     val_history: list[float] = []
     best_val, stale, step = math.inf, 0, 0
+    best_state: dict[str, Any] | None = None
+    best_epoch = config.num_epochs
+    # Evaluation runs in micro-batches, never the whole validation set in one forward pass.
+    eval_batch = max(config.batch_size, 32)
     started = time.monotonic()
     for epoch in range(config.num_epochs):
         model.train()
         for index, (kind, batch) in enumerate(batches()):
             context.check_cancelled()
             loss = loss_of(kind, batch) / config.gradient_accumulation_steps
-            loss.backward()
+            scaler.scale(loss).backward()
             if (index + 1) % config.gradient_accumulation_steps == 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                scaler.step(optimizer)
+                scaler.update()
                 optimizer.zero_grad()
                 step += 1
                 history.append(loss.item() * config.gradient_accumulation_steps)
@@ -165,7 +196,7 @@ def train_reward_model(
                     train_loss=history[-1],
                     eta_seconds=elapsed / step * (total_steps - step),
                 )
-        metrics = evaluate(model, forward, val_r, val_c, normalization)
+        metrics = evaluate(model, forward, val_r, val_c, normalization, eval_batch)
         if "validation_loss" in metrics:
             val_history.append(metrics["validation_loss"])
             context.progress(
@@ -179,20 +210,31 @@ def train_reward_model(
             )
             if metrics["validation_loss"] < best_val - 1e-6:
                 best_val, stale = metrics["validation_loss"], 0
+                best_state = {
+                    name: value.detach().clone() for name, value in model.named_parameters() if value.requires_grad
+                }
+                best_epoch = epoch + 1
             else:
                 stale += 1
                 if config.early_stopping_patience and stale >= config.early_stopping_patience:
                     break
 
+    if config.early_stopping_patience and best_state is not None:
+        # Early stopping keeps the best epoch's weights, not the last (worse) ones.
+        with torch.no_grad():
+            parameters = dict(model.named_parameters())
+            for name, value in best_state.items():
+                parameters[name].copy_(value)
     context.progress(phase="saving", step=step, total_steps=total_steps)
-    metrics = evaluate(model, forward, val_r, val_c, normalization)
+    metrics = evaluate(model, forward, val_r, val_c, normalization, eval_batch)
+    metrics["best_epoch"] = float(best_epoch)
     if config.use_lora:
         model = model.merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     (output_dir / NORMALIZATION_FILE).write_text(json.dumps(normalization))
-    (output_dir / "reward_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    (output_dir / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2))
     (output_dir / "loss_history.json").write_text(json.dumps({"train": history, "validation": val_history}))
     return {
         "model_path": str(output_dir),
@@ -205,35 +247,40 @@ def train_reward_model(
     }
 
 
-def evaluate(model, forward, ratings: list, comparisons: list, normalization: dict) -> dict[str, float]:
-    """Validation metrics: MSE/MAE (0..1 scale), Pearson and Spearman for ratings; pairwise accuracy."""
+def evaluate(
+    model, forward, ratings: list, comparisons: list, normalization: dict, batch_size: int = 32
+) -> dict[str, float]:
+    """Validation metrics: MSE/MAE (0..1 scale), Pearson and Spearman for ratings; pairwise accuracy. The
+    validation loss is the training loss on held-out items (MSE on normalised scores; Bradley-Terry with
+    the margin), computed in batches of `batch_size`."""
     import torch
+
+    def scores_of(texts: list[str]) -> list[float]:
+        return [
+            v for start in range(0, len(texts), batch_size) for v in forward(texts[start : start + batch_size]).tolist()
+        ]
 
     metrics: dict[str, float] = {}
     model.eval()
     losses = []
     with torch.inference_mode():
         if ratings:
-            outputs = forward([t for t, _ in ratings]).tolist()
+            outputs = scores_of([t for t, _ in ratings])
             predicted = [to_rating(o, normalization) for o in outputs]
             truth = [s for _, s in ratings]
-            errors = [p - t for p, t in zip(predicted, truth, strict=False)]
+            errors = [p - t for p, t in zip(predicted, truth, strict=True)]
             metrics["mse"] = sum(e * e for e in errors) / len(errors)
             metrics["mae"] = sum(abs(e) for e in errors) / len(errors)
             metrics["pearson"] = correlation(predicted, truth)
             metrics["spearman"] = correlation(ranks(predicted), ranks(truth))
-            losses.append(
-                sum(
-                    ((o - (t - normalization["mean"]) / normalization["std"]) ** 2)
-                    for o, t in zip(outputs, truth, strict=False)
-                )
-                / len(truth)
-            )
+            targets = [(t - normalization["mean"]) / normalization["std"] for t in truth]
+            losses.append(sum((o - g) ** 2 for o, g in zip(outputs, targets, strict=True)) / len(truth))
         if comparisons:
-            chosen = forward([c for c, _, _ in comparisons])
-            rejected = forward([r for _, r, _ in comparisons])
+            chosen = torch.tensor(scores_of([c for c, _, _ in comparisons]))
+            rejected = torch.tensor(scores_of([r for _, r, _ in comparisons]))
+            margin = torch.tensor([m for _, _, m in comparisons])
             metrics["pairwise_accuracy"] = (chosen > rejected).float().mean().item()
-            losses.append(-torch.nn.functional.logsigmoid(chosen - rejected).mean().item())
+            losses.append(-torch.nn.functional.logsigmoid(chosen - rejected - margin).mean().item())
     model.train()
     if losses:
         metrics["validation_loss"] = sum(losses) / len(losses)

@@ -7,7 +7,8 @@ import time
 
 from rlhf.training.errors import DeadlinePassed
 from rlhf.training.modelcache import ModelCache
-from rlhf.training.reward_inputs import encode, join, read_normalization, to_rating
+from rlhf.training.reward_inputs import encode, pair_text, read_normalization, to_rating, trained_max_length
+from rlhf.training.sequences import context_length
 
 
 @dataclasses.dataclass
@@ -16,6 +17,8 @@ class LoadedRewardModel:
     model: object
     normalization: dict
     device: str
+    # Tokens read per pair: what the model was trained with, within its context (the end is kept).
+    max_length: int
 
 
 @dataclasses.dataclass
@@ -34,13 +37,13 @@ def load_reward_model(model_path: str, device: str) -> LoadedRewardModel:
     device = pick_device(device)
     tokenizer = load_tokenizer(model_path, padding_side="right")
     model = load_model(AutoModelForSequenceClassification, model_path).to(device).eval()
-    return LoadedRewardModel(tokenizer, model, read_normalization(model_path), device)
+    max_length = trained_max_length(model_path, context_length(model))
+    return LoadedRewardModel(tokenizer, model, read_normalization(model_path), device, max_length)
 
 
 class Scorer:
-    def __init__(self, device: str, micro_batch: int, cache_size: int, max_length: int = 512) -> None:
+    def __init__(self, device: str, micro_batch: int, cache_size: int) -> None:
         self.micro_batch = micro_batch
-        self.max_length = max_length
         self.cache: ModelCache[LoadedRewardModel] = ModelCache(
             lambda path: load_reward_model(path, device), capacity=cache_size
         )
@@ -59,14 +62,14 @@ class Scorer:
             elif not prompt.strip():
                 results[index] = Scored(ok=False, error="prompt is empty")
             else:
-                texts.append((index, join(prompt, response)))
+                texts.append((index, pair_text(loaded.tokenizer, prompt, response)))
         texts.sort(key=lambda item: len(item[1]))  # similar lengths share a batch: less padding
         with torch.inference_mode():
             for start in range(0, len(texts), self.micro_batch):
                 if deadline is not None and time.monotonic() > deadline:
                     raise DeadlinePassed(f"scoring stopped at item {start} of {len(texts)}: deadline passed")
                 chunk = texts[start : start + self.micro_batch]
-                enc = encode(loaded.tokenizer, [t for _, t in chunk], self.max_length).to(loaded.device)
+                enc = encode(loaded.tokenizer, [t for _, t in chunk], loaded.max_length).to(loaded.device)
                 values = loaded.model(**enc).logits.squeeze(-1).float().tolist()
                 for (index, _), value in zip(chunk, values, strict=False):
                     results[index] = Scored(score=value, rating=to_rating(value, loaded.normalization))
@@ -81,13 +84,19 @@ def fill_unscorable(scores: list[float | None]) -> list[float]:
 
 
 def reward_function(model_path: str, device: str = "auto", micro_batch: int = 64):
-    """In-process rewards for PPO with no reward service: `(prompts, responses) -> scores` from the reward
-    model saved at `model_path` (by train_reward_model or the reward service's registry)."""
+    """In-process rewards for PPO with no reward service: `(prompts, responses) -> Scores` (the model's
+    scores, and the same on the 0..1 feedback scale) from the reward model saved at `model_path` (by
+    train_reward_model or the reward service's registry)."""
+    from rlhf.training.ppo_trainer import Scores
+
     loaded = load_reward_model(model_path, device)
     scorer = Scorer(device, micro_batch, cache_size=1)
 
-    def score(prompts: list[str], responses: list[str]) -> list[float]:
-        scored = scorer.score(loaded, list(zip(prompts, responses, strict=False)))
-        return fill_unscorable([s.score if s.ok else None for s in scored])
+    def score(prompts: list[str], responses: list[str]) -> Scores:
+        scored = scorer.score(loaded, list(zip(prompts, responses, strict=True)))
+        return Scores(
+            fill_unscorable([s.score if s.ok else None for s in scored]),
+            fill_unscorable([s.rating if s.ok else None for s in scored]),
+        )
 
     return score

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 
 BUILD_VERSION = 1  # bump when the recipe changes so caches rebuild
+# Tokens of context (n_positions) of the tiny model.
+CONTEXT = 256
 log = logging.getLogger(__name__)
 
 
@@ -82,11 +84,11 @@ def build_tiny_model(
         unk_token="<|endoftext|>",
         pad_token="<|pad|>",
         padding_side="left",
-        model_max_length=256,
+        model_max_length=CONTEXT,
     )
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=256,
+        n_positions=CONTEXT,
         n_embd=96,
         n_layer=2,
         n_head=4,
