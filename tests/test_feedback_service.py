@@ -17,6 +17,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -125,10 +126,25 @@ def field_violation(error: grpc.RpcError) -> str:
     raise AssertionError(f"no BadRequest detail in {status}")
 
 
-def now_timestamp() -> timestamp_pb2.Timestamp:
+def micros(row: pb.Feedback) -> int:
+    """A stored row's created_at, as the server wrote it (microseconds)."""
+    return row.created_at.ToMicroseconds()
+
+
+def timestamp(us: int) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(time.time_ns())
+    stamp.FromMicroseconds(us)
     return stamp
+
+
+def split_point(rows: list[pb.Feedback]) -> int:
+    """A created_at taken from the rows themselves with rows on both sides of it (start_time is inclusive,
+    end_time exclusive). Windows are built from the server's own timestamps, never from the test's clock, and
+    what each window should hold is computed from those same timestamps."""
+    distinct = sorted({micros(r) for r in rows})
+    # Rows from separate transactions: their timestamps differ (each transaction takes one, in microseconds).
+    assert len(distinct) >= 2, distinct
+    return distinct[len(distinct) // 2]
 
 
 # -- submit, replay, stream ---------------------------------------------------------------------------
@@ -330,14 +346,14 @@ def test_list_pagination_is_exact_under_concurrent_inserts(stub: pb_grpc.Feedbac
 def test_list_filters(stub: pb_grpc.FeedbackServiceStub, agent: str) -> None:
     stub.SubmitFeedback(rating(agent, score=0.1, policy_version="v1", run_id="run-a"))
     stub.SubmitFeedback(rating(agent, score=0.6, policy_version="v2", run_id="run-a"))
-    time.sleep(0.01)
-    middle = now_timestamp()
-    time.sleep(0.01)
     stub.SubmitFeedback(rating(agent, score=0.9, policy_version="v2", run_id="run-b"))
     stub.SubmitFeedback(comparison(agent, policy_version="v1", run_id="run-b"))
 
+    def score(row: pb.Feedback) -> float | None:
+        return row.score if row.HasField("score") else None
+
     def scores(**filters: object) -> list[float | None]:
-        return [r.score if r.HasField("score") else None for r in list_all(stub, agent, **filters)]
+        return [score(r) for r in list_all(stub, agent, **filters)]
 
     assert scores() == [None, 0.9, 0.6, 0.1]
     assert scores(kind=pb.FEEDBACK_KIND_RATING) == [0.9, 0.6, 0.1]
@@ -346,8 +362,19 @@ def test_list_filters(stub: pb_grpc.FeedbackServiceStub, agent: str) -> None:
     assert scores(min_score=0.5, max_score=0.8) == [0.6]
     assert scores(policy_version="v2") == [0.9, 0.6]
     assert scores(run_id="run-b") == [None, 0.9]
-    assert scores(start_time=middle) == [None, 0.9]
-    assert scores(end_time=middle) == [0.6, 0.1]
+
+    # Time windows: bounds and expectations both from the created_at values the server stored.
+    rows = list_all(stub, agent)
+    middle = split_point(rows)
+    inside = [score(r) for r in rows if micros(r) >= middle]
+    before = [score(r) for r in rows if micros(r) < middle]
+    assert inside and before  # the window really splits the rows
+    assert scores(start_time=timestamp(middle)) == inside
+    assert scores(end_time=timestamp(middle)) == before
+    first, last = min(micros(r) for r in rows), max(micros(r) for r in rows)
+    assert scores(start_time=timestamp(first), end_time=timestamp(last + 1)) == scores()
+    assert scores(start_time=timestamp(first), end_time=timestamp(first)) == []  # empty: end is exclusive
+    assert scores(start_time=timestamp(last + 1)) == []
 
     for request, field in [
         (pb.ListFeedbackRequest(agent_id=agent, page_token="not-a-token"), "page_token"),
@@ -418,14 +445,24 @@ def test_stats_match_independent_computation(stub: pb_grpc.FeedbackServiceStub, 
         watermark = max(int(ack.id) for _, ack in mine)
         assert actual_stats(by_version[version]) == expected_stats(version_scores, version_comparisons, watermark)
 
-    # A time window counts only the rows inside it.
-    time.sleep(0.01)
-    later_start = now_timestamp()
+    # A time window counts only the rows inside it; the bound is a created_at the server stored (the later
+    # stream's rows), and which rows fall inside is read from the rows' own created_at values.
     stream(stub, [rating(agent, score=0.2), rating(agent, score=0.4)])
-    window = stub.GetFeedbackStats(pb.GetFeedbackStatsRequest(agent_id=agent, start_time=later_start)).stats
-    assert (window.feedback_count, window.score_mean) == (2, pytest.approx(0.3))
-    before = stub.GetFeedbackStats(pb.GetFeedbackStatsRequest(agent_id=agent, end_time=later_start)).stats
-    assert before.feedback_count == len(items)
+    rows = list_all(stub, agent)
+    later_start = max(micros(r) for r in rows)
+    inside = [r for r in rows if micros(r) >= later_start]
+    outside = [r for r in rows if micros(r) < later_start]
+    assert inside and outside, "the two streams were committed with the same timestamp"
+    window = stub.GetFeedbackStats(pb.GetFeedbackStatsRequest(agent_id=agent, start_time=timestamp(later_start)))
+    inside_scores = [r.score for r in inside if r.HasField("score")]
+    assert actual_stats(window.stats) == expected_stats(
+        inside_scores, len(inside) - len(inside_scores), inside[0].sequence
+    )
+    before = stub.GetFeedbackStats(pb.GetFeedbackStatsRequest(agent_id=agent, end_time=timestamp(later_start))).stats
+    outside_scores = [r.score for r in outside if r.HasField("score")]
+    assert actual_stats(before) == expected_stats(
+        outside_scores, len(outside) - len(outside_scores), outside[0].sequence
+    )
 
     empty = stub.GetFeedbackStats(pb.GetFeedbackStatsRequest(agent_id=agent + "-none")).stats
     assert (empty.feedback_count, empty.score_mean, empty.watermark) == (0, 0.0, 0)
@@ -614,35 +651,108 @@ def test_data_survives_a_restart(tmp_path: pathlib.Path) -> None:
     assert (tmp_path / "feedback.db").exists()
 
 
-def test_python_dash_m_serves_and_stops_on_sigterm(tmp_path: pathlib.Path) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "feedback_service", "--port", "0", "--data-dir", str(tmp_path)],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        port = None
+class FeedbackProcess:
+    """`python -m feedback_service --port 0` as a real process; the port is read from its 'listening on' line."""
+
+    def __init__(self, data_dir: pathlib.Path) -> None:
+        # Its own SQLite file in data_dir and no attribution, whatever the environment says.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_FEEDBACK_")}
+        database_url = f"sqlite:///{data_dir / 'feedback.db'}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "feedback_service", "--port", "0", "--data-dir", str(data_dir)]
+            + ["--database-url", database_url],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.port = 0
+        assert self.process.stderr is not None
         deadline = time.monotonic() + 60
-        assert process.stderr is not None
-        while port is None and time.monotonic() < deadline:
-            line = process.stderr.readline()
+        while not self.port and time.monotonic() < deadline:
+            line = self.process.stderr.readline()
             if not line:
                 break
+            self.lines.append(line)
             if "listening on" in line:
-                port = int(line.rsplit(":", 1)[1])
-        assert port, "the server never said where it listens"
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                self.port = int(line.rsplit(":", 1)[1])
+        if not self.port:
+            self.kill()
+            raise AssertionError(f"the server never said where it listens:\n{''.join(self.lines)}")
+        # Keep reading its log, so a full pipe never blocks the server.
+        self._reader = threading.Thread(target=self.lines.extend, args=(self.process.stderr,), daemon=True)
+        self._reader.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def __enter__(self) -> FeedbackProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def test_python_dash_m_serves_and_stops_on_sigterm(tmp_path: pathlib.Path) -> None:
+    with FeedbackProcess(tmp_path) as server:
+        with grpc.insecure_channel(server.address) as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10
             )
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             answer = pb_grpc.FeedbackServiceStub(channel).SubmitFeedback(rating("cli-agent"), timeout=10)
             assert answer.id
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
     assert (tmp_path / "feedback.db").exists()
+
+
+def test_kill_9_mid_stream_keeps_every_acknowledged_item_and_replays_are_idempotent(tmp_path: pathlib.Path) -> None:
+    """An ack is a promise: the item is committed. SIGKILL the server while a stream is running, restart it on
+    the same data, and every acknowledged item is there with the id its ack gave; sending every item again
+    (same request_ids) stores the rest once and nothing twice."""
+    agent, count, kill_after = f"crash-{uuid.uuid4().hex[:8]}", 4000, 300
+    items = [rating(agent, score=(i % 11) / 10, request_id=f"crash-{i}") for i in range(count)]
+    acked: dict[str, str] = {}  # request_id -> id, from acks received before the kill
+    with FeedbackProcess(tmp_path) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            acks = pb_grpc.FeedbackServiceStub(channel).StreamFeedback(
+                (pb.StreamFeedbackRequest(feedback=item) for item in items), timeout=120
+            )
+            with pytest.raises(grpc.RpcError) as cut:
+                for ack in acks:
+                    assert ack.accepted and not ack.duplicate, ack
+                    acked[ack.request_id] = ack.id
+                    if len(acked) == kill_after:
+                        server.process.send_signal(signal.SIGKILL)  # mid-stream: thousands of items still to go
+        assert server.process.wait(timeout=30) == -signal.SIGKILL
+    assert cut.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)
+    assert kill_after <= len(acked) < count, "the stream must have been cut while it ran"
+
+    with FeedbackProcess(tmp_path) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.FeedbackServiceStub(channel)
+            stored = {row.request_id: row.id for row in list_all(stub, agent)}
+            missing = {rid for rid in acked if stored.get(rid) != acked[rid]}
+            assert not missing, f"{len(missing)} acknowledged items lost or changed, e.g. {sorted(missing)[:5]}"
+            # Items committed whose acks never arrived are allowed; nothing may be stored twice.
+            assert len(stored) == len(list_all(stub, agent)) >= len(acked)
+
+            again = stream(stub, items)  # the client's retry after the crash: every item, same request_ids
+            assert [a.request_id for a in again] == [i.request_id for i in items]
+            assert all(a.accepted for a in again)
+            assert {a.request_id for a in again if a.duplicate} == set(stored)  # exactly the stored ones
+            assert all(a.id == stored[a.request_id] for a in again if a.duplicate)
+            final = list_all(stub, agent)
+            assert len(final) == count and len({r.request_id for r in final}) == count
+            assert {r.request_id: r.id for r in final} == {a.request_id: a.id for a in again}
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
