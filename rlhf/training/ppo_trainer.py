@@ -8,6 +8,7 @@ reference is the same weights with adapters disabled, and the saved policy is me
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import json
@@ -54,15 +55,28 @@ class PolicyWithValueHead(nn.Module):
         nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(lm.config.hidden_size + 1))
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and values of the last `keep` positions (all when 0); the LM head skips the rest."""
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_of(attention_mask),
             output_hidden_states=True,
+            **logits_to_keep(self.lm, keep),
         )
         hidden = out.hidden_states[-1]
-        return out.logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        if keep:
+            hidden = hidden[:, -keep:]
+        logits = out.logits[:, -keep:] if keep else out.logits
+        return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+
+def logits_to_keep(lm: nn.Module, keep: int) -> dict[str, int]:
+    """`logits_to_keep=keep` for models that take it: the LM head (vocab x width per position, most of a
+    small model's compute) then runs on the response positions only, not the prompt's."""
+    return {"logits_to_keep": keep} if keep and sequences.forward_keywords(lm)[1] else {}
 
 
 def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -150,7 +164,10 @@ class PPOTrainer:
         self.pad_id = self.tokenizer.pad_token_id
         # No weight decay (TRL's default): it would pull LoRA adapters and the value head towards 0.
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-5, weight_decay=0.0)
+        # fused: one kernel for all parameters instead of a Python loop over them (CPU and CUDA).
+        self.optimizer = torch.optim.AdamW(
+            params, lr=config.learning_rate, eps=1e-5, weight_decay=0.0, fused=device.split(":")[0] in ("cpu", "cuda")
+        )
         # Linear decay to 0 over the run's optimiser steps, as TRL's trainers do by default.
         total_updates = max(
             1, config.max_steps * config.ppo_epochs * math.ceil(config.batch_size / config.mini_batch_size)
@@ -168,6 +185,10 @@ class PPOTrainer:
         self.sampler = torch.Generator(device=device).manual_seed(config.seed)
         # Prompts cut from the left to fit the context beside max_new_tokens (reported in the metrics).
         self.truncated_prompts = 0
+        # One thread runs the reward function while the rollout's forward passes run here.
+        self._scoring = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scoring")
+        # Seconds the last rollout waited for its scores after its own forward passes were done.
+        self.score_wait_seconds = 0.0
 
     # --- rollouts ------------------------------------------------------------------------------------
     def _autocast(self):
@@ -199,7 +220,16 @@ class PPOTrainer:
             for row, m in zip(response, mask, strict=True)
         ]
 
-        answer = score_fn(prompts, texts)
+        # Scoring (a gRPC call to the reward service, in another process) overlaps the policy's and the
+        # reference's forward passes over the rollout, which do not depend on the scores.
+        scoring = self._scoring.submit(score_fn, prompts, texts)
+        try:
+            logprobs, values, _ = self._forward(self.model, query, query_mask, response, mask)
+            ref_logprobs = self._reference_logprobs(query, query_mask, response, mask)
+        finally:
+            waited = time.monotonic()
+            answer = scoring.result()  # re-raises what the reward function raised
+            self.score_wait_seconds = time.monotonic() - waited
         given, ratings = (answer.scores, answer.ratings) if isinstance(answer, Scores) else (answer, None)
         raw = torch.tensor(given, dtype=torch.float32, device=self.device)
         if raw.shape != (len(prompts),):
@@ -220,8 +250,6 @@ class PPOTrainer:
         if c.whiten_rewards and len(scores) > 1:
             scores = (scores - scores.mean()) / (scores.std() + 1e-8)
 
-        logprobs, values, _ = self._forward(self.model, query, query_mask, response, mask)
-        ref_logprobs = self._reference_logprobs(query, query_mask, response, mask)
         rated = torch.tensor(ratings, dtype=torch.float32) if ratings is not None else None
         return Rollout(query, query_mask, response, mask, logprobs, ref_logprobs, values, scores, raw, rated, texts)
 
@@ -229,11 +257,11 @@ class PPOTrainer:
         """Log-probs (temperature-scaled, as sampled), values and logits of the response tokens."""
         ids = torch.cat([query, response], 1)
         attention = torch.cat([query_mask, mask.long()], 1)
+        keep = response.shape[1] + 1  # the positions that predict the response tokens, and the last one
         with self._autocast():
-            logits, values = model(ids, attention)
-        start = query.shape[1] - 1
-        logits = logits[:, start:-1].float() / self.config.temperature
-        return ppo.logprobs_of(logits, response), values[:, start:-1].float(), logits
+            logits, values = model(ids, attention, keep)
+        logits = logits[:, -keep:-1].float() / self.config.temperature
+        return ppo.logprobs_of(logits, response), values[:, -keep:-1].float(), logits
 
     def _reference_logprobs(self, query, query_mask, response, mask) -> torch.Tensor:
         if self.reference is None:
@@ -241,11 +269,15 @@ class PPOTrainer:
                 return self._forward(self.model, query, query_mask, response, mask)[0]
         ids = torch.cat([query, response], 1)
         attention = torch.cat([query_mask, mask.long()], 1)
+        keep = response.shape[1] + 1
         with self._autocast():
             logits = self.reference(
-                input_ids=ids, attention_mask=attention, position_ids=position_ids_of(attention)
+                input_ids=ids,
+                attention_mask=attention,
+                position_ids=position_ids_of(attention),
+                **logits_to_keep(self.reference, keep),
             ).logits
-        logits = logits[:, query.shape[1] - 1 : -1].float() / self.config.temperature
+        logits = logits[:, -keep:-1].float() / self.config.temperature
         return ppo.logprobs_of(logits, response)
 
     # --- one PPO step --------------------------------------------------------------------------------
@@ -328,6 +360,7 @@ class PPOTrainer:
             "prompts_truncated": float(self.truncated_prompts),
             "response_length": roll.mask.sum(1).mean().item(),
             "time/rollout_and_score_s": scored_at - started,
+            "time/score_wait_s": self.score_wait_seconds,
             "time/step_s": time.monotonic() - started,
         }
         h = self.history
