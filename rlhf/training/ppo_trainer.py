@@ -359,6 +359,9 @@ class PPOTrainer:
             "lr": self.scheduler.get_last_lr()[0],
             "prompts_truncated": float(self.truncated_prompts),
             "response_length": roll.mask.sum(1).mean().item(),
+            # Widths the step's passes ran at (its longest response and prompt), for the dry-run cost model.
+            "tokens/response_width": float(roll.response.shape[1]),
+            "tokens/query_width": float(roll.query.shape[1]),
             "time/rollout_and_score_s": scored_at - started,
             "time/score_wait_s": self.score_wait_seconds,
             "time/step_s": time.monotonic() - started,
