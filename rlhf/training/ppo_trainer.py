@@ -25,7 +25,7 @@ from torch import nn
 from rlhf.training import ppo, sequences
 from rlhf.training.config import TrainingConfig
 from rlhf.training.errors import TrainingError
-from rlhf.training.modeling import disable_dropout
+from rlhf.training.modeling import add_lora, disable_dropout
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +137,7 @@ class PPOTrainer:
             )
         self.reference = None
         if config.use_lora:
-            from peft import LoraConfig, TaskType, get_peft_model
-
-            lm = get_peft_model(
-                lm,
-                LoraConfig(
-                    task_type=TaskType.CAUSAL_LM,
-                    r=config.lora_r,
-                    lora_alpha=config.lora_alpha,
-                    lora_dropout=config.lora_dropout,
-                    target_modules=config.lora_target_modules or None,
-                ),
-            )
+            lm = add_lora(lm, config, "CAUSAL_LM")
         else:
             # Full fine-tuning needs its own frozen copy of the starting weights.
             self.reference = load_model(AutoModelForCausalLM, model_path).to(device).eval()

@@ -69,7 +69,7 @@ def prepare_model(config: RewardModelConfig, base_path: str, tokenizer: Any) -> 
     RewardTrainer does), LoRA adapters when asked for (their dropout stays: the regulariser asked for)."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.training.modeling import disable_dropout, load_model
+    from rlhf.training.modeling import add_lora, disable_dropout, load_model
     from rlhf.training.sequences import context_length
 
     model = load_model(AutoModelForSequenceClassification, base_path, num_labels=1)
@@ -82,18 +82,7 @@ def prepare_model(config: RewardModelConfig, base_path: str, tokenizer: Any) -> 
         )
     disable_dropout(model)
     if config.use_lora:
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                task_type=TaskType.SEQ_CLS,
-                r=config.lora_r,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout,
-                target_modules=config.lora_target_modules or None,
-            ),
-        )
+        model = add_lora(model, config, "SEQ_CLS")
     return model
 
 
