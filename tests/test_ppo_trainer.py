@@ -129,3 +129,51 @@ def test_learning_rate_decays_linearly_and_no_weight_decay(tiny_model):
     trainer.train(PROMPTS, length_reward, lambda step, m: rates.append(m["lr"]))
     # 2 steps x 1 epoch x 2 minibatches = 4 updates from 1e-3 down to 0
     assert rates == pytest.approx([5e-4, 0.0])
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|pad|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|pad|>assistant:{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_model(tiny_model, tmp_path):
+    """The tiny model with a chat template, as an instruction-tuned checkpoint would have."""
+    folder = tmp_path / "chat"
+    shutil.copytree(tiny_model, folder)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_file.write_text(json.dumps(config))
+    return folder
+
+
+def test_rollouts_scoring_and_serving_read_a_prompt_through_the_same_chat_template(chat_model):
+    from inference_service.generation import SamplingParams, generate
+    from inference_service.models import load_for_inference
+    from rlhf.training.reward_inputs import pair_text
+
+    prompt = "Where did you go today?"
+    trainer = PPOTrainer(quick(max_steps=1), str(chat_model), "cpu")
+    ids = sequences.encode_prompt(trainer.tokenizer, prompt)
+    templated = trainer.tokenizer.decode(ids)
+    assert templated.startswith("<|pad|>user: Where did you go today?") and templated.endswith("assistant:")
+    # PPO trains on exactly the ids the inference service serves (no extra special tokens on either side).
+    roll = trainer.rollout([prompt], lambda p, r: [0.0])
+    assert roll.query[0][roll.query_mask[0].bool()].tolist() == ids
+    served = generate(load_for_inference(str(chat_model), "cpu"), prompt, SamplingParams(max_new_tokens=4, seed=0))
+    assert served.prompt_tokens == len(ids)
+    # The reward model reads the same conversation, with the answer as the assistant's turn.
+    assert pair_text(trainer.tokenizer, prompt, "The sea.") == (
+        "<|pad|>user: Where did you go today?\n<|pad|>assistant: The sea.\n"
+    )
+
+
+def test_accumulation_splits_a_minibatch_and_still_steps_once_per_minibatch(tiny_model):
+    # 4 prompts, minibatches of 2, 2 epochs: 4 optimiser steps a PPO step whatever the accumulation (the old
+    # loop accumulated across minibatches and epochs: 2 steps here, the last one partial).
+    trainer = PPOTrainer(quick(max_steps=2, gradient_accumulation_steps=3), str(tiny_model), "cpu")
+    rates = []
+    trainer.train(PROMPTS, length_reward, lambda step, m: rates.append(m["lr"]))
+    assert rates == pytest.approx([5e-4, 0.0])  # 8 updates in all, linear decay: half-way after step 1
