@@ -19,6 +19,10 @@ from collections.abc import Callable, Iterator
 BUILD_VERSION = 1  # bump when the recipe changes so caches rebuild
 # Tokens of context (n_positions) of the tiny model.
 CONTEXT = 256
+# The tiny model's architecture (GPT-2); the vocabulary is what its BPE training yields (631 tokens).
+TINY_CONFIG = {"model_type": "gpt2", "n_embd": 96, "n_layer": 2, "n_head": 4, "n_positions": CONTEXT, "vocab_size": 631}
+# Its parameter count (build_info.json of a build; the build is deterministic).
+TINY_PARAMETERS = 309_024
 log = logging.getLogger(__name__)
 
 
@@ -89,9 +93,9 @@ def build_tiny_model(
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=CONTEXT,
-        n_embd=96,
-        n_layer=2,
-        n_head=4,
+        n_embd=TINY_CONFIG["n_embd"],
+        n_layer=TINY_CONFIG["n_layer"],
+        n_head=TINY_CONFIG["n_head"],
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
