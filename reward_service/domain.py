@@ -20,24 +20,13 @@ from rlhf.runtime.jobs import Job, JobManager
 from rlhf.runtime.registry import Catalog
 from rlhf.runtime.training_store import TrainingStore
 from rlhf.training.config import RewardModelConfig
-from rlhf.training.modeling import known_context_length
 from rlhf.training.scoring import Scored, Scorer
 
 log = logging.getLogger(__name__)
 
 
 def validate_config(config: RewardModelConfig) -> RewardModelConfig:
-    p = "config"
-    checks.model_training(config, p)
-    validation.int_in(config.num_epochs, f"{p}.num_epochs", 1, 1000)
-    validation.int_in(config.max_length, f"{p}.max_length", 8, 32768)
-    context = known_context_length(config.base_model)
-    if context is not None and config.max_length > context:
-        raise InvalidArgument(
-            f"{p}.max_length", f"{config.max_length} is longer than the base model's context of {context} tokens"
-        )
-    validation.number_in(config.validation_fraction, f"{p}.validation_fraction", 0.0, 0.5)
-    validation.int_in(config.early_stopping_patience, f"{p}.early_stopping_patience", 0, 1000)
+    checks.reward_model_config(config, "config")
     return config
 
 

@@ -40,3 +40,21 @@ def model_training(config, prefix: str) -> None:
     int_in(config.batch_size, f"{prefix}.batch_size", 1, 4096)
     int_in(config.gradient_accumulation_steps, f"{prefix}.gradient_accumulation_steps", 1, 1024)
     device_and_precision(config.device, config.mixed_precision, prefix)
+
+
+def reward_model_config(config, prefix: str) -> None:
+    """A reward-model training config (rlhf.training.config.RewardModelConfig): the reward service's checks,
+    which the policy service also makes before a job that will train one."""
+    from rlhf.training.modeling import known_context_length
+
+    model_training(config, prefix)
+    int_in(config.num_epochs, f"{prefix}.num_epochs", 1, 1000)
+    int_in(config.max_length, f"{prefix}.max_length", 8, 32768)
+    context = known_context_length(config.base_model)
+    if context is not None and config.max_length > context:
+        raise InvalidArgument(
+            f"{prefix}.max_length",
+            f"{config.max_length} is longer than the base model's context of {context} tokens",
+        )
+    number_in(config.validation_fraction, f"{prefix}.validation_fraction", 0.0, 0.5)
+    int_in(config.early_stopping_patience, f"{prefix}.early_stopping_patience", 0, 1000)
