@@ -12,15 +12,30 @@ from typing import Any
 import grpc
 
 from rlhf.reward.v1 import reward_service_pb2 as rw
+from rlhf.runtime.protoconfig import from_message
 from rlhf.runtime.worker import Cancelled, JobContext, main_for
 from rlhf.sdk.clients import FeedbackClient, RewardClient
-from rlhf.training.config import TrainingConfig
+from rlhf.training.config import RewardModelConfig, TrainingConfig
 from rlhf.training.modeling import pick_device, resolve_model
+from rlhf.training.modelshape import device_kind
 from rlhf.training.plotting import plot_curves
 from rlhf.training.ppo_trainer import PPOTrainer, Scores
 from rlhf.training.scoring import fill_unscorable
+from rlhf.training.tinymodel import tiny_model_dir
 
 log = logging.getLogger(__name__)
+
+
+def tiny_model_built(data_dir: pathlib.Path) -> bool:
+    return (tiny_model_dir(data_dir) / "build_info.json").is_file()
+
+
+def build_seconds(data_dir: pathlib.Path) -> float:
+    """How long the tiny model's build took (it was built during this job)."""
+    try:
+        return float(json.loads((tiny_model_dir(data_dir) / "build_info.json").read_text())["seconds"])
+    except (OSError, ValueError, KeyError):
+        return 0.0
 
 
 def ensure_reward_model(context: JobContext, reward: RewardClient, resumed_version: str) -> rw.RewardModel:
@@ -66,9 +81,25 @@ def train(context: JobContext) -> dict[str, Any]:
     earlier = checkpoint["extra"] if checkpoint else {}
     if earlier.get("reward_job_id"):
         context.sticky["reward_job_id"] = earlier["reward_job_id"]
+    data_dir = pathlib.Path(spec["data_dir"])
+    # Each phase timed apart from the others (policy_service.estimate calibrates dry runs on them).
+    tiny_before = tiny_model_built(data_dir)
+    phase_started = time.monotonic()
     reward_model = ensure_reward_model(context, reward, earlier.get("reward_model_version", ""))
     context.sticky["reward_model_version"] = reward_model.version
+    timing: dict[str, Any] = {"reward_model_seconds": round(time.monotonic() - phase_started, 3)}
+    timing["build_seconds_reward"] = build_seconds(data_dir) if not tiny_before and tiny_model_built(data_dir) else 0.0
+    trained_reward_model = not (earlier.get("reward_model_version") or spec["reward_model_version"])
+    if trained_reward_model:
+        reward_config = from_message(reward_model.config, RewardModelConfig)
+        timing["reward_model"] = {
+            "trained": True,
+            "items": reward_model.feedback_count,
+            "config": dataclasses.asdict(reward_config),
+            "device_kind": device_kind(pick_device(reward_config.device)),
+        }
 
+    phase_started = time.monotonic()
     context.progress(phase="loading", message="exporting prompts")
     with FeedbackClient(spec["feedback_address"]) as feedback:
         rows, watermark = feedback.export(agent_id)
@@ -77,13 +108,18 @@ def train(context: JobContext) -> dict[str, Any]:
         raise RuntimeError(f"agent '{agent_id}' has no feedback prompts to train on")
 
     device = pick_device(config.device)
-    base_path = resolve_model(config.base_model, pathlib.Path(spec["data_dir"]))
+    tiny_before = tiny_model_built(data_dir)
+    base_path = resolve_model(config.base_model, data_dir)
+    timing["build_seconds"] = build_seconds(data_dir) if not tiny_before and tiny_model_built(data_dir) else 0.0
     context.progress(phase="loading", message=f"loading {base_path} on {device}")
     trainer = PPOTrainer(config, base_path, device)
     if checkpoint is not None:
         trainer.restore(checkpoint)
         context.sticky["resumed_from_step"] = trainer.step
         log.info("resumed from %s at step %d", checkpoint_path, trainer.step)
+    timing["loading_seconds"] = round(time.monotonic() - phase_started, 3)
+    timing["device"] = device
+    timing["device_kind"] = device_kind(device)
     extra = {"reward_model_version": reward_model.version, "reward_job_id": context.sticky.get("reward_job_id", "")}
     unscored = {"count": 0}
 
@@ -110,10 +146,19 @@ def train(context: JobContext) -> dict[str, Any]:
     started = time.monotonic()
     first_step = trainer.step
     last_metrics: dict[str, float] = {}
+    # What the steps of this process processed: widths (tokens) of each step's longest response and prompt.
+    response_widths: dict[str, int] = {}
+    step_seconds = query_width_sum = 0.0
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
-        nonlocal last_metrics
+        nonlocal last_metrics, step_seconds, query_width_sum
         last_metrics = metrics
+        width = str(int(metrics.get("tokens/response_width", config.max_new_tokens)))
+        response_widths[width] = response_widths.get(width, 0) + 1
+        query_width_sum += metrics.get("tokens/query_width", 0.0)
+        step_seconds += metrics.get("time/step_s", 0.0)
+        if step == first_step + 1:
+            timing["first_step_seconds"] = round(metrics.get("time/step_s", 0.0), 3)
         elapsed = time.monotonic() - started
         rate = (step - first_step) / elapsed if elapsed > 0 else 0.0
         context.progress(
@@ -135,6 +180,12 @@ def train(context: JobContext) -> dict[str, Any]:
         save()
         raise
 
+    timing["ppo_seconds"] = round(time.monotonic() - started, 3)  # the steps and the loop around them
+    timing["ppo_step_seconds"] = round(step_seconds, 3)  # the steps alone (PPOTrainer's time/step_s)
+    timing["ppo_steps"] = trainer.step - first_step
+    timing["response_widths"] = response_widths
+    timing["query_width_sum"] = query_width_sum
+    phase_started = time.monotonic()
     context.progress(phase="saving", step=trainer.step, total_steps=config.max_steps, metrics=last_metrics)
     output = job_dir / "output"
     trainer.save(output)
@@ -153,6 +204,7 @@ def train(context: JobContext) -> dict[str, Any]:
         "kl_coef": history.kl_coef,
     }
     plot_curves(curves, output / "curves.png", f"{agent_id}: PPO on {config.base_model}")
+    timing["saving_seconds"] = round(time.monotonic() - phase_started, 3)
     tail = max(1, min(5, len(rewards)))
     results = {
         # The seed's TrainingResult fields.
@@ -188,6 +240,8 @@ def train(context: JobContext) -> dict[str, Any]:
         },
         "training_seconds": round(time.monotonic() - started, 2),
         "timed_steps": trainer.step - first_step,  # steps training_seconds covers (a resumed run: fewer)
+        # Seconds of each phase of this process, what its steps processed, and the device they ran on.
+        "timing": timing,
     }
     (output / "training_results.json").write_text(json.dumps(results, indent=2))
     return {
