@@ -27,6 +27,9 @@ class PolicyServiceConfig:
     score_timeout_seconds: float = 60.0
     # Retries of an unavailable reward service before the job fails (exponential backoff from 0.5 s).
     score_retries: int = 6
+    # Seconds a check that a base model can be loaded may take (a hub id: its config.json is fetched, no
+    # weights); past it, TrainPolicy answers FAILED_PRECONDITION.
+    model_check_timeout_seconds: float = 10.0
 
     @classmethod
     def from_env(cls, **server_overrides) -> PolicyServiceConfig:

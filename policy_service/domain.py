@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -12,7 +13,7 @@ from typing import Any
 import grpc
 
 from policy_service.config import PolicyServiceConfig
-from policy_service.estimate import Estimate, estimate
+from policy_service.estimate import Estimate, Run, estimate
 from rlhf.feedback.v1 import feedback_service_pb2 as fb
 from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
 from rlhf.reward.v1 import reward_service_pb2 as rw
@@ -20,13 +21,27 @@ from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
 from rlhf.runtime import checks, validation
 from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, Unimplemented, from_rpc_error
 from rlhf.runtime.jobs import SUCCEEDED, Job, JobManager
+from rlhf.runtime.protoconfig import from_message
 from rlhf.runtime.registry import Catalog
 from rlhf.runtime.training_store import TrainingStore
-from rlhf.training.config import TrainingConfig
-from rlhf.training.modeling import known_context_length
+from rlhf.training.config import RewardModelConfig, TrainingConfig
+from rlhf.training.errors import ModelLoadError
+from rlhf.training.modeling import TINY_MODEL, known_context_length
+from rlhf.training.modelshape import ModelShape, describe_model
 
 log = logging.getLogger(__name__)
 SUPPORTED_ALGORITHMS = ("ppo",)
+# Finished jobs a dry run reads for its calibration (newest first).
+HISTORY_JOBS = 200
+
+
+@functools.cache
+def device_kind_of(preference: str) -> str:
+    """The device kind a worker on this machine gets for `preference` (imports torch: call from a thread)."""
+    from rlhf.training.modeling import pick_device
+    from rlhf.training.modelshape import device_kind
+
+    return device_kind(pick_device(preference))
 
 
 def validate_config(config: TrainingConfig, service: PolicyServiceConfig) -> TrainingConfig:
@@ -69,6 +84,13 @@ def validate_config(config: TrainingConfig, service: PolicyServiceConfig) -> Tra
 
 
 @dataclasses.dataclass
+class Checked:
+    stats: fb.FeedbackStats
+    shape: ModelShape
+    reward_shape: ModelShape | None
+
+
+@dataclasses.dataclass
 class DryRun:
     feedback_count: int
     score_mean: float
@@ -90,6 +112,8 @@ class PolicyDomain:
         ]
         self.feedback = fb_grpc.FeedbackServiceStub(self._channels[0])
         self.reward = rw_grpc.RewardServiceStub(self._channels[1])
+        # Shapes of hub ids that answered (a local folder is looked at again each time: it may change).
+        self._hub_shapes: dict[str, ModelShape] = {}
 
     async def start(self) -> None:
         await self.jobs.recover()
@@ -101,14 +125,27 @@ class PolicyDomain:
 
     # --- TrainPolicy ---------------------------------------------------------------------------------
     async def _checks(
-        self, agent_id: str, config: TrainingConfig, algorithm: str, reward_model_version: str
-    ) -> fb.FeedbackStats:
-        """Every check a real run makes, shared by dry runs."""
+        self,
+        agent_id: str,
+        config: TrainingConfig,
+        algorithm: str,
+        reward_model_version: str,
+        reward_config: RewardModelConfig | None,
+    ) -> Checked:
+        """Every check a real run makes, shared by dry runs. `reward_config`: the reward model the job trains
+        first (None when reward_model_version names one)."""
         validation.agent_id(agent_id)
         validate_config(config, self.config)
         if algorithm not in SUPPORTED_ALGORITHMS:
             raise Unimplemented(f"algorithm {algorithm.upper()} is not available yet; use PPO")
         validation.version(reward_model_version, "reward_model_version")
+        if reward_config is not None:
+            checks.reward_model_config(reward_config, "reward_model_config")
+        # Models that cannot be loaded fail here, in a moment, not in the worker a minute later.
+        shape = await self._model_shape(config.base_model, "config.base_model")
+        reward_shape = None
+        if reward_config is not None:
+            reward_shape = await self._model_shape(reward_config.base_model, "reward_model_config.base_model")
         try:
             stats = (
                 await self.feedback.GetFeedbackStats(fb.GetFeedbackStatsRequest(agent_id=agent_id), timeout=10)
@@ -129,13 +166,68 @@ class PolicyDomain:
                 )
             except grpc.RpcError as error:
                 raise from_rpc_error(error, "reward service") from error
-        return stats
+        return Checked(stats, shape, reward_shape)
 
-    async def dry_run(self, agent_id: str, config: TrainingConfig, algorithm: str, reward_model_version: str) -> DryRun:
-        stats = await self._checks(agent_id, config, algorithm, reward_model_version)
-        history = [job.result for job in await self.jobs.list(state=SUCCEEDED, limit=20) if job.result]
-        guess = estimate(config, history)
-        log.info("dry run for %s: %d steps, %.1f min (%s)", agent_id, guess.steps, guess.minutes, guess.basis)
+    async def _model_shape(self, name: str, field: str) -> ModelShape:
+        """The model's shape (rlhf.training.modeling.describe_model: config only, no weights), or
+        FAILED_PRECONDITION saying what to do; in a thread, within model_check_timeout_seconds."""
+        if name in self._hub_shapes:
+            return self._hub_shapes[name]
+        timeout = self.config.model_check_timeout_seconds
+        try:
+            shape = await asyncio.wait_for(
+                asyncio.to_thread(describe_model, name, self.config.server.data_dir), timeout
+            )
+        except ModelLoadError as error:
+            raise FailedPrecondition(f"{field}: {error.message}", subject=name, kind="MODEL") from error
+        except asyncio.TimeoutError as error:
+            raise FailedPrecondition(
+                f"{field}: could not check model '{name}' within {timeout:g} s: it is not a local folder and the "
+                f"model hub did not answer. Pass a local model folder or '{TINY_MODEL}'.",
+                subject=name,
+                kind="MODEL",
+            ) from error
+        if name and name != TINY_MODEL and not pathlib.Path(name).expanduser().is_dir():
+            self._hub_shapes[name] = shape  # a hub id that answered once: no second look-up
+        return shape
+
+    async def dry_run(
+        self,
+        agent_id: str,
+        config: TrainingConfig,
+        algorithm: str,
+        reward_model_version: str,
+        reward_model_config: rw.RewardModelConfig | None = None,
+    ) -> DryRun:
+        reward_config = None
+        if not reward_model_version:
+            reward_config = from_message(reward_model_config, RewardModelConfig)
+        checked = await self._checks(agent_id, config, algorithm, reward_model_version, reward_config)
+        runs = [
+            run
+            for job in await self.jobs.list(state=SUCCEEDED, limit=HISTORY_JOBS)
+            if job.result and job.started_at and job.finished_at
+            for run in [Run.of(job.job_id, job.result, (job.finished_at - job.started_at).total_seconds())]
+            if run is not None
+        ]
+        kind = await asyncio.to_thread(device_kind_of, config.device)
+        reward_kind = await asyncio.to_thread(device_kind_of, reward_config.device) if reward_config else ""
+        from rlhf.training.tinymodel import tiny_model_dir
+
+        cached = (tiny_model_dir(self.config.server.data_dir) / "build_info.json").is_file()
+        guess = estimate(
+            config,
+            runs,
+            checked.shape,
+            kind,
+            reward_config=reward_config,
+            reward_shape=checked.reward_shape,
+            reward_device_kind=reward_kind,
+            feedback_count=checked.stats.feedback_count,
+            tiny_model_cached=cached,
+        )
+        log.info("dry run for %s: %d steps, %.2f min (%s)", agent_id, guess.steps, guess.minutes, guess.basis)
+        stats = checked.stats
         return DryRun(stats.feedback_count, stats.score_mean, stats.score_std, guess, config)
 
     async def start_job(
@@ -146,7 +238,8 @@ class PolicyDomain:
         reward_model_version: str,
         reward_model_config: rw.RewardModelConfig,
     ) -> Job:
-        await self._checks(agent_id, config, algorithm, reward_model_version)
+        reward_config = None if reward_model_version else from_message(reward_model_config, RewardModelConfig)
+        await self._checks(agent_id, config, algorithm, reward_model_version, reward_config)
         spec = {
             "config": dataclasses.asdict(config),
             "algorithm": algorithm,
@@ -166,8 +259,17 @@ class PolicyDomain:
             raise InvalidArgument("job_id", "is required")
         job = await self.jobs.get(job_id)
         # The world may have changed since: the same checks as a new run (feedback, reward model).
+        reward_config = None
+        if not job.spec["reward_model_version"]:
+            message = rw.RewardModelConfig()
+            message.ParseFromString(bytes.fromhex(job.spec.get("reward_model_config", "")))
+            reward_config = from_message(message, RewardModelConfig)
         await self._checks(
-            job.agent_id, TrainingConfig(**job.spec["config"]), job.spec["algorithm"], job.spec["reward_model_version"]
+            job.agent_id,
+            TrainingConfig(**job.spec["config"]),
+            job.spec["algorithm"],
+            job.spec["reward_model_version"],
+            reward_config,
         )
         return await self.jobs.resume(job_id)
 

@@ -103,22 +103,32 @@ class PolicyServicer(JobRpcs, pb_grpc.PolicyServiceServicer):
             learning_rate=request.learning_rate if request.HasField("learning_rate") else None,
         )
         algorithm = ALGORITHMS.get(request.algorithm, "unknown")
-        if request.dry_run:
-            result = await self.domain.dry_run(request.agent_id, config, algorithm, request.reward_model_version)
-            model_config = struct_pb2.Struct()
-            model_config.update(dataclasses.asdict(result.config))
-            return pb.TrainPolicyResponse(
-                status="dry_run",
-                feedback_count=result.feedback_count,
-                estimated_steps=result.estimate.steps,
-                estimated_time_minutes=round(result.estimate.minutes, 2),
-                score_mean=result.score_mean,
-                score_std=result.score_std,
-                model_config=model_config,
-            )
         reward_config = (
             request.reward_model_config if request.HasField("reward_model_config") else rw.RewardModelConfig()
         )
+        if request.dry_run:
+            result = await self.domain.dry_run(
+                request.agent_id, config, algorithm, request.reward_model_version, reward_config
+            )
+            model_config = struct_pb2.Struct()
+            model_config.update(dataclasses.asdict(result.config))
+            guess = result.estimate
+            return pb.TrainPolicyResponse(
+                status="dry_run",
+                feedback_count=result.feedback_count,
+                estimated_steps=guess.steps,
+                estimated_time_minutes=guess.minutes,
+                score_mean=result.score_mean,
+                score_std=result.score_std,
+                model_config=model_config,
+                estimate_basis=guess.basis,
+                estimated_reward_model_minutes=guess.reward_model_minutes,
+                estimated_loading_minutes=guess.loading_minutes,
+                estimated_training_minutes=guess.training_minutes,
+                estimated_saving_minutes=guess.saving_minutes,
+                estimated_peak_memory_bytes=guess.peak_memory_bytes,
+                estimated_response_tokens=guess.response_tokens,
+            )
         job = await self.domain.start_job(
             request.agent_id, config, algorithm, request.reward_model_version, reward_config
         )

@@ -130,17 +130,22 @@ def test_wait_returns_the_seed_result_and_lora_policy_is_merged(policy, tiny_mod
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-def test_a_model_that_cannot_be_loaded_fails_the_job_with_what_to_do(policy):
+def test_a_model_that_cannot_be_loaded_fails_the_request_with_what_to_do(policy):
+    # Checked before a job starts (its config only, no weights; offline a hub id fails at once).
     config = pol.TrainingConfig()
     config.CopyFrom(QUICK)
     config.base_model = "someorg/not-on-this-machine"
-    response = policy.train(
-        pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=config, reward_model_version="v1", wait=True),
-        timeout=300,
+    with pytest.raises(grpc.RpcError) as error:
+        policy.train(
+            pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=config, reward_model_version="v1", wait=True),
+            timeout=300,
+        )
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "could not load model 'someorg/not-on-this-machine'" in error.value.details()
+    assert "Pass a local model folder" in error.value.details()
+    assert (
+        policy.stub.ListTrainingJobs(pol.ListTrainingJobsRequest(agent_id=AGENT, state=pol.JOB_STATE_FAILED)).jobs == []
     )
-    assert response.status == "failed"
-    assert "could not load tokenizer 'someorg/not-on-this-machine'" in response.job.error
-    assert "Pass a local model folder" in response.job.error
 
 
 def test_cancel_stops_the_job_and_keeps_a_checkpoint(stack, policy):
