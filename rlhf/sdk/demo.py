@@ -182,7 +182,7 @@ def _loop(config: DemoConfig, stack: Stack, started: float) -> int:
     )
     _say(
         f"== 4/6 training: reward model, then PPO ({config.ppo_steps} steps; dry-run estimate "
-        f"{dry.estimated_time_minutes:.1f} min of PPO)"
+        f"{dry.estimated_time_minutes:.1f} min, {dry.estimated_training_minutes:.1f} of them PPO)"
     )
     job = queued = policy.train(request).job
     last_line = ""
