@@ -88,6 +88,8 @@ class Checked:
     stats: fb.FeedbackStats
     shape: ModelShape
     reward_shape: ModelShape | None
+    device_kind: str
+    reward_device_kind: str
 
 
 @dataclasses.dataclass
@@ -141,11 +143,14 @@ class PolicyDomain:
         validation.version(reward_model_version, "reward_model_version")
         if reward_config is not None:
             checks.reward_model_config(reward_config, "reward_model_config")
-        # Models that cannot be loaded fail here, in a moment, not in the worker a minute later.
+        # Models and devices a run cannot have fail here, in a moment, not in the worker a minute later.
         shape = await self._model_shape(config.base_model, "config.base_model")
-        reward_shape = None
+        kind = await self._device_kind(config.device, "config.device")
+        reward_shape, reward_kind = None, ""
         if reward_config is not None:
             reward_shape = await self._model_shape(reward_config.base_model, "reward_model_config.base_model")
+            # The reward service may run elsewhere: its device is its business (here it only labels timings).
+            reward_kind = await self._device_kind(reward_config.device, "", required=False)
         try:
             stats = (
                 await self.feedback.GetFeedbackStats(fb.GetFeedbackStatsRequest(agent_id=agent_id), timeout=10)
@@ -166,7 +171,18 @@ class PolicyDomain:
                 )
             except grpc.RpcError as error:
                 raise from_rpc_error(error, "reward service") from error
-        return Checked(stats, shape, reward_shape)
+        return Checked(stats, shape, reward_shape, kind, reward_kind)
+
+    @staticmethod
+    async def _device_kind(preference: str, field: str, required: bool = True) -> str:
+        """The kind of device a worker here gets for `preference`; one this machine lacks is
+        FAILED_PRECONDITION (or, not `required`, labelled as asked)."""
+        try:
+            return await asyncio.to_thread(device_kind_of, preference)
+        except ValueError as error:
+            if not required:
+                return preference
+            raise FailedPrecondition(f"{field}: {error}", subject=preference, kind="DEVICE") from error
 
     async def _model_shape(self, name: str, field: str) -> ModelShape:
         """The model's shape (rlhf.training.modeling.describe_model: config only, no weights), or
@@ -210,8 +226,6 @@ class PolicyDomain:
             for run in [Run.of(job.job_id, job.result, (job.finished_at - job.started_at).total_seconds())]
             if run is not None
         ]
-        kind = await asyncio.to_thread(device_kind_of, config.device)
-        reward_kind = await asyncio.to_thread(device_kind_of, reward_config.device) if reward_config else ""
         from rlhf.training.tinymodel import tiny_model_dir
 
         cached = (tiny_model_dir(self.config.server.data_dir) / "build_info.json").is_file()
@@ -219,10 +233,10 @@ class PolicyDomain:
             config,
             runs,
             checked.shape,
-            kind,
+            checked.device_kind,
             reward_config=reward_config,
             reward_shape=checked.reward_shape,
-            reward_device_kind=reward_kind,
+            reward_device_kind=checked.reward_device_kind,
             feedback_count=checked.stats.feedback_count,
             tiny_model_cached=cached,
         )

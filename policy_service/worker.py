@@ -38,6 +38,14 @@ def build_seconds(data_dir: pathlib.Path) -> float:
         return 0.0
 
 
+def reward_device_kind(preference: str) -> str:
+    """The reward service's device kind, as seen from here (it may run elsewhere: then as asked)."""
+    try:
+        return device_kind(pick_device(preference))
+    except ValueError:
+        return preference
+
+
 def ensure_reward_model(context: JobContext, reward: RewardClient, resumed_version: str) -> rw.RewardModel:
     """The named reward-model version (or the one a resumed run used), else a new one trained through
     the reward service (waited for)."""
@@ -96,7 +104,7 @@ def train(context: JobContext) -> dict[str, Any]:
             "trained": True,
             "items": reward_model.feedback_count,
             "config": dataclasses.asdict(reward_config),
-            "device_kind": device_kind(pick_device(reward_config.device)),
+            "device_kind": reward_device_kind(reward_config.device),
         }
 
     phase_started = time.monotonic()

@@ -293,6 +293,19 @@ def test_the_reward_models_base_model_is_checked_too(lonely_policy):
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "feedback service" in error.details()
 
 
+def test_a_device_this_machine_lacks_fails_the_request_at_once(lonely_policy):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    error, seconds = failed(
+        lonely_policy, pol.TrainPolicyRequest(agent_id="a", dry_run=True, config=pol.TrainingConfig(device="cuda"))
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.details().startswith("config.device: 'cuda' is not a device of this machine (0 CUDA devices)")
+    assert seconds < 5
+
+
 def test_a_local_folder_without_weights_or_tokenizer_says_what_is_missing(lonely_policy, tmp_path):
     folder = tmp_path / "half-a-model"
     folder.mkdir()

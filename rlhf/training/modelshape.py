@@ -199,12 +199,17 @@ def _describe_folder(name: str, folder: pathlib.Path) -> ModelShape:
 
 def device_kind(device: str) -> str:
     """Which hardware a device string runs on, for telling runs apart: "cpu (N cores)", "cuda: <GPU name>",
-    "mps". Timings from one kind say nothing about another."""
+    "mps". Timings from one kind say nothing about another. ValueError when this machine has no such device."""
     import torch
 
     if device.startswith("cuda"):
-        index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            raise ValueError(f"'{device}' is not a device of this machine ({count} CUDA devices); use 'auto' or 'cpu'")
         return f"cuda: {torch.cuda.get_device_name(index)}"
     if device.startswith("mps"):
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"'{device}' is not available on this machine; use 'auto' or 'cpu'")
         return "mps"
     return f"cpu ({os.cpu_count()} cores)"
