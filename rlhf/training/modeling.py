@@ -101,3 +101,20 @@ def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+
+
+def add_lora(model, config, task_type: str):
+    """`model` wrapped with LoRA adapters as `config` (a ModelTrainingConfig) asks; task_type is peft's
+    ("CAUSAL_LM" for policies, "SEQ_CLS" for reward models)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(
+        model,
+        LoraConfig(
+            task_type=task_type,
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules or None,
+        ),
+    )
