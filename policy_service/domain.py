@@ -28,6 +28,7 @@ from rlhf.training.config import RewardModelConfig, TrainingConfig
 from rlhf.training.errors import ModelLoadError
 from rlhf.training.modeling import TINY_MODEL, known_context_length
 from rlhf.training.modelshape import ModelShape, describe_model
+from rlhf.training.tinymodel import tiny_model_dir
 
 log = logging.getLogger(__name__)
 SUPPORTED_ALGORITHMS = ("ppo",)
@@ -185,7 +186,7 @@ class PolicyDomain:
             raise FailedPrecondition(f"{field}: {error}", subject=preference, kind="DEVICE") from error
 
     async def _model_shape(self, name: str, field: str) -> ModelShape:
-        """The model's shape (rlhf.training.modeling.describe_model: config only, no weights), or
+        """The model's shape (rlhf.training.modelshape.describe_model: config only, no weights), or
         FAILED_PRECONDITION saying what to do; in a thread, within model_check_timeout_seconds."""
         if name in self._hub_shapes:
             return self._hub_shapes[name]
@@ -226,8 +227,6 @@ class PolicyDomain:
             for run in [Run.of(job.job_id, job.result, (job.finished_at - job.started_at).total_seconds())]
             if run is not None
         ]
-        from rlhf.training.tinymodel import tiny_model_dir
-
         cached = (tiny_model_dir(self.config.server.data_dir) / "build_info.json").is_file()
         guess = estimate(
             config,
