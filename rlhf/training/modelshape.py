@@ -200,6 +200,8 @@ def _describe_folder(name: str, folder: pathlib.Path) -> ModelShape:
 def device_kind(device: str) -> str:
     """Which hardware a device string runs on, for telling runs apart: "cpu (N cores)", "cuda: <GPU name>",
     "mps". Timings from one kind say nothing about another. ValueError when this machine has no such device."""
+    if device.startswith("cpu"):
+        return f"cpu ({os.cpu_count()} cores)"
     import torch
 
     if device.startswith("cuda"):
