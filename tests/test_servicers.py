@@ -562,13 +562,14 @@ def job_cases(service: str, pb: Any) -> list[Case]:
     """The job RPCs both training services share (rlhf.runtime.job_rpcs)."""
     return [
         Case(service, "GetTrainingJob", pb.GetTrainingJobRequest(job_id=JOB_ID), StatusCode.NOT_FOUND, says=JOB_ID),
-        Case(service, "GetTrainingJob", pb.GetTrainingJobRequest(), StatusCode.NOT_FOUND, name="empty-id"),
+        invalid(service, "GetTrainingJob", pb.GetTrainingJobRequest(), "job_id", name="empty-id"),
         invalid(service, "ListTrainingJobs", pb.ListTrainingJobsRequest(agent_id="../x"), "agent_id"),
         invalid(service, "ListTrainingJobs", pb.ListTrainingJobsRequest(page_token="next"), "page_token"),
         invalid(service, "ListTrainingJobs", pb.ListTrainingJobsRequest(page_size=-1), "page_size"),
         # proto3 enums are open: a newer client may send a state this server does not know.
         invalid(service, "ListTrainingJobs", pb.ListTrainingJobsRequest(state=99), "state"),
         Case(service, "CancelTrainingJob", pb.CancelTrainingJobRequest(job_id=JOB_ID), StatusCode.NOT_FOUND),
+        invalid(service, "CancelTrainingJob", pb.CancelTrainingJobRequest(), "job_id", name="empty-id"),
         Case(
             service,
             "CancelTrainingJob",
@@ -579,6 +580,7 @@ def job_cases(service: str, pb: Any) -> list[Case]:
             name="ended",
         ),
         Case(service, "WatchTrainingJob", pb.WatchTrainingJobRequest(job_id=JOB_ID), StatusCode.NOT_FOUND),
+        invalid(service, "WatchTrainingJob", pb.WatchTrainingJobRequest(), "job_id", name="empty-id"),
     ]
 
 

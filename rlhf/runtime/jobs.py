@@ -265,6 +265,7 @@ class JobManager:
         return job
 
     async def get(self, job_id: str) -> Job:
+        validation.job_id(job_id)
         return await asyncio.to_thread(self.store.get, job_id)
 
     async def list(self, **kwargs: Any) -> list[Job]:
