@@ -19,7 +19,7 @@ from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
 from rlhf.runtime import checks, validation
-from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, Unimplemented, from_rpc_error
+from rlhf.runtime.errors import FailedPrecondition, Unimplemented, from_rpc_error
 from rlhf.runtime.jobs import SUCCEEDED, Job, JobManager
 from rlhf.runtime.protoconfig import from_message
 from rlhf.runtime.registry import Catalog
@@ -268,9 +268,7 @@ class PolicyDomain:
 
     async def resume_job(self, job_id: str) -> Job:
         """Run an ended job again; its worker continues from the job's last checkpoint."""
-        if not job_id:
-            raise InvalidArgument("job_id", "is required")
-        job = await self.jobs.get(job_id)
+        job = await self.jobs.get(job_id)  # validates job_id
         # The world may have changed since: the same checks as a new run (feedback, reward model).
         reward_config = None
         if not job.spec["reward_model_version"]:

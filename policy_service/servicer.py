@@ -11,7 +11,7 @@ from rlhf.policy.v1 import policy_service_pb2 as pb
 from rlhf.policy.v1 import policy_service_pb2_grpc as pb_grpc
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.runtime.errors import translate_errors
-from rlhf.runtime.job_rpcs import JobRpcs
+from rlhf.runtime.job_rpcs import JobRpcs, job_message_fields
 from rlhf.runtime.jobs import Job
 from rlhf.runtime.protoconfig import from_message, to_message
 from rlhf.runtime.registry import Version
@@ -29,31 +29,15 @@ STATUS_AFTER_WAIT = {"SUCCEEDED": "trained", "FAILED": "failed", "CANCELLED": "c
 
 def job_to_proto(job: Job) -> pb.TrainingJob:
     progress = job.progress
-    message = pb.TrainingJob(
-        job_id=job.job_id,
-        agent_id=job.agent_id,
-        state=pb.JobState.Value(f"JOB_STATE_{job.state}"),
+    return pb.TrainingJob(
+        **job_message_fields(job, pb),
         algorithm=pb.Algorithm.Value(f"ALGORITHM_{job.spec['algorithm'].upper()}"),
         config=to_message(TrainingConfig(**job.spec["config"]), pb.TrainingConfig),
-        progress=pb.JobProgress(
-            phase=progress.get("phase", ""),
-            step=progress.get("step", 0),
-            total_steps=progress.get("total_steps", 0),
-            steps_per_second=progress.get("steps_per_second", 0.0),
-            eta_seconds=progress.get("eta_seconds", 0.0),
-            message=progress.get("message", ""),
-        ),
         reward_model_version=progress.get("reward_model_version", job.spec.get("reward_model_version", "")),
         policy_version=job.version,
-        error=job.error,
-        created_at=to_proto(job.created_at),
-        started_at=to_proto(job.started_at),
-        finished_at=to_proto(job.finished_at),
         reward_job_id=progress.get("reward_job_id", ""),
         resumed_from_step=progress.get("resumed_from_step", 0),
     )
-    message.progress.metrics.update(progress.get("metrics", {}))
-    return message
 
 
 def policy_to_proto(record: Version) -> pb.Policy:

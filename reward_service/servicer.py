@@ -6,7 +6,7 @@ from reward_service.domain import RewardDomain
 from rlhf.reward.v1 import reward_service_pb2 as pb
 from rlhf.reward.v1 import reward_service_pb2_grpc as pb_grpc
 from rlhf.runtime.errors import translate_errors
-from rlhf.runtime.job_rpcs import JobRpcs
+from rlhf.runtime.job_rpcs import JobRpcs, job_message_fields
 from rlhf.runtime.jobs import Job
 from rlhf.runtime.protoconfig import from_message, to_message
 from rlhf.runtime.registry import Version
@@ -15,28 +15,10 @@ from rlhf.training.config import RewardModelConfig
 
 
 def job_to_proto(job: Job) -> pb.TrainingJob:
-    progress = job.progress
     message = pb.TrainingJob(
-        job_id=job.job_id,
-        agent_id=job.agent_id,
-        state=pb.JobState.Value(f"JOB_STATE_{job.state}"),
+        **job_message_fields(job, pb),
         config=to_message(RewardModelConfig(**job.spec["config"]), pb.RewardModelConfig),
-        progress=pb.JobProgress(
-            phase=progress.get("phase", ""),
-            step=progress.get("step", 0),
-            total_steps=progress.get("total_steps", 0),
-            epoch=progress.get("epoch", 0),
-            total_epochs=progress.get("total_epochs", 0),
-            train_loss=progress.get("train_loss", 0.0),
-            validation_loss=progress.get("validation_loss"),
-            eta_seconds=progress.get("eta_seconds", 0.0),
-            message=progress.get("message", ""),
-        ),
         reward_model_version=job.version,
-        error=job.error,
-        created_at=to_proto(job.created_at),
-        started_at=to_proto(job.started_at),
-        finished_at=to_proto(job.finished_at),
         feedback_watermark=job.result.get("feedback_watermark", 0),
     )
     message.metrics.update(job.result.get("metrics", {}))

@@ -1,4 +1,7 @@
-"""Policy service over real gRPC: dry runs and checks, cancel, reward service outage, restart."""
+"""Policy service over real gRPC: dry runs and checks, cancel, reward service outage, restart.
+
+Every test that runs a job has its own agent (the service allows one active job per agent) and leaves no
+job active (checked after each test); tests that stop or restart a server start their own."""
 
 from __future__ import annotations
 
@@ -13,27 +16,64 @@ from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.sdk.clients import PolicyClient, RewardClient
 from tests.helpers import rated_answers, submit_ratings, wait_for
+from tests.servers import ServerThread
 from tests.stack import policy_server, reward_server, start_stack
 
-AGENT = "policy-agent"
+AGENT = "policy-agent"  # dry runs and request checks: feedback, no reward model, never a job
 QUICK = pol.TrainingConfig(
     use_lora=True, learning_rate=1e-3, batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=8, seed=0
 )
+REWARD_CONFIG = rw.RewardModelConfig(use_lora=False, num_epochs=1, batch_size=16, learning_rate=5e-4)
+# Tests that run jobs on the shared servers: each its own agent with its own reward model (v1).
+WITH_REWARD_MODEL = ("wait", "unloadable", "cancel", "resume", "restart", "kill9")
+# Long enough that a job cancelled (or whose server is killed) after step 1 cannot finish first: a QUICK
+# step takes a fraction of a second, a cancel lands within a step.
+RESUMABLE_STEPS = 60
+ACTIVE = (pol.JOB_STATE_QUEUED, pol.JOB_STATE_RUNNING)
+
+
+def agent(name: str) -> str:
+    return f"policy-{name}"
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model):
+    """Feedback, reward and policy servers with feedback for every agent; no model trained yet."""
     stack = start_stack(tmp_path_factory.mktemp("policy"), with_inference=False)
-    with stack.feedback.channel() as channel:
-        submit_ratings(channel, AGENT, rated_answers(60, seed=2))
-        submit_ratings(channel, "few", rated_answers(3, seed=2))
+    try:
+        with stack.feedback.channel() as channel:
+            for agent_id in (AGENT, agent("outage"), *map(agent, WITH_REWARD_MODEL)):
+                submit_ratings(channel, agent_id, rated_answers(60, seed=2))
+            submit_ratings(channel, "few", rated_answers(3, seed=2))
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def reward_models(stack):
+    """A reward model v1 for each agent of WITH_REWARD_MODEL, trained side by side."""
     reward = RewardClient(stack.reward.address)
-    job = reward.create_job(
-        AGENT, rw.RewardModelConfig(use_lora=False, num_epochs=1, batch_size=16, learning_rate=5e-4)
-    )
-    assert list(reward.watch(job.job_id, timeout=300))[-1].state == rw.JOB_STATE_SUCCEEDED
-    yield stack
-    stack.stop()
+    jobs = [reward.create_job(agent(name), REWARD_CONFIG) for name in WITH_REWARD_MODEL]
+    for job in jobs:
+        final = list(reward.watch(job.job_id, timeout=300))[-1]
+        assert final.state == rw.JOB_STATE_SUCCEEDED and final.reward_model_version == "v1", final.error
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_active_job(stack):
+    """After each test: no job of the shared policy server is still queued or running (any that is, is
+    cancelled so that it cannot disturb the next test, and the test errors)."""
+    yield
+    with PolicyClient(stack.policy.address) as client:
+        active = [job for state in ACTIVE for job in client.list_jobs(state=state, page_size=100)[0]]
+        for job in active:
+            try:
+                client.cancel_job(job.job_id)
+            except grpc.RpcError:
+                pass  # ended meanwhile
+            list(client.watch(job.job_id, timeout=120))
+    assert not active, f"the test left active jobs: {[(job.job_id, job.agent_id) for job in active]}"
 
 
 @pytest.fixture
@@ -42,20 +82,61 @@ def policy(stack):
         yield client
 
 
-def job_dir(stack, job_id: str) -> pathlib.Path:
-    return stack.data_dir / "artifacts" / "policies" / ".jobs" / job_id
+def job_dir(data_dir: pathlib.Path, job_id: str) -> pathlib.Path:
+    return data_dir / "artifacts" / "policies" / ".jobs" / job_id
 
 
-def test_dry_run_has_the_seed_fields_and_trains_nothing(policy):
-    response = policy.train(pol.TrainPolicyRequest(agent_id=AGENT, dry_run=True, max_steps=1000, learning_rate=1e-5))
-    assert response.status == "dry_run" and response.feedback_count == 60 and response.estimated_steps == 1000
-    assert response.estimated_time_minutes > 0
-    assert 0 <= response.score_mean <= 1 and response.score_std > 0
-    assert response.model_config["base_model"] == "rlhf-tiny" and response.model_config["use_lora"] is True
-    assert response.model_config["learning_rate"] == pytest.approx(1e-5)
-    assert response.model_config["init_kl_coef"] == pytest.approx(0.2)  # the seed's default
-    assert not response.HasField("job")
-    assert policy.stub.ListTrainingJobs(pol.ListTrainingJobsRequest(agent_id=AGENT)).jobs == []
+def checkpoint_step(data_dir: pathlib.Path, job_id: str) -> int:
+    """The step a job's checkpoint holds (and its curves agree)."""
+    from rlhf.training.ppo_trainer import PPOTrainer
+
+    checkpoint = PPOTrainer.read_checkpoint(job_dir(data_dir, job_id) / "checkpoint.pt")
+    assert checkpoint is not None, "no checkpoint"
+    assert len(checkpoint["history"]["reward"]) == checkpoint["step"]
+    return checkpoint["step"]
+
+
+@pytest.fixture
+def own_policy_server(stack, tmp_path):
+    """A policy server of its own (own job database and artifacts) on the shared feedback and reward servers."""
+    server = policy_server(tmp_path, stack.feedback.address, stack.reward.address)
+    yield server
+    server.stop()
+
+
+def test_dry_run_has_the_seed_fields_and_trains_nothing(own_policy_server):
+    with PolicyClient(own_policy_server.address) as policy:
+
+        def dry_run(**fields) -> pol.TrainPolicyResponse:
+            return policy.train(pol.TrainPolicyRequest(agent_id=AGENT, dry_run=True, **fields))
+
+        response = dry_run(max_steps=1000, learning_rate=1e-5)
+        assert response.status == "dry_run" and response.feedback_count == 60 and response.estimated_steps == 1000
+        assert 0 <= response.score_mean <= 1 and response.score_std > 0
+        assert response.model_config["base_model"] == "rlhf-tiny" and response.model_config["use_lora"] is True
+        assert response.model_config["learning_rate"] == pytest.approx(1e-5)
+        assert response.model_config["init_kl_coef"] == pytest.approx(0.2)  # the seed's default
+        assert not response.HasField("job")
+
+        # The estimate: a server with no finished run prices the seed's default step (8 prompts x 128 new
+        # tokens, 4 PPO epochs) on the tiny model (309k parameters) on CPU. That step is ~15k token passes,
+        # ~10 GFLOP: between 0.1 s and 10 s on any CPU this runs on.
+        minutes = response.estimated_time_minutes
+        assert 0.1 <= minutes * 60 / 1000 <= 10, minutes
+        # The same request gives the same estimate; the cost scales with the steps and the work per step.
+        assert dry_run(max_steps=1000, learning_rate=1e-5).estimated_time_minutes == minutes
+        assert dry_run(max_steps=2000, learning_rate=1e-5).estimated_time_minutes == pytest.approx(
+            2 * minutes, rel=0.01
+        )
+        assert dry_run(max_steps=100, learning_rate=1e-5).estimated_time_minutes == pytest.approx(
+            minutes / 10, rel=0.01
+        )
+        longer = dry_run(max_steps=1000, config=pol.TrainingConfig(max_new_tokens=256))
+        assert longer.estimated_time_minutes == pytest.approx(2 * minutes, rel=0.01)
+        fewer_epochs = dry_run(max_steps=1000, config=pol.TrainingConfig(ppo_epochs=1))
+        assert fewer_epochs.estimated_time_minutes < minutes / 2
+
+        assert policy.stub.ListTrainingJobs(pol.ListTrainingJobsRequest()).jobs == []
 
 
 @pytest.mark.parametrize(
@@ -105,19 +186,23 @@ def test_unknown_job_and_policy_are_not_found(policy):
 
 
 def wait_for_training(policy: PolicyClient, job_id: str) -> pol.TrainingJob:
+    """The job once it is seen RUNNING with at least one PPO step done."""
     for job in policy.watch(job_id, timeout=300):
-        if job.progress.phase == "training" and job.progress.step >= 1:
+        if job.state == pol.JOB_STATE_RUNNING and job.progress.phase == "training" and job.progress.step >= 1:
             return job
-        assert job.state in (pol.JOB_STATE_QUEUED, pol.JOB_STATE_RUNNING), job.error
+        assert job.state in ACTIVE, job.error
     raise AssertionError("job ended before training")
 
 
-def test_wait_returns_the_seed_result_and_lora_policy_is_merged(policy, tiny_model):
+@pytest.mark.slow
+def test_wait_returns_the_seed_result_and_lora_policy_is_merged(policy, reward_models, tiny_model):
     config = pol.TrainingConfig()
     config.CopyFrom(QUICK)
     config.base_model = str(tiny_model)  # a local model folder, as users pass their own models
     response = policy.train(
-        pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=config, reward_model_version="latest", wait=True),
+        pol.TrainPolicyRequest(
+            agent_id=agent("wait"), max_steps=2, config=config, reward_model_version="latest", wait=True
+        ),
         timeout=300,
     )
     assert response.status == "trained", response.job.error
@@ -135,44 +220,44 @@ def test_a_model_that_cannot_be_loaded_fails_the_request_with_what_to_do(policy)
     config = pol.TrainingConfig()
     config.CopyFrom(QUICK)
     config.base_model = "someorg/not-on-this-machine"
+    agent_id = agent("unloadable")
     with pytest.raises(grpc.RpcError) as error:
         policy.train(
-            pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=config, reward_model_version="v1", wait=True),
+            pol.TrainPolicyRequest(agent_id=agent_id, max_steps=2, config=config, reward_model_version="v1", wait=True),
             timeout=300,
         )
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "could not load model 'someorg/not-on-this-machine'" in error.value.details()
     assert "Pass a local model folder" in error.value.details()
-    assert (
-        policy.stub.ListTrainingJobs(pol.ListTrainingJobsRequest(agent_id=AGENT, state=pol.JOB_STATE_FAILED)).jobs == []
-    )
+    assert policy.stub.ListTrainingJobs(pol.ListTrainingJobsRequest(agent_id=agent_id)).jobs == []
 
 
-def test_cancel_stops_the_job_and_keeps_a_checkpoint(stack, policy):
-    config = pol.TrainingConfig()
-    config.CopyFrom(QUICK)
+@pytest.mark.slow
+def test_cancel_stops_the_job_and_keeps_a_checkpoint(stack, policy, reward_models):
+    agent_id = agent("cancel")
     job = policy.train(
-        pol.TrainPolicyRequest(agent_id=AGENT, max_steps=10_000, config=config, reward_model_version="v1")
+        pol.TrainPolicyRequest(agent_id=agent_id, max_steps=10_000, config=QUICK, reward_model_version="v1")
     ).job
     with pytest.raises(grpc.RpcError) as error:  # one active job per agent
-        policy.train(pol.TrainPolicyRequest(agent_id=AGENT, max_steps=2, config=QUICK, reward_model_version="v1"))
+        policy.train(pol.TrainPolicyRequest(agent_id=agent_id, max_steps=2, config=QUICK, reward_model_version="v1"))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and job.job_id in error.value.details()
-    wait_for_training(policy, job.job_id)
+    running = wait_for_training(policy, job.job_id)
     policy.cancel_job(job.job_id)
     final = list(policy.watch(job.job_id, timeout=120))[-1]
-    assert final.state == pol.JOB_STATE_CANCELLED
-    assert final.progress.step < 10_000
-    assert (job_dir(stack, job.job_id) / "checkpoint.pt").exists()
+    assert final.state == pol.JOB_STATE_CANCELLED and final.error == "cancelled by request"
+    # The checkpoint holds the steps done up to the cancel, and nothing was registered.
+    assert 1 <= running.progress.step <= checkpoint_step(stack.data_dir, job.job_id) == final.progress.step
+    assert final.policy_version == "" and policy.list_policies(agent_id) == []
     with pytest.raises(grpc.RpcError) as error:
         policy.stub.CancelTrainingJob(pol.CancelTrainingJobRequest(job_id=job.job_id))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_a_cancelled_job_resumes_from_its_checkpoint_and_finishes(stack, policy):
-    config = pol.TrainingConfig()
-    config.CopyFrom(QUICK)
+@pytest.mark.slow
+def test_a_cancelled_job_resumes_from_its_checkpoint_and_finishes(stack, policy, reward_models):
+    agent_id = agent("resume")
     job = policy.train(
-        pol.TrainPolicyRequest(agent_id=AGENT, max_steps=30, config=config, reward_model_version="v1")
+        pol.TrainPolicyRequest(agent_id=agent_id, max_steps=RESUMABLE_STEPS, config=QUICK, reward_model_version="v1")
     ).job
     with pytest.raises(grpc.RpcError) as error:  # only ended jobs resume
         policy.stub.ResumeTrainingJob(pol.ResumeTrainingJobRequest(job_id=job.job_id))
@@ -180,61 +265,76 @@ def test_a_cancelled_job_resumes_from_its_checkpoint_and_finishes(stack, policy)
     wait_for_training(policy, job.job_id)
     policy.cancel_job(job.job_id)
     cancelled = list(policy.watch(job.job_id, timeout=120))[-1]
-    assert cancelled.state == pol.JOB_STATE_CANCELLED and cancelled.progress.step < 30
-    stopped_at = cancelled.progress.step
+    assert cancelled.state == pol.JOB_STATE_CANCELLED
+    stopped_at = checkpoint_step(stack.data_dir, job.job_id)
+    assert 1 <= stopped_at == cancelled.progress.step < RESUMABLE_STEPS
 
     resumed = policy.stub.ResumeTrainingJob(pol.ResumeTrainingJobRequest(job_id=job.job_id)).job
-    assert resumed.job_id == job.job_id and resumed.state in (pol.JOB_STATE_QUEUED, pol.JOB_STATE_RUNNING)
+    assert resumed.job_id == job.job_id and resumed.state in ACTIVE
     updates = list(policy.watch(job.job_id, timeout=300))
     final = updates[-1]
     assert final.state == pol.JOB_STATE_SUCCEEDED, final.error
-    assert final.resumed_from_step >= stopped_at  # at least where it stopped: nothing was redone from 0
+    assert final.resumed_from_step == stopped_at  # from the checkpoint: nothing redone from 0, nothing skipped
     steps = [u.progress.step for u in updates if u.progress.phase == "training"]
     assert steps and min(steps) > final.resumed_from_step
-    version = policy.get_policy(AGENT, final.policy_version)
-    assert version.metrics.training_steps == 30
+    version = policy.get_policy(agent_id, final.policy_version)
+    assert version.metrics.training_steps == RESUMABLE_STEPS
     import json
 
     results = json.loads((pathlib.Path(version.artifact_path) / "training_results.json").read_text())
-    assert len(results["reward_history"]) == 30  # the curves of both runs, once each
+    assert len(results["reward_history"]) == RESUMABLE_STEPS  # the curves of both runs, once each
 
 
-def test_reward_service_outage_fails_the_job_with_the_reason_and_a_checkpoint(stack, policy):
-    # A second reward server on the same registry, which the policy server below depends on.
-    reward = reward_server(stack.data_dir, stack.feedback.address)
-    flaky_policy = policy_server(stack.data_dir, stack.feedback.address, reward.address, score_retries=1)
+@pytest.mark.slow
+def test_reward_service_outage_fails_the_job_with_the_reason_and_a_checkpoint(stack, tmp_path):
+    # Reward and policy servers of its own (own registry and jobs): this test stops its reward server.
+    reward = reward_server(tmp_path, stack.feedback.address)
+    flaky_policy = policy_server(tmp_path, stack.feedback.address, reward.address, score_retries=1)
     try:
+        reward_client = RewardClient(reward.address)
+        trained = list(reward_client.watch(reward_client.create_job(agent("outage"), REWARD_CONFIG).job_id))[-1]
+        assert trained.state == rw.JOB_STATE_SUCCEEDED, trained.error
         with PolicyClient(flaky_policy.address) as client:
             job = client.train(
-                pol.TrainPolicyRequest(agent_id=AGENT, max_steps=10_000, config=QUICK, reward_model_version="v1")
+                pol.TrainPolicyRequest(
+                    agent_id=agent("outage"), max_steps=10_000, config=QUICK, reward_model_version="v1"
+                )
             ).job
             wait_for_training(client, job.job_id)
             reward.stop()
             final = list(client.watch(job.job_id, timeout=180))[-1]
         assert final.state == pol.JOB_STATE_FAILED
         assert "reward service failed during PPO (UNAVAILABLE" in final.error
-        assert (job_dir(stack, job.job_id) / "checkpoint.pt").exists()
+        assert checkpoint_step(tmp_path, job.job_id) >= 1
     finally:
         reward.stop()
         flaky_policy.stop()
 
 
-def test_server_restart_reports_the_interrupted_job(stack):
-    first = policy_server(stack.data_dir, stack.feedback.address, stack.reward.address)
-    with PolicyClient(first.address) as client:
-        job = client.train(
-            pol.TrainPolicyRequest(agent_id=AGENT, max_steps=10_000, config=QUICK, reward_model_version="v1")
-        ).job
-        wait_for_training(client, job.job_id)
-    first.stop()
-    second = policy_server(stack.data_dir, stack.feedback.address, stack.reward.address)
+@pytest.mark.slow
+def test_server_restart_reports_the_interrupted_job(stack, reward_models, tmp_path):
+    # Policy servers of its own (own job database): this test stops one while its job runs.
+    first = policy_server(tmp_path, stack.feedback.address, stack.reward.address)
+    second: ServerThread | None = None
     try:
+        with PolicyClient(first.address) as client:
+            job = client.train(
+                pol.TrainPolicyRequest(
+                    agent_id=agent("restart"), max_steps=10_000, config=QUICK, reward_model_version="v1"
+                )
+            ).job
+            wait_for_training(client, job.job_id)
+        first.stop()
+        second = policy_server(tmp_path, stack.feedback.address, stack.reward.address)
         with PolicyClient(second.address) as client:
             restarted = client.get_job(job.job_id)
         assert restarted.state == pol.JOB_STATE_INTERRUPTED
         assert "shut down" in restarted.error or "stopped" in restarted.error
+        assert checkpoint_step(tmp_path, job.job_id) >= 1
     finally:
-        second.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
 
 
 def worker_pids(job_id: str) -> list[int]:
@@ -279,19 +379,23 @@ def start_policy_process(data_dir: pathlib.Path, stack) -> tuple[subprocess.Pope
     return process, f"127.0.0.1:{port}"
 
 
-def test_kill_9_of_the_server_then_restart_and_resume_from_the_checkpoint(stack, tmp_path):
+@pytest.mark.slow
+def test_kill_9_of_the_server_then_restart_and_resume_from_the_checkpoint(stack, reward_models, tmp_path):
     server, address = start_policy_process(tmp_path, stack)
     try:
         with PolicyClient(address) as client:
             job = client.train(
-                pol.TrainPolicyRequest(agent_id=AGENT, max_steps=40, config=QUICK, reward_model_version="v1")
+                pol.TrainPolicyRequest(
+                    agent_id=agent("kill9"), max_steps=RESUMABLE_STEPS, config=QUICK, reward_model_version="v1"
+                )
             ).job
             wait_for_training(client, job.job_id)
         assert worker_pids(job.job_id)
         server.kill()  # SIGKILL: no shutdown code runs in the server
         server.wait()
         wait_for(lambda: not worker_pids(job.job_id), timeout=60)  # the orphaned worker stops by itself
-        assert (tmp_path / "artifacts" / "policies" / ".jobs" / job.job_id / "checkpoint.pt").exists()
+        stopped_at = checkpoint_step(tmp_path, job.job_id)
+        assert 1 <= stopped_at < RESUMABLE_STEPS
         server, address = start_policy_process(tmp_path, stack)
         with PolicyClient(address) as client:
             restarted = client.get_job(job.job_id)
@@ -300,8 +404,9 @@ def test_kill_9_of_the_server_then_restart_and_resume_from_the_checkpoint(stack,
             client.stub.ResumeTrainingJob(pol.ResumeTrainingJobRequest(job_id=job.job_id))
             final = list(client.watch(job.job_id, timeout=300))[-1]
             assert final.state == pol.JOB_STATE_SUCCEEDED, final.error
-            assert final.resumed_from_step >= 1
-            assert client.get_policy(AGENT, final.policy_version).metrics.training_steps == 40
+            assert final.resumed_from_step == stopped_at
+            version = client.get_policy(agent("kill9"), final.policy_version)
+            assert version.metrics.training_steps == RESUMABLE_STEPS
     finally:
         server.terminate()
         server.wait(30)

@@ -7,6 +7,7 @@ import random
 import grpc
 import pytest
 from grpc_status import rpc_status
+from scipy.stats import spearmanr
 
 from feedback_service.app import start as start_feedback
 from feedback_service.config import FeedbackServiceConfig
@@ -54,17 +55,25 @@ def train(stub, agent_id: str, config: rw.RewardModelConfig) -> rw.TrainingJob:
     return final
 
 
+TRAINING_RATINGS = rated_answers(200, seed=1)
+
+
 @pytest.fixture(scope="module")
 def trained(stack, stub):
     with stack[0].channel() as channel:
-        submit_ratings(channel, "rated", rated_answers(200, seed=1))
+        submit_ratings(channel, "rated", TRAINING_RATINGS)
     return train(stub, "rated", FAST_FULL)
 
 
-def held_out_pairs(n: int = 40) -> list[tuple[str, str, float]]:
-    return rated_answers(n, seed=99)
+def held_out_pairs(n: int = 200) -> list[tuple[str, str, float]]:
+    """Rated answers drawn like the training ones but none of them: no answer text the model was trained on."""
+    seen = {response for _, response, _ in TRAINING_RATINGS}
+    items = [item for item in rated_answers(2 * n, seed=99) if item[1] not in seen][:n]
+    assert len(items) == n
+    return items
 
 
+@pytest.mark.slow  # the trained fixture trains a reward model
 def test_training_registers_a_version_with_lineage_and_metrics(stub, trained):
     assert trained.reward_model_version == "v1"
     assert trained.feedback_watermark > 0
@@ -78,19 +87,24 @@ def test_training_registers_a_version_with_lineage_and_metrics(stub, trained):
     assert [m.version for m in listed] == ["v1"]
 
 
+@pytest.mark.slow  # the trained fixture trains a reward model
 def test_scores_rank_held_out_answers_like_the_rater(stub, trained):
     items = held_out_pairs()
     response = stub.ScoreBatch(
         rw.ScoreBatchRequest(agent_id="rated", items=[rw.ScoreItem(prompt=p, response=r) for p, r, _ in items])
     )
     assert response.version == "v1" and len(response.scores) == len(items)
-    from rlhf.training.reward_training import correlation, ranks
-
-    spearman = correlation(ranks([s.score for s in response.scores]), ranks([t for _, _, t in items]))
+    assert all(s.ok for s in response.scores)
+    rater_scores = [t for _, _, t in items]
+    assert len(set(rater_scores)) >= 4  # graded: a rank correlation means something
+    # scipy's, not the service's own rank code. The rater ties most answers at 0 (no sea word), which caps
+    # what any ordering of the tied answers can reach at about 0.88 on these items.
+    spearman = spearmanr([s.score for s in response.scores], rater_scores).statistic
     assert spearman >= 0.8, spearman
     assert all(0.0 <= s.rating <= 1.0 for s in response.scores)
 
 
+@pytest.mark.slow  # the trained fixture trains a reward model
 def test_saved_model_reloads_with_plain_transformers_and_scores_the_same(stub, trained):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -112,6 +126,7 @@ def test_saved_model_reloads_with_plain_transformers_and_scores_the_same(stub, t
         assert local == pytest.approx(scored.score, abs=1e-4)
 
 
+@pytest.mark.slow  # the trained fixture trains a reward model
 def test_unscorable_items_are_reported_without_failing_the_batch(stub, trained):
     response = stub.ScoreBatch(
         rw.ScoreBatchRequest(
@@ -137,6 +152,7 @@ def bad_request_field(error: grpc.RpcError) -> str:
     return ""
 
 
+@pytest.mark.slow  # the trained fixture trains a reward model
 def test_scoring_errors_have_clear_status_codes(stub, trained):
     with pytest.raises(grpc.RpcError) as error:
         stub.ScoreBatch(rw.ScoreBatchRequest(agent_id="nobody", items=[rw.ScoreItem(prompt="a", response="b")]))
@@ -173,21 +189,30 @@ def test_config_out_of_range_names_the_field(stub):
     assert bad_request_field(error.value) == "config.batch_size"
 
 
-def test_comparisons_train_a_pairwise_model_with_lora(stack, stub):
-    rng = random.Random(5)
-    from rlhf.feedback.v1 import feedback_service_pb2 as fb
-    from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
-
-    requests = []
-    for i in range(160):
+def comparison_pairs(rng: random.Random, count: int) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected): an answer about the sea against one on another topic, as the rater prefers."""
+    pairs = []
+    for _ in range(count):
         sea = " " + corpus.answer(rng, "sea")
         other = " " + corpus.answer(rng, rng.choice(["city", "forest", "kitchen"]))
         chosen, rejected = (sea, other) if rater.prefer(sea, other) == 0 else (other, sea)
+        pairs.append((rng.choice(corpus.QUESTIONS), chosen, rejected))
+    return pairs
+
+
+@pytest.mark.slow
+def test_comparisons_train_a_pairwise_model_with_lora(stack, stub):
+    from rlhf.feedback.v1 import feedback_service_pb2 as fb
+    from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
+
+    training_pairs = comparison_pairs(random.Random(5), 160)
+    requests = []
+    for i, (prompt, chosen, rejected) in enumerate(training_pairs):
         requests.append(
             fb.StreamFeedbackRequest(
                 feedback=fb.SubmitFeedbackRequest(
                     agent_id="pairs",
-                    prompt=rng.choice(corpus.QUESTIONS),
+                    prompt=prompt,
                     chosen=chosen,
                     rejected=rejected,
                     request_id=f"p{i}",
@@ -204,11 +229,21 @@ def test_comparisons_train_a_pairwise_model_with_lora(stack, stub):
             use_lora=True, lora_r=8, learning_rate=3e-3, num_epochs=4, batch_size=16, validation_fraction=0.25
         ),
     )
-    assert job.metrics["pairwise_accuracy"] >= 0.8, dict(job.metrics)
+    assert "pairwise_accuracy" in job.metrics
     model = stub.GetRewardModel(rw.GetRewardModelRequest(agent_id="pairs")).reward_model
     assert model.comparison_count == 160 and model.config.use_lora
 
+    # Measured here through ScoreBatch on pairs the model never saw: the rater's choice scores higher.
+    seen = {text for _, chosen, rejected in training_pairs for text in (chosen, rejected)}
+    held_out = [pair for pair in comparison_pairs(random.Random(6), 200) if not {pair[1], pair[2]} & seen][:80]
+    assert len(held_out) == 80
+    items = [rw.ScoreItem(prompt=p, response=text) for p, chosen, rejected in held_out for text in (chosen, rejected)]
+    scores = [s.score for s in stub.ScoreBatch(rw.ScoreBatchRequest(agent_id="pairs", items=items)).scores]
+    right = sum(chosen > rejected for chosen, rejected in zip(scores[::2], scores[1::2], strict=True))
+    assert right / len(held_out) >= 0.8, (right, len(held_out))
 
+
+@pytest.mark.slow
 def test_one_active_job_per_agent_and_cancel(stack, stub):
     with stack[0].channel() as channel:
         submit_ratings(channel, "busy", rated_answers(120, seed=3))

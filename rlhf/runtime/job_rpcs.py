@@ -15,6 +15,30 @@ from google.protobuf.message import Message
 
 from rlhf.runtime.errors import InvalidArgument, translate_errors
 from rlhf.runtime.jobs import Job, JobManager
+from rlhf.runtime.timestamps import to_proto
+
+
+def job_message_fields(job: Job, messages: ModuleType) -> dict[str, Any]:
+    """The TrainingJob fields every service's contract shares, from a job: ids, state, error, times, and
+    `progress` as the contract's JobProgress with every field the worker reported (by name)."""
+    progress = messages.JobProgress()
+    for field in progress.DESCRIPTOR.fields:
+        value = job.progress.get(field.name)
+        if value is None or field.message_type is not None:  # unset, or a map (metrics: filled below)
+            continue
+        setattr(progress, field.name, value)
+    if "metrics" in progress.DESCRIPTOR.fields_by_name:
+        progress.metrics.update(job.progress.get("metrics", {}))
+    return {
+        "job_id": job.job_id,
+        "agent_id": job.agent_id,
+        "state": messages.JobState.Value(f"JOB_STATE_{job.state}"),
+        "progress": progress,
+        "error": job.error,
+        "created_at": to_proto(job.created_at),
+        "started_at": to_proto(job.started_at),
+        "finished_at": to_proto(job.finished_at),
+    }
 
 
 @translate_errors

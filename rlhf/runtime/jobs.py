@@ -265,6 +265,7 @@ class JobManager:
         return job
 
     async def get(self, job_id: str) -> Job:
+        validation.job_id(job_id)
         return await asyncio.to_thread(self.store.get, job_id)
 
     async def list(self, **kwargs: Any) -> list[Job]:
@@ -400,8 +401,11 @@ class JobManager:
 
     async def _finish(self, job_id: str, returncode: int, state: dict[str, Any], log_path: pathlib.Path) -> None:
         now = utcnow()
-        if job_id in self._cancel_requested:
-            self._cancel_requested.discard(job_id)
+        cancelled = job_id in self._cancel_requested
+        self._cancel_requested.discard(job_id)
+        # A worker that delivered its result finished before the cancel could stop it (e.g. it was saving):
+        # the trained model is registered rather than thrown away.
+        if cancelled and not (returncode == 0 and state["result"] is not None):
             await self._update(job_id, state=CANCELLED, error="cancelled by request", finished_at=now)
             log.info("job %s cancelled", job_id)
             return

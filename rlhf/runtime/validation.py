@@ -64,3 +64,12 @@ def offset_token(token: str, field: str = "page_token") -> int:
     if not token.isdigit():
         raise InvalidArgument(field, "is not a token returned by this service")
     return int(token)
+
+
+def job_id(value: str, field: str = "job_id") -> str:
+    """A job id as this service hands them out: required, at most 64 characters."""
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if len(value) > 64 or "\x00" in value:
+        raise InvalidArgument(field, "is not a job id this service hands out")
+    return value
