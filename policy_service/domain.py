@@ -19,7 +19,7 @@ from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
 from rlhf.runtime import checks, validation
-from rlhf.runtime.errors import FailedPrecondition, Unimplemented, from_rpc_error
+from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, Unimplemented, from_rpc_error
 from rlhf.runtime.jobs import SUCCEEDED, Job, JobManager
 from rlhf.runtime.protoconfig import from_message
 from rlhf.runtime.registry import Catalog
