@@ -18,6 +18,7 @@ from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.sdk import rater
 from rlhf.sdk.clients import FeedbackClient, InferenceClient, PolicyClient, RewardClient
 from rlhf.training import corpus
+from rlhf.training.config import TrainingConfig
 from tests.stack import start_stack
 
 AGENT = "e2e-agent"
@@ -187,7 +188,7 @@ def test_the_dry_run_reports_the_feedback_and_the_seed_defaults_it_will_run(loop
     config = dry.model_config
     assert config["use_lora"] is True and config["learning_rate"] == pytest.approx(LEARNING_RATE)
     assert config["lora_r"] == 8 and config["lora_alpha"] == 32 and config["init_kl_coef"] == pytest.approx(0.2)
-    assert config["target_kl"] == pytest.approx(TARGET_KL) and config["kl_horizon"] == 10000
+    assert config["target_kl"] == pytest.approx(TARGET_KL) and config["kl_horizon"] == TrainingConfig().kl_horizon
     assert config["top_k"] == 50 and config["top_p"] == pytest.approx(0.95) and config["ppo_epochs"] == 4
 
 
