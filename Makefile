@@ -14,7 +14,7 @@ UV_VERSION := 0.13.9
 # `make lock TORCH_FIND_LINKS=https://download.pytorch.org/whl/cpu/torch/`.
 TORCH_FIND_LINKS ?= /opt/wheels
 
-.PHONY: install lock demo test bench lint format lint-protos breaking-protos serve clean
+.PHONY: install lock demo test bench bench-trl bench-trl-venv lint format lint-protos breaking-protos serve clean
 
 install: $(INSTALLED) $(GENERATED)
 
@@ -57,6 +57,21 @@ test: install
 
 bench: install
 	@set -e; for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f; done
+
+# TRL 1.12.0 in its own environment, for bench/bench_ppo_vs_trl.py only (it runs TRL in a subprocess with
+# this interpreter; the project never imports TRL). torch first, as in `make install`, so the CPU build stays.
+TRL_VENV := bench/.trl-venv
+$(TRL_VENV)/.installed:
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(TRL_VENV)/bin/python -m pip install --quiet trl==1.12.0 peft
+	touch $@
+
+bench-trl-venv: $(TRL_VENV)/.installed
+
+# Our PPO against TRL's PPOTrainer (tiny model and a 124M model; ~15 min on 2 CPU cores). QUICK=1: tiny only.
+bench-trl: install bench-trl-venv
+	$(BIN)/python bench/bench_ppo_vs_trl.py $(if $(QUICK),--quick)
 
 serve: install
 	$(BIN)/rlhf serve all
