@@ -84,9 +84,10 @@ def build_gpt2_small(folder: pathlib.Path, seed: int = 0) -> None:
     decodes to text, prompts tokenize as ordinary words, and the LM head has GPT-2's full width."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from rlhf.training.corpus import documents
+    from rlhf.training.tinymodel import gpt2_style_tokenizer
 
     vocab = GPT2Config().vocab_size  # 50,257
     rng = random.Random(seed)
@@ -107,15 +108,7 @@ def build_gpt2_small(folder: pathlib.Path, seed: int = 0) -> None:
     )
     if bpe.get_vocab_size() != vocab:
         raise RuntimeError(f"the tokenizer has {bpe.get_vocab_size()} ids, not {vocab}")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|pad|>",
-        padding_side="left",
-        model_max_length=GPT2Config().n_positions,
-    )
+    tokenizer = gpt2_style_tokenizer(bpe, GPT2Config().n_positions)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,

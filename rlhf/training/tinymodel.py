@@ -69,7 +69,7 @@ def build_tiny_model(
 ) -> None:
     import torch
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from rlhf.training.corpus import documents
 
@@ -81,15 +81,7 @@ def build_tiny_model(
     bpe.train_from_iterator(
         docs, vocab_size=640, min_frequency=2, special_tokens=["<|endoftext|>", "<|pad|>"], show_progress=False
     )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|pad|>",
-        padding_side="left",
-        model_max_length=CONTEXT,
-    )
+    tokenizer = gpt2_style_tokenizer(bpe, CONTEXT)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=CONTEXT,
@@ -141,3 +133,19 @@ def build_tiny_model(
     }
     (folder / "build_info.json").write_text(json.dumps(info, indent=2))
     say(f"tiny model built in {info['seconds']}s ({info['parameters']} parameters, loss {info['final_loss']:.3f})")
+
+
+def gpt2_style_tokenizer(bpe, context: int):
+    """A trained byte-level BPE (`tokenizers`) as a transformers tokenizer the GPT-2 way: <|endoftext|> for
+    BOS/EOS/UNK, a separate <|pad|> (both must be the BPE's special tokens), left padding."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        padding_side="left",
+        model_max_length=context,
+    )
