@@ -21,13 +21,13 @@ from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
 from rlhf.runtime import checks, validation
 from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, Unimplemented, from_rpc_error
 from rlhf.runtime.jobs import SUCCEEDED, Job, JobManager
+from rlhf.runtime.model_checks import ModelChecker
 from rlhf.runtime.protoconfig import from_message
 from rlhf.runtime.registry import Catalog
 from rlhf.runtime.training_store import TrainingStore
 from rlhf.training.config import RewardModelConfig, TrainingConfig
-from rlhf.training.errors import ModelLoadError
-from rlhf.training.modeling import TINY_MODEL, known_context_length
-from rlhf.training.modelshape import ModelShape, describe_model
+from rlhf.training.modeling import known_context_length
+from rlhf.training.modelshape import ModelShape
 from rlhf.training.tinymodel import tiny_model_dir
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class PolicyDomain:
         self.feedback = fb_grpc.FeedbackServiceStub(self._channels[0])
         self.reward = rw_grpc.RewardServiceStub(self._channels[1])
         # Shapes of hub ids that answered (a local folder is looked at again each time: it may change).
-        self._hub_shapes: dict[str, ModelShape] = {}
+        self.base_models = ModelChecker(config.server.data_dir, config.model_check_timeout_seconds)
 
     async def start(self) -> None:
         await self.jobs.recover()
@@ -145,11 +145,11 @@ class PolicyDomain:
         if reward_config is not None:
             checks.reward_model_config(reward_config, "reward_model_config")
         # Models and devices a run cannot have fail here, in a moment, not in the worker a minute later.
-        shape = await self._model_shape(config.base_model, "config.base_model")
+        shape = await self.base_models.shape(config.base_model, "config.base_model")
         kind = await self._device_kind(config.device, "config.device")
         reward_shape, reward_kind = None, ""
         if reward_config is not None:
-            reward_shape = await self._model_shape(reward_config.base_model, "reward_model_config.base_model")
+            reward_shape = await self.base_models.shape(reward_config.base_model, "reward_model_config.base_model")
             # The reward service may run elsewhere: its device is its business (here it only labels timings).
             reward_kind = await self._device_kind(reward_config.device, "", required=False)
         try:
@@ -184,29 +184,6 @@ class PolicyDomain:
             if not required:
                 return preference
             raise FailedPrecondition(f"{field}: {error}", subject=preference, kind="DEVICE") from error
-
-    async def _model_shape(self, name: str, field: str) -> ModelShape:
-        """The model's shape (rlhf.training.modelshape.describe_model: config only, no weights), or
-        FAILED_PRECONDITION saying what to do; in a thread, within model_check_timeout_seconds."""
-        if name in self._hub_shapes:
-            return self._hub_shapes[name]
-        timeout = self.config.model_check_timeout_seconds
-        try:
-            shape = await asyncio.wait_for(
-                asyncio.to_thread(describe_model, name, self.config.server.data_dir), timeout
-            )
-        except ModelLoadError as error:
-            raise FailedPrecondition(f"{field}: {error.message}", subject=name, kind="MODEL") from error
-        except asyncio.TimeoutError as error:
-            raise FailedPrecondition(
-                f"{field}: could not check model '{name}' within {timeout:g} s: it is not a local folder and the "
-                f"model hub did not answer. Pass a local model folder or '{TINY_MODEL}'.",
-                subject=name,
-                kind="MODEL",
-            ) from error
-        if name and name != TINY_MODEL and not pathlib.Path(name).expanduser().is_dir():
-            self._hub_shapes[name] = shape  # a hub id that answered once: no second look-up
-        return shape
 
     async def dry_run(
         self,

@@ -25,6 +25,9 @@ class RewardServiceConfig:
     model_cache_size: int = 4
     # Device for scoring: "auto", "cpu", "cuda", ...
     device: str = "auto"
+    # Seconds a job request may spend checking that its base model can be loaded (config only; a hub id
+    # that does not answer in time is FAILED_PRECONDITION).
+    model_check_timeout_seconds: float = 10.0
 
     @classmethod
     def from_env(cls, **server_overrides) -> RewardServiceConfig:

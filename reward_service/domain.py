@@ -17,6 +17,7 @@ from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
 from rlhf.runtime import checks, validation
 from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, from_rpc_error
 from rlhf.runtime.jobs import Job, JobManager
+from rlhf.runtime.model_checks import ModelChecker
 from rlhf.runtime.registry import Catalog
 from rlhf.runtime.training_store import TrainingStore
 from rlhf.training.config import RewardModelConfig
@@ -36,6 +37,7 @@ class RewardDomain:
         self.store = store
         self.root = config.server.artifact_root / "reward_models"
         self.models = Catalog(store.registry)
+        self.base_models = ModelChecker(config.server.data_dir, config.model_check_timeout_seconds)
         self.jobs = JobManager(store.jobs, self.root / ".jobs", "reward_service.worker", self._register)
         self.scorer = Scorer(config.device, config.score_micro_batch, config.model_cache_size)
         self._feedback_channel = grpc.aio.insecure_channel(config.feedback_address)
@@ -52,6 +54,7 @@ class RewardDomain:
     async def create_job(self, agent_id: str, config: RewardModelConfig) -> Job:
         validation.agent_id(agent_id)
         validate_config(config)
+        await self.base_models.shape(config.base_model, "config.base_model")  # loadable, before anything starts
         try:
             stats = await self.feedback.GetFeedbackStats(fb.GetFeedbackStatsRequest(agent_id=agent_id), timeout=10)
         except grpc.RpcError as error:

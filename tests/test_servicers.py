@@ -604,6 +604,18 @@ REWARD_CASES = [
         rw.CreateTrainingJobRequest(agent_id="ag", config=rw.RewardModelConfig(device="tpu")),
         "config.device",
     ),
+    # A base model that cannot be loaded is refused before anything else is asked or started.
+    *(
+        Case(
+            "reward",
+            "CreateTrainingJob",
+            rw.CreateTrainingJobRequest(agent_id="ag", config=rw.RewardModelConfig(base_model=name)),
+            StatusCode.FAILED_PRECONDITION,
+            says="could not load model",
+            name=f"base-model-{kind}",
+        )
+        for kind, name in (("hub-id", "someorg/not-on-this-machine"), ("folder", "/no/such/model/folder"))
+    ),
     # A valid request needs the feedback service (its stats), which is not there.
     Case(
         "reward",
