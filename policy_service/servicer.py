@@ -10,7 +10,7 @@ from policy_service.domain import PolicyDomain
 from rlhf.policy.v1 import policy_service_pb2 as pb
 from rlhf.policy.v1 import policy_service_pb2_grpc as pb_grpc
 from rlhf.reward.v1 import reward_service_pb2 as rw
-from rlhf.runtime.errors import translate_errors
+from rlhf.runtime.errors import InvalidArgument, translate_errors
 from rlhf.runtime.job_rpcs import JobRpcs, job_message_fields
 from rlhf.runtime.jobs import Job
 from rlhf.runtime.protoconfig import from_message, to_message
@@ -86,7 +86,9 @@ class PolicyServicer(JobRpcs, pb_grpc.PolicyServiceServicer):
             max_steps=request.max_steps if request.HasField("max_steps") else None,
             learning_rate=request.learning_rate if request.HasField("learning_rate") else None,
         )
-        algorithm = ALGORITHMS.get(request.algorithm, "unknown")
+        if request.algorithm not in ALGORITHMS:  # proto3 enums are open: any number arrives
+            raise InvalidArgument("algorithm", f"unknown algorithm {request.algorithm}; use ALGORITHM_PPO")
+        algorithm = ALGORITHMS[request.algorithm]
         reward_config = (
             request.reward_model_config if request.HasField("reward_model_config") else rw.RewardModelConfig()
         )

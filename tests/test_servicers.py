@@ -707,6 +707,7 @@ POLICY_CASES = [
         StatusCode.UNIMPLEMENTED,
         says="GRPO",
     ),
+    invalid("policy", "TrainPolicy", pol.TrainPolicyRequest(agent_id="ag", algorithm=42), "algorithm"),
     Case(
         "policy",
         "TrainPolicy",
