@@ -26,7 +26,6 @@ from rlhf.runtime.protoconfig import from_message
 from rlhf.runtime.registry import Catalog
 from rlhf.runtime.training_store import TrainingStore
 from rlhf.training.config import RewardModelConfig, TrainingConfig
-from rlhf.training.modeling import known_context_length
 from rlhf.training.modelshape import ModelShape
 from rlhf.training.tinymodel import tiny_model_dir
 
@@ -60,13 +59,6 @@ def validate_config(config: TrainingConfig, service: PolicyServiceConfig) -> Tra
     v.number_in(config.cliprange_value, f"{p}.cliprange_value", 1e-6, 1e4)
     v.number_in(config.vf_coef, f"{p}.vf_coef", 0.0, 100.0)
     v.int_in(config.max_new_tokens, f"{p}.max_new_tokens", 1, service.max_new_tokens_cap)
-    context = known_context_length(config.base_model)
-    if context is not None and config.max_new_tokens >= context:
-        raise InvalidArgument(
-            f"{p}.max_new_tokens",
-            f"{config.max_new_tokens} leaves no room for a prompt in the base model's context of {context} tokens; "
-            f"use at most {context - 1}",
-        )
     v.number_in(config.temperature, f"{p}.temperature", 1e-3, 100.0)
     v.int_in(config.top_k, f"{p}.top_k", 0, 1_000_000)
     v.number_in(config.top_p, f"{p}.top_p", 1e-6, 1.0)
@@ -146,10 +138,12 @@ class PolicyDomain:
             checks.reward_model_config(reward_config, "reward_model_config")
         # Models and devices a run cannot have fail here, in a moment, not in the worker a minute later.
         shape = await self.base_models.shape(config.base_model, "config.base_model")
+        checks.leaves_room_for_a_prompt(config.max_new_tokens, shape.context, "config.max_new_tokens")
         kind = await self._device_kind(config.device, "config.device")
         reward_shape, reward_kind = None, ""
         if reward_config is not None:
             reward_shape = await self.base_models.shape(reward_config.base_model, "reward_model_config.base_model")
+            checks.within_context(reward_config.max_length, reward_shape.context, "reward_model_config.max_length")
             # The reward service may run elsewhere: its device is its business (here it only labels timings).
             reward_kind = await self._device_kind(reward_config.device, "", required=False)
         try:

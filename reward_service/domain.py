@@ -54,7 +54,8 @@ class RewardDomain:
     async def create_job(self, agent_id: str, config: RewardModelConfig) -> Job:
         validation.agent_id(agent_id)
         validate_config(config)
-        await self.base_models.shape(config.base_model, "config.base_model")  # loadable, before anything starts
+        shape = await self.base_models.shape(config.base_model, "config.base_model")  # loadable, before anything
+        checks.within_context(config.max_length, shape.context, "config.max_length")
         try:
             stats = await self.feedback.GetFeedbackStats(fb.GetFeedbackStatsRequest(agent_id=agent_id), timeout=10)
         except grpc.RpcError as error:

@@ -56,11 +56,14 @@ def test_scoring_reads_as_many_tokens_as_the_model_was_trained_with(trained):
 
 @pytest.mark.slow
 def test_a_max_length_beyond_the_context_is_refused_up_front(tiny_model, tmp_path):
-    from reward_service.domain import validate_config
+    # Up front: against the context the request's model check reads (tests/test_servicers.py: over the RPC).
+    from rlhf.runtime import checks
+    from rlhf.training.modelshape import describe_model
 
     with pytest.raises(InvalidArgument) as error:
-        validate_config(RewardModelConfig(max_length=1024))
+        checks.within_context(1024, describe_model("rlhf-tiny", tmp_path).context, "config.max_length")
     assert error.value.field == "config.max_length" and "256" in error.value.description
+    # And the library itself, for callers that skip the service.
     with pytest.raises(TrainingError, match="context of 256"):
         train_reward_model(ratings(12), RewardModelConfig(**QUICK, max_length=1024), str(tiny_model), tmp_path / "m")
 

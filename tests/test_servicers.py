@@ -604,6 +604,15 @@ REWARD_CASES = [
         rw.CreateTrainingJobRequest(agent_id="ag", config=rw.RewardModelConfig(device="tpu")),
         "config.device",
     ),
+    # A max_length beyond the base model's context (256 tokens for the tiny model) is refused up front.
+    Case(
+        "reward",
+        "CreateTrainingJob",
+        rw.CreateTrainingJobRequest(agent_id="ag", config=rw.RewardModelConfig(max_length=1024)),
+        StatusCode.INVALID_ARGUMENT,
+        field="config.max_length",
+        says="context of 256",
+    ),
     # A base model that cannot be loaded is refused before anything else is asked or started.
     *(
         Case(
@@ -708,6 +717,23 @@ POLICY_CASES = [
         says="GRPO",
     ),
     invalid("policy", "TrainPolicy", pol.TrainPolicyRequest(agent_id="ag", algorithm=42), "algorithm"),
+    # Responses as long as the context leave no room for a prompt; a reward model's max_length must fit.
+    Case(
+        "policy",
+        "TrainPolicy",
+        pol.TrainPolicyRequest(agent_id="ag", dry_run=True, config=pol.TrainingConfig(max_new_tokens=256)),
+        StatusCode.INVALID_ARGUMENT,
+        field="config.max_new_tokens",
+        says="use at most 255",
+    ),
+    Case(
+        "policy",
+        "TrainPolicy",
+        pol.TrainPolicyRequest(agent_id="ag", dry_run=True, reward_model_config=rw.RewardModelConfig(max_length=1024)),
+        StatusCode.INVALID_ARGUMENT,
+        field="reward_model_config.max_length",
+        says="context of 256",
+    ),
     Case(
         "policy",
         "TrainPolicy",

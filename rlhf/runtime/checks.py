@@ -45,16 +45,24 @@ def model_training(config, prefix: str) -> None:
 def reward_model_config(config, prefix: str) -> None:
     """A reward-model training config (rlhf.training.config.RewardModelConfig): the reward service's checks,
     which the policy service also makes before a job that will train one."""
-    from rlhf.training.modeling import known_context_length
-
     model_training(config, prefix)
     int_in(config.num_epochs, f"{prefix}.num_epochs", 1, 1000)
     int_in(config.max_length, f"{prefix}.max_length", 8, 32768)
-    context = known_context_length(config.base_model)
-    if context is not None and config.max_length > context:
-        raise InvalidArgument(
-            f"{prefix}.max_length",
-            f"{config.max_length} is longer than the base model's context of {context} tokens",
-        )
     number_in(config.validation_fraction, f"{prefix}.validation_fraction", 0.0, 0.5)
     int_in(config.early_stopping_patience, f"{prefix}.early_stopping_patience", 0, 1000)
+
+
+def within_context(max_length: int, context: int | None, field: str) -> None:
+    """A reward model's max_length fits its base model's context (None: the model does not say)."""
+    if context is not None and max_length > context:
+        raise InvalidArgument(field, f"{max_length} is longer than the base model's context of {context} tokens")
+
+
+def leaves_room_for_a_prompt(max_new_tokens: int, context: int | None, field: str) -> None:
+    """Responses of max_new_tokens leave at least one token of the context for the prompt."""
+    if context is not None and max_new_tokens >= context:
+        raise InvalidArgument(
+            field,
+            f"{max_new_tokens} leaves no room for a prompt in the base model's context of {context} tokens; "
+            f"use at most {context - 1}",
+        )

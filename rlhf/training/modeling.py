@@ -19,29 +19,6 @@ def resolve_model(name: str | None, data_dir: pathlib.Path) -> str:
     return name
 
 
-def known_context_length(name: str) -> int | None:
-    """The context window of `name` when it is known without loading anything: the tiny model's, or what a
-    local folder's config.json says. None for hub ids (the training run checks once the model is loaded)."""
-    import json
-
-    if not name or name == TINY_MODEL:
-        from rlhf.training.tinymodel import CONTEXT
-
-        return CONTEXT
-    config_file = pathlib.Path(name) / "config.json"
-    if not config_file.is_file():
-        return None
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError):
-        return None
-    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def pick_device(preference: str = "auto") -> str:
     """ "auto" picks cuda, then mps, then cpu; anything else is used as given (e.g. "cuda:1")."""
     import torch

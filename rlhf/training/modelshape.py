@@ -58,6 +58,10 @@ class ModelShape:
     lora_module_outputs: tuple[int, ...]
 
 
+# Where a config says the model's context window, in the order they are asked.
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
 def _first(config: dict, *keys: str, default=None):
     for key in keys:
         value = config.get(key)
@@ -80,7 +84,7 @@ def shape_from_config(name: str, config: dict, parameters: int | None = None, we
             f"n_layer/num_hidden_layers, vocab_size); pass a folder of a causal language model or '{TINY_MODEL}'",
             name,
         )
-    context = _first(config, "n_positions", "max_position_embeddings", "n_ctx")
+    context = _first(config, *CONTEXT_KEYS)
     context = int(context) if isinstance(context, int) and context > 0 else None
     ffn = int(_first(config, "n_inner", "intermediate_size", "ffn_dim", default=0) or 4 * width)
     kv_heads = int(config.get("num_key_value_heads") or heads)

@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
+from rlhf.training.modelshape import CONTEXT_KEYS
+
 
 def context_length(model: Any) -> int | None:
     """The model's context window in tokens, when its config says."""
     config = model.config
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+    for name in CONTEXT_KEYS:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
