@@ -196,8 +196,8 @@ def cpu_seconds(pid: int) -> float:
 def run_ours(case: Case, paths: dict[str, str], client, server_pid: int, warmup: int, steps: int) -> dict:
     from rlhf.training import corpus
     from rlhf.training.config import TrainingConfig
-    from rlhf.training.ppo_trainer import PPOTrainer, Scores
-    from rlhf.training.scoring import fill_unscorable
+    from rlhf.training.ppo_trainer import PPOTrainer
+    from rlhf.training.scoring import Scores, fill_unscorable
 
     agent = f"bench-{case.model}"
 

@@ -19,8 +19,8 @@ from rlhf.training.config import RewardModelConfig, TrainingConfig
 from rlhf.training.modeling import pick_device, resolve_model
 from rlhf.training.modelshape import device_kind
 from rlhf.training.plotting import plot_curves
-from rlhf.training.ppo_trainer import PPOTrainer, Scores
-from rlhf.training.scoring import fill_unscorable
+from rlhf.training.ppo_trainer import PPOTrainer
+from rlhf.training.scoring import Scores, fill_unscorable
 from rlhf.training.tinymodel import tiny_model_dir
 
 log = logging.getLogger(__name__)

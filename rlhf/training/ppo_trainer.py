@@ -26,17 +26,9 @@ from rlhf.training import ppo, sequences
 from rlhf.training.config import TrainingConfig
 from rlhf.training.errors import TrainingError
 from rlhf.training.modeling import add_lora, disable_dropout
+from rlhf.training.scoring import Scores
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Scores:
-    """What a reward function may return instead of a plain list of scores: the reward model's scores (what
-    PPO optimises) and, where known, the same on the 0..1 feedback scale (what users read)."""
-
-    scores: list[float]
-    ratings: list[float] | None = None
 
 
 # (prompts, responses) -> one score per pair (a list, or Scores with ratings beside)

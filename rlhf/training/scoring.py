@@ -22,6 +22,15 @@ class LoadedRewardModel:
 
 
 @dataclasses.dataclass
+class Scores:
+    """What a reward function may return instead of a plain list of scores: the reward model's scores (what
+    PPO optimises) and, where known, the same on the 0..1 feedback scale (what users read)."""
+
+    scores: list[float]
+    ratings: list[float] | None = None
+
+
+@dataclasses.dataclass
 class Scored:
     score: float = 0.0
     rating: float = 0.0
@@ -87,7 +96,6 @@ def reward_function(model_path: str, device: str = "auto", micro_batch: int = 64
     """In-process rewards for PPO with no reward service: `(prompts, responses) -> Scores` (the model's
     scores, and the same on the 0..1 feedback scale) from the reward model saved at `model_path` (by
     train_reward_model or the reward service's registry)."""
-    from rlhf.training.ppo_trainer import Scores
 
     loaded = load_reward_model(model_path, device)
     scorer = Scorer(device, micro_batch, cache_size=1)
