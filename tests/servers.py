@@ -1,9 +1,15 @@
-"""Run a real service on 127.0.0.1:0 in a background thread with its own event loop, for tests."""
+"""Run a real service on 127.0.0.1:0 for tests: in a background thread with its own event loop (ServerThread),
+or as its own process (ServiceProcess)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import pathlib
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,3 +67,56 @@ class ServerThread:
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.address)
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+class ServiceProcess:
+    """`python -m <module> --port 0 --data-dir DIR [args]` as a real process. The port is read from its own
+    'listening on' log line (no port bound and released first, which another process could take meanwhile).
+    The service's own RLHF_<SERVICE>_* variables are not passed on, so only `args` configure it."""
+
+    def __init__(self, module: str, data_dir: pathlib.Path, *args: str) -> None:
+        prefix = f"RLHF_{module.removesuffix('_service').upper()}_"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, "--port", "0", "--data-dir", str(data_dir), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.port = 0
+        assert self.process.stderr is not None
+        deadline = time.monotonic() + 60
+        while not self.port and time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if "listening on" in line:
+                self.port = int(line.rsplit(":", 1)[1])
+        if not self.port:
+            self.kill()
+            raise AssertionError(f"the server never said where it listens:\n{''.join(self.lines)}")
+        # Keep reading its log, so a full pipe never blocks the server.
+        self._reader = threading.Thread(target=self.lines.extend, args=(self.process.stderr,), daemon=True)
+        self._reader.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def __enter__(self) -> ServiceProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

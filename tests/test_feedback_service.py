@@ -15,10 +15,7 @@ import pathlib
 import random
 import signal
 import statistics
-import subprocess
 import sys
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -43,7 +40,7 @@ from rlhf.feedback.v1 import feedback_service_pb2 as pb  # noqa: E402
 from rlhf.feedback.v1 import feedback_service_pb2_grpc as pb_grpc  # noqa: E402
 from rlhf.runtime.config import ServerConfig  # noqa: E402
 from rlhf.runtime.db import make_engine  # noqa: E402
-from tests.servers import ServerThread  # noqa: E402
+from tests.servers import ServerThread, ServiceProcess  # noqa: E402
 
 POSTGRES_URL = os.environ.get("RLHF_TEST_POSTGRES_URL", "")
 EXPORT_CHUNK = 4  # small, so exports span several messages
@@ -651,54 +648,9 @@ def test_data_survives_a_restart(tmp_path: pathlib.Path) -> None:
     assert (tmp_path / "feedback.db").exists()
 
 
-class FeedbackProcess:
-    """`python -m feedback_service --port 0` as a real process; the port is read from its 'listening on' line."""
-
-    def __init__(self, data_dir: pathlib.Path) -> None:
-        # Its own SQLite file in data_dir and no attribution, whatever the environment says.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_FEEDBACK_")}
-        database_url = f"sqlite:///{data_dir / 'feedback.db'}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "feedback_service", "--port", "0", "--data-dir", str(data_dir)]
-            + ["--database-url", database_url],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.port = 0
-        assert self.process.stderr is not None
-        deadline = time.monotonic() + 60
-        while not self.port and time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if "listening on" in line:
-                self.port = int(line.rsplit(":", 1)[1])
-        if not self.port:
-            self.kill()
-            raise AssertionError(f"the server never said where it listens:\n{''.join(self.lines)}")
-        # Keep reading its log, so a full pipe never blocks the server.
-        self._reader = threading.Thread(target=self.lines.extend, args=(self.process.stderr,), daemon=True)
-        self._reader.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-
-    def __enter__(self) -> FeedbackProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
+def FeedbackProcess(data_dir: pathlib.Path) -> ServiceProcess:
+    """`python -m feedback_service` on its own SQLite file in data_dir."""
+    return ServiceProcess("feedback_service", data_dir, "--database-url", f"sqlite:///{data_dir / 'feedback.db'}")
 
 
 def test_python_dash_m_serves_and_stops_on_sigterm(tmp_path: pathlib.Path) -> None:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import grpc
 import pytest
@@ -17,7 +15,7 @@ from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.sdk.clients import PolicyClient, RewardClient
 from tests.helpers import rated_answers, submit_ratings, wait_for
-from tests.servers import ServerThread
+from tests.servers import ServerThread, ServiceProcess
 from tests.stack import policy_server, reward_server, start_stack
 
 AGENT = "policy-agent"  # dry runs and request checks: feedback, no reward model, never a job
@@ -364,40 +362,17 @@ def worker_pids(job_id: str) -> list[int]:
     return pids
 
 
-def start_policy_process(data_dir: pathlib.Path, stack) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    from rlhf.sdk.clients import wait_until_serving
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "policy_service",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--feedback-addr",
-            stack.feedback.address,
-            "--reward-addr",
-            stack.reward.address,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def start_policy_process(data_dir: pathlib.Path, stack) -> ServiceProcess:
+    return ServiceProcess(
+        "policy_service", data_dir, "--feedback-addr", stack.feedback.address, "--reward-addr", stack.reward.address
     )
-    wait_until_serving(f"127.0.0.1:{port}", timeout=60)
-    return process, f"127.0.0.1:{port}"
 
 
 @pytest.mark.slow
 def test_kill_9_of_the_server_then_restart_and_resume_from_the_checkpoint(stack, reward_models, tmp_path):
-    server, address = start_policy_process(tmp_path, stack)
+    server = start_policy_process(tmp_path, stack)
     try:
-        with PolicyClient(address) as client:
+        with PolicyClient(server.address) as client:
             job = client.train(
                 pol.TrainPolicyRequest(
                     agent_id=agent("kill9"), max_steps=RESUMABLE_STEPS, config=QUICK, reward_model_version="v1"
@@ -406,15 +381,14 @@ def test_kill_9_of_the_server_then_restart_and_resume_from_the_checkpoint(stack,
             wait_for_training(client, job.job_id)
         assert worker_pids(job.job_id)
         server.kill()  # SIGKILL: no shutdown code runs in the server
-        server.wait()
         wait_for(lambda: not worker_pids(job.job_id), timeout=60)  # the orphaned worker stops by itself
         stopped_at = checkpoint_step(tmp_path, job.job_id)
         assert 1 <= stopped_at < RESUMABLE_STEPS
-        server, address = start_policy_process(tmp_path, stack)
-        with PolicyClient(address) as client:
+        server = start_policy_process(tmp_path, stack)
+        with PolicyClient(server.address) as client:
             restarted = client.get_job(job.job_id)
         assert restarted.state == pol.JOB_STATE_INTERRUPTED and "stopped while this job ran" in restarted.error
-        with PolicyClient(address) as client:
+        with PolicyClient(server.address) as client:
             client.stub.ResumeTrainingJob(pol.ResumeTrainingJobRequest(job_id=job.job_id))
             final = list(client.watch(job.job_id, timeout=300))[-1]
             assert final.state == pol.JOB_STATE_SUCCEEDED, final.error
@@ -422,5 +396,5 @@ def test_kill_9_of_the_server_then_restart_and_resume_from_the_checkpoint(stack,
             version = client.get_policy(agent("kill9"), final.policy_version)
             assert version.metrics.training_steps == RESUMABLE_STEPS
     finally:
-        server.terminate()
-        server.wait(30)
+        server.process.terminate()
+        server.process.wait(30)
