@@ -13,14 +13,14 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu -
 
 WORKDIR /app
 
-# Every other package at its version in requirements.lock: the runtime dependencies from pyproject.toml,
+# Every other package at its version in requirements.lock: the client dependencies and the server extra,
 # the PostgreSQL driver that the postgresql+psycopg database URLs need (postgres extra) and grpcio-tools
 # for the code generation below (build extra); no test extras. A layer of its own: source edits don't
 # reinstall them.
 COPY pyproject.toml requirements.lock ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 extras = p['optional-dependencies']; \
-print('\n'.join(p['dependencies'] + extras['postgres'] + extras['build']))" > /tmp/requirements.txt \
+print('\n'.join(p['dependencies'] + extras['server'] + extras['postgres'] + extras['build']))" > /tmp/requirements.txt \
     && pip install -c requirements.lock -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 

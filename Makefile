@@ -27,13 +27,13 @@ $(INSTALLED): pyproject.toml $(LOCK)
 	  echo "NOTE: $(LOCK) is for Python $(LOCK_PYTHON); installing without it"; constraints=""; fi; \
 	set -x; \
 	$(BIN)/python -m pip install --quiet $$constraints torch==2.13.0; \
-	$(BIN)/python -m pip install --quiet $$constraints -e '.[build,test]'
+	$(BIN)/python -m pip install --quiet $$constraints -e '.[server,build,test]'
 	touch $(INSTALLED)
 
-# Regenerates $(LOCK) from pyproject.toml (runtime dependencies plus the build, postgres and test extras)
+# Regenerates $(LOCK) from pyproject.toml (client dependencies plus the server, build, postgres and test extras)
 # after a dependency changes there. Keeps the versions already locked where they still fit; UPGRADE=1
 # moves every package to its newest allowed release. The command:
-#   uv pip compile pyproject.toml --extra build --extra postgres --extra test --no-emit-package torch \
+#   uv pip compile pyproject.toml --extra server --extra build --extra postgres --extra test --no-emit-package torch \
 #     --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_FIND_LINKS) \
 #     --custom-compile-command "make lock" -o requirements.lock
 # torch is left out: pyproject.toml pins it exactly, and `make install` / the Dockerfile install the CPU
@@ -41,7 +41,7 @@ $(INSTALLED): pyproject.toml $(LOCK)
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
-	$(BIN)/uv pip compile pyproject.toml --extra build --extra postgres --extra test --no-emit-package torch \
+	$(BIN)/uv pip compile pyproject.toml --extra server --extra build --extra postgres --extra test --no-emit-package torch \
 	  --python-version $(LOCK_PYTHON) --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_FIND_LINKS) \
 	  --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) -o $(LOCK)
 

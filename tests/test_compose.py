@@ -518,13 +518,13 @@ def test_dockerfile_builds_one_lean_non_root_image():
     users = by_name("USER")
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the services must not run as root"
     runs = " && ".join(by_name("RUN"))
-    torch_pin = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch"))
+    torch_pin = next(d for d in PYPROJECT["project"]["optional-dependencies"]["server"] if d.startswith("torch"))
     assert f"pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu" in runs
     assert "[test]" not in runs and "'test'" not in runs, "no test extras in the image"
     # Every other package at its locked version: the runtime dependencies, the postgres extra (the
     # postgresql+psycopg URLs need the driver) and the build extra (gen_protos.py needs grpcio-tools).
     assert "pip install -c requirements.lock -r /tmp/requirements.txt" in runs
-    assert all(f"extras['{extra}']" in runs for extra in ("postgres", "build"))
+    assert all(f"extras['{extra}']" in runs for extra in ("server", "postgres", "build"))
     assert any(d.startswith("psycopg") for d in PYPROJECT["project"]["optional-dependencies"]["postgres"])
     assert any(d.startswith("grpcio-tools") for d in PYPROJECT["project"]["optional-dependencies"]["build"])
     assert any(instruction == "COPY" and "requirements.lock" in args.split()[:-1] for instruction, args in instructions)
