@@ -18,10 +18,10 @@ from rlhf.sdk.clients import FeedbackClient, RewardClient
 from rlhf.training.config import RewardModelConfig, TrainingConfig
 from rlhf.training.modeling import pick_device, resolve_model
 from rlhf.training.modelshape import device_kind
-from rlhf.training.plotting import plot_curves
 from rlhf.training.ppo_trainer import PPOTrainer
 from rlhf.training.scoring import Scores, fill_unscorable
 from rlhf.training.tinymodel import tiny_model_dir
+from rlhf.training.version_folder import plot_version_curves, version_results, write_results
 
 log = logging.getLogger(__name__)
 
@@ -199,63 +199,39 @@ def train(context: JobContext) -> dict[str, Any]:
     trainer.save(output)
     # The seed's reward fields are on the 0..1 feedback scale (the reward service's ratings: the reward
     # model's saved normalisation undone); the reward model's own units are reported beside them.
-    rewards, reward_stds = (
-        (history.rating, history.rating_std) if history.rating else (history.reward, history.reward_std)
+    results = version_results(
+        output,
+        history,
+        reward_model_path=reward_model.model_path,
+        feedback_count=len(rows),
+        training_steps=trainer.step,
+        last_metrics=last_metrics,
     )
-    curves = {
-        "reward (0..1 feedback scale)": rewards,
-        "reward-model score": history.reward,
-        "KL to reference": history.kl,
-        "loss": history.loss,
-        "entropy": history.entropy,
-        "value loss": history.value_loss,
-        "kl_coef": history.kl_coef,
-    }
-    plot_curves(curves, output / "curves.png", f"{agent_id}: PPO on {config.base_model}")
+    plot_version_curves(output, history, results, f"{agent_id}: PPO on {config.base_model}")
     timing["saving_seconds"] = round(time.monotonic() - phase_started, 3)
-    tail = max(1, min(5, len(rewards)))
-    results = {
-        # The seed's TrainingResult fields.
-        "model_path": str(output / "policy"),
-        "reward_model_path": reward_model.model_path,
-        "feedback_count": len(rows),
-        "final_reward_mean": sum(rewards[-tail:]) / tail,
-        "final_reward_std": sum(reward_stds[-tail:]) / tail,
-        "training_steps": trainer.step,
-        "reward_history": rewards,
-        "kl_history": history.kl,
-        "loss_history": history.loss,
-        # More curves, config and lineage. Scores in the reward model's own units:
-        "final_score_mean": sum(history.reward[-tail:]) / tail,
-        "final_score_std": sum(history.reward_std[-tail:]) / tail,
-        "score_history": history.reward,
-        "value_loss_history": history.value_loss,
-        "entropy_history": history.entropy,
-        "kl_coef_history": history.kl_coef,
-        "response_length_history": history.response_length,
-        "value_error": last_metrics.get("val/error", 0.0),
-        "entropy": last_metrics.get("objective/entropy", 0.0),
-        "final_kl": last_metrics.get("objective/kl", 0.0),
-        "unscored_responses": unscored["count"],
-        "config": dataclasses.asdict(config),
-        "algorithm": "ppo",
-        "lineage": {
-            "base_model": config.base_model,
-            "reward_model_version": reward_model.version,
-            "reward_model_path": reward_model.model_path,
-            "feedback_watermark": watermark,
-            "job_id": spec["job_id"],
-        },
-        "training_seconds": round(time.monotonic() - started, 2),
-        "timed_steps": trainer.step - first_step,  # steps training_seconds covers (a resumed run: fewer)
-        # Seconds of each phase of this process, what its steps processed, and the device they ran on.
-        "timing": timing,
-    }
-    (output / "training_results.json").write_text(json.dumps(results, indent=2))
+    results.update(
+        {
+            "unscored_responses": unscored["count"],
+            "config": dataclasses.asdict(config),
+            "algorithm": "ppo",
+            "lineage": {
+                "base_model": config.base_model,
+                "reward_model_version": reward_model.version,
+                "reward_model_path": reward_model.model_path,
+                "feedback_watermark": watermark,
+                "job_id": spec["job_id"],
+            },
+            "training_seconds": round(time.monotonic() - started, 2),
+            "timed_steps": trainer.step - first_step,  # steps training_seconds covers (a resumed run: fewer)
+            # Seconds of each phase of this process, what its steps processed, and the device they ran on.
+            "timing": timing,
+        }
+    )
+    write_results(output, results)
     return {
         "output_dir": str(output),
         **{k: v for k, v in results.items() if not k.endswith("_history")},
-        "initial_reward_mean": rewards[0] if rewards else 0.0,
+        "initial_reward_mean": results["reward_history"][0] if results["reward_history"] else 0.0,
         "initial_score_mean": history.reward[0] if history.reward else 0.0,
     }
 
