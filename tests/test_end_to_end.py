@@ -161,6 +161,7 @@ def loop(stack) -> Loop:
             for i, (p, a) in enumerate(base_answers)
         ]
     )
+    acks = list(acks)  # stream() yields acknowledgements as they arrive
     assert all(ack.accepted for ack in acks) and len(acks) == len(base_answers) >= 100
 
     dry = policy.train(

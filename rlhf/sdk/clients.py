@@ -1,17 +1,31 @@
-"""Typed, blocking clients for the four services (used by workers, the CLI, the demo and tests).
+"""Typed clients of the four services: blocking (FeedbackClient, RewardClient, PolicyClient, InferenceClient)
+and asyncio (AsyncFeedbackClient, ...), used by workers, the command line, the gateway, the demo and tests.
 
-Each wraps one channel; calls take a deadline; ScoreBatch retries with backoff while the reward service
-is unavailable, because a PPO step can wait a little but should not die on a blip.
+Every method is written once, as a description of its RPC (a `Call`: which method, the request, the deadline,
+how the answer becomes the result). A blocking client runs it on a grpc channel, an asyncio client on a
+grpc.aio channel, so both kinds have the same methods, arguments and results. On the asyncio clients a
+method that returns a value is a coroutine, and one that returns an iterator returns an async iterator.
+
+Each client wraps one channel; calls take a deadline. Retries: ScoreBatch retries with backoff while the
+reward service is unavailable (a PPO step can wait a little but should not die on a blip), and
+SubmitFeedback does too, safely, because every item carries an idempotency key (request_id) that the
+feedback service stores once: a replay returns the original row with `duplicate` set.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import enum
+import functools
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf import json_format
 
 from rlhf.feedback.v1 import feedback_service_pb2 as fb
 from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
@@ -29,19 +43,129 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
+T = TypeVar("T")
 
 
 def channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
-class _Client:
-    service = ""
+def aio_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
-    def __init__(self, address: str | None = None, timeout: float = 30.0) -> None:
+
+def new_request_id() -> str:
+    """A fresh idempotency key for one feedback item."""
+    return uuid.uuid4().hex
+
+
+def feedback_request(agent_id: str, **fields: Any) -> fb.SubmitFeedbackRequest:
+    """One feedback item (a rating: prompt, response, score; a comparison: prompt, chosen, rejected), with a
+    request_id of its own unless `fields` name one. Fields left None are left unset."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    fields["request_id"] = fields.get("request_id") or new_request_id()
+    return fb.SubmitFeedbackRequest(agent_id=agent_id, **fields)
+
+
+def with_request_id(item: fb.SubmitFeedbackRequest) -> fb.SubmitFeedbackRequest:
+    """`item` itself when it names a request_id, else a copy with a fresh one (the caller's message stays as is)."""
+    if item.request_id:
+        return item
+    copy = fb.SubmitFeedbackRequest()
+    copy.CopyFrom(item)
+    copy.request_id = new_request_id()
+    return copy
+
+
+# -- an RPC as data --------------------------------------------------------------------------------------
+
+
+class Shape(enum.Enum):
+    UNARY = "unary"  # one request, one answer: convert(answer)
+    COLLECT = "collect"  # one request, a stream of answers gathered: convert(list of answers)
+    STREAM = "stream"  # one request, a stream of answers handed on as they arrive: convert(each answer)
+    BIDI = "bidi"  # a stream of requests (prepare(each item)), answers handed on as they arrive: convert(each)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Call(Generic[T]):
+    """One RPC, ready to run on a blocking or an asyncio channel."""
+
+    # The stub's method name, e.g. "SubmitFeedback".
+    rpc: str
+    # The request message; for Shape.BIDI an iterable (or, on asyncio clients, an async iterable) of items.
+    request: Any
+    # The deadline in seconds (None: none).
+    timeout: float | None
+    shape: Shape = Shape.UNARY
+    # How the answer (UNARY), the list of answers (COLLECT) or each answer (STREAM, BIDI) becomes the result.
+    convert: Callable[[Any], Any] = _same
+    # Shape.BIDI: turns each item of `request` into the message sent.
+    prepare: Callable[[Any], Any] = _same
+    # UNARY only: how often to retry a RETRYABLE failure, waiting backoff * 2**attempt seconds before each.
+    retries: int = 0
+    backoff: float = 0.5
+
+
+def rpc(build: Callable[..., Call[Any]]) -> Callable[..., Any]:
+    """Turns a method that builds a Call into one that runs it on the client's channel."""
+
+    @functools.wraps(build)
+    def method(self: _Client, *args: Any, **kwargs: Any) -> Any:
+        return self._invoke(build(self, *args, **kwargs))
+
+    return method
+
+
+def _retry_delay(call: Call[Any], error: grpc.RpcError, attempt: int) -> float:
+    """Seconds to wait before retrying `call` after its `attempt`-th failure; raises `error` when it is final."""
+    if error.code() not in RETRYABLE or attempt >= call.retries:
+        raise error
+    delay = call.backoff * 2**attempt
+    log.warning(
+        "%s %s (%s); retry %d/%d in %.1fs",
+        call.rpc,
+        error.code().name,
+        error.details(),
+        attempt + 1,
+        call.retries,
+        delay,
+    )
+    return delay
+
+
+# -- running calls: blocking and asyncio -----------------------------------------------------------------
+
+
+class _Client:
+    """The channel, stub and default deadline of one service's client."""
+
+    # The service's name in RLHF_<SERVICE>_ADDR, and its generated stub class (works on both channel kinds).
+    service = ""
+    stub_class: Any = None
+    # The default deadline of unary calls, in seconds.
+    default_timeout = 30.0
+
+    def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
         self.address = address or service_address(self.service)
-        self.timeout = timeout
-        self.channel = channel(self.address)
+        self.timeout = self.default_timeout if timeout is None else timeout
+        self.channel = self._open(self.address)
+        self.stub = self.stub_class(self.channel)
+
+    def _open(self, address: str) -> Any:
+        raise NotImplementedError
+
+    def _invoke(self, call: Call[Any]) -> Any:
+        raise NotImplementedError
+
+
+class _Blocking(_Client):
+    def _open(self, address: str) -> grpc.Channel:
+        return channel(address)
 
     def close(self) -> None:
         self.channel.close()
@@ -52,178 +176,332 @@ class _Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _invoke(self, call: Call[Any]) -> Any:
+        method = getattr(self.stub, call.rpc)
+        if call.shape is Shape.UNARY:
+            attempt = 0
+            while True:
+                try:
+                    return call.convert(method(call.request, timeout=call.timeout))
+                except grpc.RpcError as error:
+                    time.sleep(_retry_delay(call, error, attempt))
+                    attempt += 1
+        if call.shape is Shape.COLLECT:
+            return call.convert(list(method(call.request, timeout=call.timeout)))
+        request = call.request if call.shape is Shape.STREAM else map(call.prepare, call.request)
+        return _iterate(method(request, timeout=call.timeout), call.convert)
 
-class _JobsClient(_Client):
+
+def _iterate(answers: Any, convert: Callable[[Any], Any]) -> Iterator[Any]:
+    """Each answer as it arrives; leaving the loop early cancels the call."""
+    try:
+        for answer in answers:
+            yield convert(answer)
+    finally:
+        answers.cancel()
+
+
+class _Async(_Client):
+    """Create it inside the event loop that uses it (grpc.aio channels belong to one loop)."""
+
+    def _open(self, address: str) -> grpc.aio.Channel:
+        return aio_channel(address)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _invoke(self, call: Call[Any]) -> Any:
+        if call.shape in (Shape.UNARY, Shape.COLLECT):
+            return self._result(call)
+        return self._answers(call)
+
+    async def _result(self, call: Call[Any]) -> Any:
+        method = getattr(self.stub, call.rpc)
+        if call.shape is Shape.COLLECT:
+            return call.convert([answer async for answer in method(call.request, timeout=call.timeout)])
+        attempt = 0
+        while True:
+            try:
+                return call.convert(await method(call.request, timeout=call.timeout))
+            except grpc.RpcError as error:
+                await asyncio.sleep(_retry_delay(call, error, attempt))
+                attempt += 1
+
+    async def _answers(self, call: Call[Any]) -> AsyncIterator[Any]:
+        method = getattr(self.stub, call.rpc)
+        request = call.request if call.shape is Shape.STREAM else _amap(call.prepare, call.request)
+        answers = method(request, timeout=call.timeout)
+        try:
+            async for answer in answers:
+                yield call.convert(answer)
+        finally:
+            answers.cancel()
+
+
+async def _amap(function: Callable[[Any], Any], items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield function(item)
+    else:
+        for item in items:
+            yield function(item)
+
+
+# -- the services' methods, written once -----------------------------------------------------------------
+
+
+def _stream_item(item: fb.SubmitFeedbackRequest) -> fb.StreamFeedbackRequest:
+    return fb.StreamFeedbackRequest(feedback=with_request_id(item))
+
+
+def _export_result(chunks: list[fb.ExportFeedbackResponse]) -> tuple[list[fb.Feedback], int]:
+    rows = [row for chunk in chunks for row in chunk.feedback]
+    return rows, chunks[-1].watermark if chunks else 0
+
+
+class _FeedbackCalls(_Client):
+    service = "feedback"
+    stub_class = fb_grpc.FeedbackServiceStub
+
+    @rpc
+    def submit(self, agent_id: str, *, retries: int = 3, **fields: Any) -> Call[fb.SubmitFeedbackResponse]:
+        """Store one item (fields of SubmitFeedbackRequest). It gets a request_id unless `fields` name one,
+        so the retries of an unavailable service (and a caller's own retry with the answer's request_id)
+        store it once."""
+        return Call("SubmitFeedback", feedback_request(agent_id, **fields), self.timeout, retries=retries)
+
+    @rpc
+    def stream(
+        self,
+        requests: Iterable[fb.SubmitFeedbackRequest] | AsyncIterable[fb.SubmitFeedbackRequest],
+        timeout: float | None = 600.0,
+    ) -> Call[Iterator[fb.StreamFeedbackResponse]]:
+        """Stream items on one StreamFeedback call; yields each acknowledgement as the server commits it
+        (in order; `index` is the item's position). Items without a request_id get one. For a long-lived
+        stream that survives restarts, use rlhf.sdk.sender.FeedbackSender."""
+        return Call("StreamFeedback", requests, timeout, Shape.BIDI, prepare=_stream_item)
+
+    @rpc
+    def stats(self, agent_id: str, group_by_policy_version: bool = False) -> Call[fb.GetFeedbackStatsResponse]:
+        request = fb.GetFeedbackStatsRequest(agent_id=agent_id, group_by_policy_version=group_by_policy_version)
+        return Call("GetFeedbackStats", request, self.timeout)
+
+    @rpc
+    def list_feedback(
+        self, agent_id: str, page_size: int = 0, page_token: str = "", **filters: Any
+    ) -> Call[tuple[list[fb.Feedback], str]]:
+        """One page of an agent's rows, newest first: (rows, next_page_token). `filters`: the other fields
+        of ListFeedbackRequest (kind, min_score, run_id, ...)."""
+        request = fb.ListFeedbackRequest(agent_id=agent_id, page_size=page_size, page_token=page_token, **filters)
+        return Call(
+            "ListFeedback", request, self.timeout, convert=lambda page: (list(page.feedback), page.next_page_token)
+        )
+
+    @rpc
+    def delete_feedback(self, agent_id: str, ids: Iterable[str] = (), all: bool = False) -> Call[int]:
+        """Delete rows by id, or every row of the agent (all=True); the number deleted."""
+        request = fb.DeleteFeedbackRequest(agent_id=agent_id, ids=list(ids), all=all)
+        return Call("DeleteFeedback", request, self.timeout, convert=lambda answer: answer.deleted_count)
+
+    @rpc
+    def export(
+        self, agent_id: str, kind: int = 0, watermark: int = 0, timeout: float | None = 600.0
+    ) -> Call[tuple[list[fb.Feedback], int]]:
+        """All of an agent's rows up to a watermark fixed when the export starts, and that watermark."""
+        request = fb.ExportFeedbackRequest(agent_id=agent_id, kind=kind, watermark=watermark)
+        return Call("ExportFeedback", request, timeout, Shape.COLLECT, convert=_export_result)
+
+
+class _JobCalls(_Client):
     """get, list, cancel and watch of a service with training jobs (policy and reward: same RPCs)."""
 
     # The service's *_pb2 module.
     messages: Any
 
-    def get_job(self, job_id: str):
-        return self.stub.GetTrainingJob(self.messages.GetTrainingJobRequest(job_id=job_id), timeout=self.timeout).job
+    @rpc
+    def get_job(self, job_id: str) -> Call[Any]:
+        request = self.messages.GetTrainingJobRequest(job_id=job_id)
+        return Call("GetTrainingJob", request, self.timeout, convert=lambda answer: answer.job)
 
-    def list_jobs(self, agent_id: str = "", state: int = 0, page_size: int = 0, page_token: str = ""):
+    @rpc
+    def list_jobs(self, agent_id: str = "", state: int = 0, page_size: int = 0, page_token: str = "") -> Call[Any]:
         """One page of jobs, newest first: (jobs, next_page_token)."""
-        answer = self.stub.ListTrainingJobs(
-            self.messages.ListTrainingJobsRequest(
-                agent_id=agent_id, state=state, page_size=page_size, page_token=page_token
-            ),
-            timeout=self.timeout,
+        request = self.messages.ListTrainingJobsRequest(
+            agent_id=agent_id, state=state, page_size=page_size, page_token=page_token
         )
-        return list(answer.jobs), answer.next_page_token
+        page = lambda answer: (list(answer.jobs), answer.next_page_token)  # noqa: E731
+        return Call("ListTrainingJobs", request, self.timeout, convert=page)
 
-    def cancel_job(self, job_id: str):
-        return self.stub.CancelTrainingJob(
-            self.messages.CancelTrainingJobRequest(job_id=job_id), timeout=self.timeout
-        ).job
+    @rpc
+    def cancel_job(self, job_id: str) -> Call[Any]:
+        request = self.messages.CancelTrainingJobRequest(job_id=job_id)
+        return Call("CancelTrainingJob", request, self.timeout, convert=lambda answer: answer.job)
 
-    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[Any]:
+    @rpc
+    def watch(self, job_id: str, timeout: float | None = None) -> Call[Iterator[Any]]:
         """The job now and after every change, until it ends."""
-        for update in self.stub.WatchTrainingJob(self.messages.WatchTrainingJobRequest(job_id=job_id), timeout=timeout):
-            yield update.job
+        request = self.messages.WatchTrainingJobRequest(job_id=job_id)
+        return Call("WatchTrainingJob", request, timeout, Shape.STREAM, convert=lambda update: update.job)
 
 
-class FeedbackClient(_Client):
-    service = "feedback"
-
-    def __init__(self, address: str | None = None, timeout: float = 30.0) -> None:
-        super().__init__(address, timeout)
-        self.stub = fb_grpc.FeedbackServiceStub(self.channel)
-
-    def submit(self, agent_id: str, **fields) -> fb.SubmitFeedbackResponse:
-        return self.stub.SubmitFeedback(fb.SubmitFeedbackRequest(agent_id=agent_id, **fields), timeout=self.timeout)
-
-    def stream(
-        self, requests: Iterable[fb.SubmitFeedbackRequest], timeout: float = 600.0
-    ) -> list[fb.StreamFeedbackResponse]:
-        items = (fb.StreamFeedbackRequest(feedback=r) for r in requests)
-        return list(self.stub.StreamFeedback(items, timeout=timeout))
-
-    def stats(self, agent_id: str, group_by_policy_version: bool = False) -> fb.GetFeedbackStatsResponse:
-        return self.stub.GetFeedbackStats(
-            fb.GetFeedbackStatsRequest(agent_id=agent_id, group_by_policy_version=group_by_policy_version),
-            timeout=self.timeout,
-        )
-
-    def export(
-        self, agent_id: str, kind: int = 0, watermark: int = 0, timeout: float = 600.0
-    ) -> tuple[list[fb.Feedback], int]:
-        """All of an agent's rows up to a watermark fixed when the export starts, and that watermark."""
-        rows: list[fb.Feedback] = []
-        mark = watermark
-        for chunk in self.stub.ExportFeedback(
-            fb.ExportFeedbackRequest(agent_id=agent_id, kind=kind, watermark=watermark), timeout=timeout
-        ):
-            rows.extend(chunk.feedback)
-            mark = chunk.watermark
-        return rows, mark
-
-
-class RewardClient(_JobsClient):
+class _RewardCalls(_JobCalls):
     service = "reward"
+    stub_class = rw_grpc.RewardServiceStub
     messages = rw
+    default_timeout = 60.0
 
-    def __init__(self, address: str | None = None, timeout: float = 60.0) -> None:
-        super().__init__(address, timeout)
-        self.stub = rw_grpc.RewardServiceStub(self.channel)
-
+    @rpc
     def score(
-        self, agent_id: str, pairs: list[tuple[str, str]], version: str = "", retries: int = 5, backoff: float = 0.5
-    ) -> rw.ScoreBatchResponse:
-        """One ScoreBatch call; retried with exponential backoff while the service is unavailable."""
+        self,
+        agent_id: str,
+        pairs: list[tuple[str, str]],
+        version: str = "",
+        retries: int = 5,
+        backoff: float = 0.5,
+        functions: list[dict] | None = None,
+    ) -> Call[rw.ScoreBatchResponse]:
+        """One ScoreBatch call; retried with exponential backoff while the service is unavailable. `functions`:
+        registered reward functions to combine, each {"name", "weight", "params"} (ListRewardFunctions)."""
         request = rw.ScoreBatchRequest(
-            agent_id=agent_id, version=version, items=[rw.ScoreItem(prompt=p, response=r) for p, r in pairs]
+            agent_id=agent_id,
+            version=version,
+            items=[rw.ScoreItem(prompt=p, response=r) for p, r in pairs],
+            functions=[json_format.ParseDict(f, rw.RewardFunctionSpec()) for f in functions or ()],
         )
-        for attempt in range(retries + 1):
-            try:
-                return self.stub.ScoreBatch(request, timeout=self.timeout)
-            except grpc.RpcError as error:
-                if error.code() not in RETRYABLE or attempt == retries:
-                    raise
-                delay = backoff * 2**attempt
-                log.warning(
-                    "ScoreBatch %s (%s); retry %d/%d in %.1fs",
-                    error.code().name,
-                    error.details(),
-                    attempt + 1,
-                    retries,
-                    delay,
-                )
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        return Call("ScoreBatch", request, self.timeout, retries=retries, backoff=backoff)
 
-    def create_job(self, agent_id: str, config: rw.RewardModelConfig | None = None) -> rw.TrainingJob:
-        return self.stub.CreateTrainingJob(
-            rw.CreateTrainingJobRequest(agent_id=agent_id, config=config), timeout=self.timeout
-        ).job
+    @rpc
+    def create_job(self, agent_id: str, config: rw.RewardModelConfig | None = None) -> Call[rw.TrainingJob]:
+        request = rw.CreateTrainingJobRequest(agent_id=agent_id, config=config)
+        return Call("CreateTrainingJob", request, self.timeout, convert=lambda answer: answer.job)
 
-    def get_model(self, agent_id: str, version: str = "") -> rw.RewardModel:
-        return self.stub.GetRewardModel(
-            rw.GetRewardModelRequest(agent_id=agent_id, version=version), timeout=self.timeout
-        ).reward_model
+    @rpc
+    def get_model(self, agent_id: str, version: str = "") -> Call[rw.RewardModel]:
+        request = rw.GetRewardModelRequest(agent_id=agent_id, version=version)
+        return Call("GetRewardModel", request, self.timeout, convert=lambda answer: answer.reward_model)
 
-    def list_models(self, agent_id: str) -> list[rw.RewardModel]:
-        return list(
-            self.stub.ListRewardModels(
-                rw.ListRewardModelsRequest(agent_id=agent_id), timeout=self.timeout
-            ).reward_models
-        )
+    @rpc
+    def list_models(self, agent_id: str) -> Call[list[rw.RewardModel]]:
+        request = rw.ListRewardModelsRequest(agent_id=agent_id)
+        return Call("ListRewardModels", request, self.timeout, convert=lambda answer: list(answer.reward_models))
 
 
-class PolicyClient(_JobsClient):
+class _PolicyCalls(_JobCalls):
     service = "policy"
+    stub_class = pol_grpc.PolicyServiceStub
     messages = pol
+    default_timeout = 60.0
 
-    def __init__(self, address: str | None = None, timeout: float = 60.0) -> None:
-        super().__init__(address, timeout)
-        self.stub = pol_grpc.PolicyServiceStub(self.channel)
+    @rpc
+    def train(self, request: pol.TrainPolicyRequest, timeout: float | None = None) -> Call[pol.TrainPolicyResponse]:
+        return Call("TrainPolicy", request, timeout or self.timeout)
 
-    def train(self, request: pol.TrainPolicyRequest, timeout: float | None = None) -> pol.TrainPolicyResponse:
-        return self.stub.TrainPolicy(request, timeout=timeout or self.timeout)
+    @rpc
+    def resume_job(self, job_id: str) -> Call[pol.TrainingJob]:
+        request = pol.ResumeTrainingJobRequest(job_id=job_id)
+        return Call("ResumeTrainingJob", request, self.timeout, convert=lambda answer: answer.job)
 
-    def list_policies(self, agent_id: str) -> list[pol.Policy]:
-        return list(self.stub.ListPolicies(pol.ListPoliciesRequest(agent_id=agent_id), timeout=self.timeout).policies)
+    @rpc
+    def list_policies(self, agent_id: str) -> Call[list[pol.Policy]]:
+        request = pol.ListPoliciesRequest(agent_id=agent_id)
+        return Call("ListPolicies", request, self.timeout, convert=lambda answer: list(answer.policies))
 
-    def get_policy(self, agent_id: str, version: str = "") -> pol.Policy:
-        return self.stub.GetPolicy(
-            pol.GetPolicyRequest(agent_id=agent_id, version=version), timeout=self.timeout
-        ).policy
+    @rpc
+    def get_policy(self, agent_id: str, version: str = "") -> Call[pol.Policy]:
+        request = pol.GetPolicyRequest(agent_id=agent_id, version=version)
+        return Call("GetPolicy", request, self.timeout, convert=lambda answer: answer.policy)
 
 
-class InferenceClient(_Client):
+class _InferenceCalls(_Client):
     service = "inference"
+    stub_class = inf_grpc.InferenceServiceStub
+    default_timeout = 120.0
 
-    def __init__(self, address: str | None = None, timeout: float = 120.0) -> None:
-        super().__init__(address, timeout)
-        self.stub = inf_grpc.InferenceServiceStub(self.channel)
-
+    @rpc
     def generate(
-        self, agent_id: str, prompt: str, version: str = "", routing_key: str = "", **params
-    ) -> inf.GenerateResponse:
-        return self.stub.Generate(
-            inf.GenerateRequest(
-                agent_id=agent_id,
-                prompt=prompt,
-                version=version,
-                routing_key=routing_key,
-                params=inf.SamplingParams(**params),
-            ),
-            timeout=self.timeout,
+        self, agent_id: str, prompt: str, version: str = "", routing_key: str = "", **params: Any
+    ) -> Call[inf.GenerateResponse]:
+        """One answer; `params`: fields of SamplingParams (max_new_tokens, temperature, seed, ...)."""
+        request = inf.GenerateRequest(
+            agent_id=agent_id,
+            prompt=prompt,
+            version=version,
+            routing_key=routing_key,
+            params=inf.SamplingParams(**params),
         )
+        return Call("Generate", request, self.timeout)
 
-    def set_deployment(self, agent_id: str, weights: dict[str, float]) -> inf.Deployment:
+    @rpc
+    def generate_stream(
+        self, agent_id: str, prompt: str, version: str = "", routing_key: str = "", **params: Any
+    ) -> Call[Iterator[inf.GenerateStreamResponse]]:
+        """The answer in pieces as they are generated; the last piece has done set."""
+        request = inf.GenerateStreamRequest(
+            agent_id=agent_id,
+            prompt=prompt,
+            version=version,
+            routing_key=routing_key,
+            params=inf.SamplingParams(**params),
+        )
+        return Call("GenerateStream", request, self.timeout, Shape.STREAM)
+
+    @rpc
+    def set_deployment(self, agent_id: str, weights: dict[str, float]) -> Call[inf.Deployment]:
         targets = [inf.DeploymentTarget(version=v, weight=w) for v, w in weights.items()]
-        return self.stub.SetDeployment(
-            inf.SetDeploymentRequest(agent_id=agent_id, targets=targets), timeout=self.timeout
-        ).deployment
+        request = inf.SetDeploymentRequest(agent_id=agent_id, targets=targets)
+        return Call("SetDeployment", request, self.timeout, convert=lambda answer: answer.deployment)
 
-    def get_deployment(self, agent_id: str) -> inf.Deployment:
-        return self.stub.GetDeployment(inf.GetDeploymentRequest(agent_id=agent_id), timeout=self.timeout).deployment
+    @rpc
+    def get_deployment(self, agent_id: str) -> Call[inf.Deployment]:
+        request = inf.GetDeploymentRequest(agent_id=agent_id)
+        return Call("GetDeployment", request, self.timeout, convert=lambda answer: answer.deployment)
 
-    def get_generation(self, generation_id: str) -> inf.Generation:
-        return self.stub.GetGeneration(
-            inf.GetGenerationRequest(generation_id=generation_id), timeout=self.timeout
-        ).generation
+    @rpc
+    def get_generation(self, generation_id: str) -> Call[inf.Generation]:
+        request = inf.GetGenerationRequest(generation_id=generation_id)
+        return Call("GetGeneration", request, self.timeout, convert=lambda answer: answer.generation)
+
+
+# -- the clients -----------------------------------------------------------------------------------------
+
+
+class FeedbackClient(_FeedbackCalls, _Blocking):
+    """Blocking client of the feedback service."""
+
+
+class RewardClient(_RewardCalls, _Blocking):
+    """Blocking client of the reward service."""
+
+
+class PolicyClient(_PolicyCalls, _Blocking):
+    """Blocking client of the policy service."""
+
+
+class InferenceClient(_InferenceCalls, _Blocking):
+    """Blocking client of the inference service."""
+
+
+class AsyncFeedbackClient(_FeedbackCalls, _Async):
+    """asyncio client of the feedback service (grpc.aio): `await client.submit(...)`,
+    `async for ack in client.stream(items)`."""
+
+
+class AsyncRewardClient(_RewardCalls, _Async):
+    """asyncio client of the reward service (grpc.aio)."""
+
+
+class AsyncPolicyClient(_PolicyCalls, _Async):
+    """asyncio client of the policy service (grpc.aio): `async for job in client.watch(job_id)`."""
+
+
+class AsyncInferenceClient(_InferenceCalls, _Async):
+    """asyncio client of the inference service (grpc.aio)."""
 
 
 def wait_until_serving(address: str, timeout: float = 60.0) -> None:

@@ -47,6 +47,8 @@ class DemoConfig:
     ppo_steps: int = 40
     # Longest answer, in tokens.
     max_new_tokens: int = 32
+    # Port of each service (feedback, reward, policy, inference); a service left out or 0 gets a free port.
+    ports: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _free_port() -> int:
@@ -101,7 +103,7 @@ def run_demo(config: DemoConfig) -> int:
     model_dir = ensure_tiny_model(data_dir, progress=lambda line: _say(f"   {line}"))
     _say(f"   {model_dir}")
 
-    stack = Stack(data_dir=data_dir, ports={s: _free_port() for s in MODULES})
+    stack = Stack(data_dir=data_dir, ports={s: config.ports.get(s) or _free_port() for s in MODULES})
     _say(f"== 2/6 starting the stack (logs in {data_dir / 'logs'})")
     processes = start_stack(stack, list(MODULES), log_dir=data_dir / "logs")
     try:
@@ -145,7 +147,7 @@ def _loop(config: DemoConfig, stack: Stack, started: float) -> int:
         )
         for i, (p, text, gid) in enumerate(answers)
     ]
-    acks = feedback.stream(requests)
+    acks = list(feedback.stream(requests))
     accepted = sum(a.accepted for a in acks)
     stats = feedback.stats(agent).stats
     _say(
