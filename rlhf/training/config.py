@@ -7,6 +7,7 @@ it is declared. Defaults are the seed's.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 
 @dataclasses.dataclass
@@ -38,6 +39,9 @@ class ModelTrainingConfig:
     device: str = "auto"
     # "no", "fp16" or "bf16" (autocast on GPU only).
     mixed_precision: str = "no"
+    # Intra-op CPU threads while training on the CPU; 0 chooses: one for models under 20M parameters
+    # (faster: their operations are too short to split), every core otherwise, or OMP_NUM_THREADS when set.
+    cpu_threads: int = 0
 
 
 @dataclasses.dataclass
@@ -90,6 +94,9 @@ class TrainingConfig(ModelTrainingConfig):
     whiten_rewards: bool = False
     # Save a checkpoint every this many steps; 0 saves only at the end, on cancel and on failure.
     checkpoint_interval: int = 0
+    # Reward functions combined into the reward (rlhf.training.reward_functions), each {"name", "weight",
+    # "params"}: the reward is the weighted sum of their values. Empty: the reward model's score.
+    reward_functions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -104,3 +111,57 @@ class RewardModelConfig(ModelTrainingConfig):
     validation_fraction: float = 0.1
     # Stop after this many epochs without validation-loss improvement; 0 disables early stopping.
     early_stopping_patience: int = 0
+
+
+@dataclasses.dataclass
+class GroupPolicyConfig(ModelTrainingConfig):
+    """What GRPO and RLOO share (TRL's GRPOTrainer / RLOOTrainer): each step samples `num_generations`
+    answers to each of `batch_size` prompts, scores them in one call, and takes one optimiser step (per
+    `num_iterations` pass) on advantages taken within each prompt's group. No value head, no GAE."""
+
+    # Optimiser steps (TRL's global_step); each generates one batch of batch_size x num_generations answers.
+    max_steps: int = 1000
+    # Longest answer sampled (TRL's max_completion_length; TRL's default 512 exceeds the tiny model's context,
+    # so the seed's max_new_tokens default stands). Prompts longer than the room left are cut from the left.
+    max_new_tokens: int = 128
+    # Sampling temperature (TRL divides the logits by it in training too). Sampling is the full softmax, as PPO's.
+    temperature: float = 1.0
+    # Gradient norm clip.
+    max_grad_norm: float = 1.0
+    # Save a checkpoint every this many steps; 0 saves only at the end, on cancel and on failure.
+    checkpoint_interval: int = 0
+    # Optimisation passes over each generated batch (TRL's num_iterations, the paper's mu).
+    num_iterations: int = 1
+    # Lower clip of the importance ratio: 1 - epsilon.
+    epsilon: float = 0.2
+    # Upper clip: 1 + epsilon_high; 0 uses epsilon (TRL's None). DAPO recommends 0.28.
+    epsilon_high: float = 0.0
+    # Leave answers cut at max_new_tokens out of the loss (DAPO's advice).
+    mask_truncated_completions: bool = False
+
+
+@dataclasses.dataclass
+class GRPOTrainingConfig(GroupPolicyConfig):
+    """Knobs of one GRPO run, with TRL 1.16's GRPOConfig defaults."""
+
+    # Answers sampled per prompt (the group); at least 2.
+    num_generations: int = 8
+    # KL coefficient against the reference (the base weights: adapters off with LoRA); 0 loads no reference.
+    beta: float = 0.0
+    # Loss aggregation: "dapo" (tokens of the whole batch), "grpo" (per answer, then mean), "dr_grpo"
+    # (a constant: max_new_tokens), "bnpo" (tokens of the local batch), "cispo" (clipped weights), "sapo".
+    loss_type: str = "dapo"
+    # Advantage scaling: "group" (by each group's std), "batch" (by the batch's std) or "none" (Dr. GRPO).
+    scale_rewards: str = "group"
+
+
+@dataclasses.dataclass
+class RLOOTrainingConfig(GroupPolicyConfig):
+    """Knobs of one RLOO run, with TRL 1.16's RLOOConfig defaults."""
+
+    # Answers sampled per prompt; each one's baseline is the mean score of the others; at least 2.
+    num_generations: int = 2
+    # KL coefficient: beta x (sequence KL to the reference) is subtracted from each score.
+    beta: float = 0.05
+    # Whiten the advantages over each generated batch.
+    normalize_advantages: bool = False
