@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from rlhf.runtime.config import ServerConfig, env_int, env_str, service_address
+from rlhf.training.reward_functions import parse_registrations
 
 
 @dataclasses.dataclass
@@ -28,6 +29,10 @@ class RewardServiceConfig:
     # Seconds a job request may spend checking that its base model can be loaded (config only; a hub id
     # that does not answer in time is FAILED_PRECONDITION).
     model_check_timeout_seconds: float = 10.0
+    # Operator reward functions requests may name beside the built-ins, {name: "package.module:function"}
+    # (RLHF_REWARD_FUNCTIONS="name=package.module:function,..."); imported at start, so a bad entry stops
+    # the service with the reason. Each takes (prompts, responses, scores, **params), returns one number each.
+    reward_functions: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_env(cls, **server_overrides) -> RewardServiceConfig:
@@ -36,4 +41,5 @@ class RewardServiceConfig:
             feedback_address=service_address("feedback"),
             score_max_batch=env_int("RLHF_SCORE_MAX_BATCH", 4096),
             device=env_str("RLHF_REWARD_DEVICE", "auto"),
+            reward_functions=parse_registrations(env_str("RLHF_REWARD_FUNCTIONS", "")),
         )

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -21,7 +22,13 @@ from rlhf.runtime.model_checks import ModelChecker
 from rlhf.runtime.registry import Catalog
 from rlhf.runtime.training_store import TrainingStore
 from rlhf.training.config import RewardModelConfig
-from rlhf.training.scoring import Scored, Scorer
+from rlhf.training.reward_functions import (
+    InvalidRewardFunction,
+    RewardCombination,
+    RewardFunctionRegistry,
+    RewardFunctionSpec,
+)
+from rlhf.training.scoring import Scored, Scorer, apply_reward_functions
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,8 @@ class RewardDomain:
         self.base_models = ModelChecker(config.server.data_dir, config.model_check_timeout_seconds)
         self.jobs = JobManager(store.jobs, self.root / ".jobs", "reward_service.worker", self._register)
         self.scorer = Scorer(config.device, config.score_micro_batch, config.model_cache_size)
+        # Imported now: a registration that does not import stops the service at start, saying which.
+        self.reward_functions = RewardFunctionRegistry.of(config.reward_functions)
         self._feedback_channel = grpc.aio.insecure_channel(config.feedback_address)
         self.feedback = fb_grpc.FeedbackServiceStub(self._feedback_channel)
 
@@ -101,10 +110,17 @@ class RewardDomain:
 
     # --- scoring -------------------------------------------------------------------------------------
     async def score(
-        self, agent_id: str, version: str, pairs: list[tuple[str, str]], time_remaining: float | None
+        self,
+        agent_id: str,
+        version: str,
+        pairs: list[tuple[str, str]],
+        time_remaining: float | None,
+        functions: Sequence[RewardFunctionSpec | dict[str, Any]] = (),
     ) -> tuple[list[Scored], str]:
+        """The reward model's scores of `pairs`, combined by the registered reward `functions` when named."""
         validation.agent_id(agent_id)
         validation.version(version)
+        combination = self.combination(functions, "functions")
         if not pairs:
             raise InvalidArgument("items", "must hold at least one item")
         if len(pairs) > self.config.score_max_batch:
@@ -116,4 +132,13 @@ class RewardDomain:
         loaded = await self.scorer.cache.get(record.path)
         deadline = time.monotonic() + time_remaining if time_remaining else None
         scored = await asyncio.to_thread(self.scorer.score, loaded, pairs, deadline)
+        if combination:
+            scored = await asyncio.to_thread(apply_reward_functions, combination, pairs, scored)
         return scored, record.version
+
+    def combination(self, functions: Sequence[RewardFunctionSpec | dict[str, Any]], field: str) -> RewardCombination:
+        """The validated combination; a name that is not registered or a bad parameter is INVALID_ARGUMENT."""
+        try:
+            return self.reward_functions.combination(functions, field)
+        except InvalidRewardFunction as error:
+            raise InvalidArgument(error.field, error.description) from error

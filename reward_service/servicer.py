@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from google.protobuf import json_format
+
 from reward_service.domain import RewardDomain
 from rlhf.reward.v1 import reward_service_pb2 as pb
 from rlhf.reward.v1 import reward_service_pb2_grpc as pb_grpc
@@ -12,6 +16,7 @@ from rlhf.runtime.protoconfig import from_message, to_message
 from rlhf.runtime.registry import Version
 from rlhf.runtime.timestamps import to_proto
 from rlhf.training.config import RewardModelConfig
+from rlhf.training.reward_functions import RewardFunction
 
 
 def job_to_proto(job: Job) -> pb.TrainingJob:
@@ -65,8 +70,41 @@ class RewardServicer(JobRpcs, pb_grpc.RewardServiceServicer):
 
     async def ScoreBatch(self, request, context):
         pairs = [(item.prompt, item.response) for item in request.items]
-        scored, version = await self.domain.score(request.agent_id, request.version, pairs, context.time_remaining())
+        functions = [spec_from_proto(f) for f in request.functions]
+        scored, version = await self.domain.score(
+            request.agent_id, request.version, pairs, context.time_remaining(), functions
+        )
         return pb.ScoreBatchResponse(
             version=version,
-            scores=[pb.ItemScore(score=s.score, rating=s.rating, ok=s.ok, error=s.error) for s in scored],
+            scores=[
+                pb.ItemScore(score=s.score, rating=s.rating, ok=s.ok, error=s.error, model_score=s.model_score)
+                for s in scored
+            ],
         )
+
+    async def ListRewardFunctions(self, request, context):
+        return pb.ListRewardFunctionsResponse(
+            functions=[function_to_proto(f) for f in self.domain.reward_functions.listed()]
+        )
+
+
+def spec_from_proto(message: pb.RewardFunctionSpec) -> dict[str, Any]:
+    """{"name", "weight", "params"} as the library reads it (an unset weight is 1)."""
+    return {
+        "name": message.name,
+        "weight": message.weight if message.HasField("weight") else 1.0,
+        "params": json_format.MessageToDict(message.params),
+    }
+
+
+def function_to_proto(function: RewardFunction) -> pb.RewardFunction:
+    message = pb.RewardFunction(
+        name=function.name, description=function.description, builtin=function.builtin, source=function.source
+    )
+    for param in function.describe_params():
+        described = message.params.add(
+            name=param["name"], type=param["type"], required=param["required"], description=param["description"]
+        )
+        if not param["required"]:
+            json_format.ParseDict(param["default"], described.default_value)
+    return message

@@ -685,6 +685,15 @@ REWARD_CASES = [
         setup=reward_model_without_files,
         name="model-unloadable",
     ),
+    invalid(
+        "reward",
+        "ScoreBatch",
+        rw.ScoreBatchRequest(
+            agent_id="ag", items=[rw.ScoreItem(prompt="p", response="r")], functions=[rw.RewardFunctionSpec(name="x")]
+        ),
+        "functions[0].name",
+    ),
+    Case("reward", "ListRewardFunctions", rw.ListRewardFunctionsRequest(), StatusCode.OK),
 ]
 
 POLICY_CASES = [
@@ -920,7 +929,7 @@ def test_deadline_reaches_the_servicer(tmp_path: pathlib.Path) -> None:
     """time_remaining is grpc_testing's, counting down from the deadline `invoke` sends."""
     seen = []
 
-    async def score(agent_id: str, version: str, pairs: object, time_remaining: float | None) -> None:
+    async def score(agent_id: str, version: str, pairs: object, time_remaining: float | None, functions=()) -> None:
         seen.append(time_remaining)
         raise KeyError("stop here")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
+from google.protobuf import json_format
 from google.protobuf.message import Message
 
 T = TypeVar("T")
@@ -20,6 +21,8 @@ def from_message(message: Message | None, cls: type[T], **overrides: Any) -> T:
                 continue
             if descriptor.is_repeated:
                 items = list(getattr(message, field.name))
+                if descriptor.message_type is not None:  # messages travel in configs as JSON-like dicts
+                    items = [json_format.MessageToDict(i, preserving_proto_field_name=True) for i in items]
                 if items:
                     values[field.name] = items
             elif message.HasField(field.name):
@@ -35,7 +38,10 @@ def to_message(config: Any, message_cls: type[Message]) -> Message:
     for key, value in dataclasses.asdict(config).items():
         if key not in names or value is None:
             continue
-        if isinstance(value, list):
+        if isinstance(value, list) and names[key].message_type is not None:
+            for item in value:
+                json_format.ParseDict(item, getattr(message, key).add())
+        elif isinstance(value, list):
             getattr(message, key).extend(value)
         else:
             setattr(message, key, value)

@@ -7,6 +7,7 @@ import time
 
 from rlhf.training.errors import DeadlinePassed
 from rlhf.training.modelcache import ModelCache
+from rlhf.training.reward_functions import RewardCombination
 from rlhf.training.reward_inputs import encode, pair_text, read_normalization, to_rating, trained_max_length
 from rlhf.training.sequences import context_length
 
@@ -32,10 +33,11 @@ class Scores:
 
 @dataclasses.dataclass
 class Scored:
-    score: float = 0.0
-    rating: float = 0.0
+    score: float = 0.0  # what RL optimises: the reward model's score, or the reward functions' sum of it
+    rating: float = 0.0  # the reward model's score on the 0..1 feedback scale
     ok: bool = True
     error: str = ""
+    model_score: float = 0.0  # the reward model's own score (before reward functions)
 
 
 def load_reward_model(model_path: str, device: str) -> LoadedRewardModel:
@@ -81,8 +83,27 @@ class Scorer:
                 enc = encode(loaded.tokenizer, [t for _, t in chunk], loaded.max_length).to(loaded.device)
                 values = loaded.model(**enc).logits.squeeze(-1).float().tolist()
                 for (index, _), value in zip(chunk, values, strict=False):
-                    results[index] = Scored(score=value, rating=to_rating(value, loaded.normalization))
+                    results[index] = Scored(
+                        score=value, rating=to_rating(value, loaded.normalization), model_score=value
+                    )
         return results
+
+
+def apply_reward_functions(
+    combination: RewardCombination, pairs: list[tuple[str, str]], scored: list[Scored]
+) -> list[Scored]:
+    """`scored` with each scorable item's score replaced by the combination of the reward model's scores
+    (ratings and model_score stay the reward model's); unscorable items are left out of the functions' batch."""
+    if not combination:
+        return scored
+    kept = [i for i, s in enumerate(scored) if s.ok]
+    values = combination(
+        [pairs[i][0] for i in kept], [pairs[i][1] for i in kept], [scored[i].model_score for i in kept]
+    )
+    out = list(scored)
+    for i, value in zip(kept, values, strict=True):
+        out[i] = dataclasses.replace(scored[i], score=value)
+    return out
 
 
 def fill_unscorable(scores: list[float | None]) -> list[float]:
