@@ -177,3 +177,79 @@ def test_accumulation_splits_a_minibatch_and_still_steps_once_per_minibatch(tiny
     rates = []
     trainer.train(PROMPTS, length_reward, lambda step, m: rates.append(m["lr"]))
     assert rates == pytest.approx([5e-4, 0.0])  # 8 updates in all, linear decay: half-way after step 1
+
+
+def _two_optimised_copies(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    twin = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
+@pytest.mark.parametrize("max_norm", [0.01, 1e6], ids=["clipped", "unclipped"])
+def test_fused_clip_and_step_matches_clip_grad_norm_then_step(max_norm):
+    # The clip is folded into the fused AdamW kernel's gradient scale: the result must be what the
+    # textbook clip_grad_norm_ + step gives, over several steps.
+    from rlhf.training.ppo_trainer import clip_and_step
+
+    model, twin = _two_optimised_copies()
+    ours = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-5, weight_decay=0.0, fused=True)
+    textbook = torch.optim.AdamW(twin.parameters(), lr=1e-2, eps=1e-5, weight_decay=0.0, fused=True)
+    data = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(4):
+        for net, optimiser in ((model, ours), (twin, textbook)):
+            optimiser.zero_grad()
+            (net(data) ** 2).sum().mul(100).backward()
+        assert clip_and_step(ours, list(model.parameters()), max_norm) is False
+        torch.nn.utils.clip_grad_norm_(list(twin.parameters()), max_norm)
+        textbook.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert not hasattr(ours, "grad_scale") and not hasattr(ours, "found_inf")
+
+
+def test_a_non_finite_gradient_skips_the_update_instead_of_poisoning_the_weights():
+    from rlhf.training.ppo_trainer import clip_and_step
+
+    model, _ = _two_optimised_copies()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    (model(torch.randn(4, 6)).sum() * float("nan")).backward()
+    assert clip_and_step(optimiser, list(model.parameters()), 1.0) is True
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    # The next finite update goes through as usual.
+    optimiser.zero_grad()
+    model(torch.randn(4, 6)).sum().backward()
+    assert clip_and_step(optimiser, list(model.parameters()), 1.0) is False
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_old_logprobs_and_values_from_the_sampling_passes_equal_a_full_forward_pass(tiny_model, use_lora):
+    # The rollout takes its old log-probs and values from the KV-cache sampling passes instead of a second
+    # forward pass; they must be what a full forward pass over prompt + response gives.
+    trainer = PPOTrainer(quick(use_lora=use_lora), str(tiny_model), "cpu")
+    assert trainer.reuse_sampling_passes
+    roll = trainer.rollout(PROMPTS[:4], length_reward)
+    with torch.no_grad():
+        logprobs, values, _ = trainer._forward(trainer.model, roll.query, roll.query_mask, roll.response, roll.mask)
+    mask = roll.mask.bool()
+    assert mask.sum() > 8
+    assert torch.allclose(roll.logprobs[mask], logprobs[mask], atol=1e-4)
+    assert torch.allclose(roll.values[mask], values[mask], atol=1e-4)
+
+
+def test_small_models_train_on_one_cpu_thread_unless_told_otherwise(tiny_model, monkeypatch):
+    from rlhf.training.threads import DEFAULT_THREADS, cpu_threads_for
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    trainer = PPOTrainer(quick(), str(tiny_model), "cpu")
+    assert cpu_threads_for(trainer.model, 0) == 1
+    assert cpu_threads_for(trainer.model, 3) == 3
+    assert trainer.cpu_threads == 1 and torch.get_num_threads() == 1
+    big = torch.nn.Linear(5000, 5000)  # 25M parameters: every core
+    assert cpu_threads_for(big, 0) == DEFAULT_THREADS
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads_for(trainer.model, 0) == DEFAULT_THREADS

@@ -40,6 +40,7 @@ def model_training(config, prefix: str) -> None:
     int_in(config.batch_size, f"{prefix}.batch_size", 1, 4096)
     int_in(config.gradient_accumulation_steps, f"{prefix}.gradient_accumulation_steps", 1, 1024)
     device_and_precision(config.device, config.mixed_precision, prefix)
+    int_in(config.cpu_threads, f"{prefix}.cpu_threads", 0, 1024)
 
 
 def reward_model_config(config, prefix: str) -> None:

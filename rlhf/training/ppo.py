@@ -122,6 +122,15 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.gather(logits.log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logprobs_of and (without gradient) entropy_from_logits from one log-softmax over the vocabulary,
+    which on a small model is a large part of a training pass."""
+    logp = logits.log_softmax(-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1), entropy
+
+
 @dataclasses.dataclass
 class AdaptiveKLController:
     """Ziegler et al.'s controller: move the KL coefficient so the measured KL tracks `target`.

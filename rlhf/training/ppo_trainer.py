@@ -9,6 +9,7 @@ reference is the same weights with adapters disabled, and the saved policy is me
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -27,6 +28,7 @@ from rlhf.training.config import TrainingConfig
 from rlhf.training.errors import TrainingError
 from rlhf.training.modeling import add_lora, disable_dropout
 from rlhf.training.scoring import Scores
+from rlhf.training.threads import use_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,23 @@ def logits_to_keep(lm: nn.Module, keep: int) -> dict[str, int]:
 def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as generate() uses them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter], max_norm: float) -> bool:
+    """clip_grad_norm_ then optimizer.step() for a fused AdamW, in one pass over the gradients: the fused
+    kernel divides each gradient by `grad_scale` as it reads it (the attribute GradScaler sets for fused
+    optimisers), so clipping needs no separate pass that rewrites every gradient (~4% of a 124M-parameter
+    step). Gradients that are not finite skip the update (`found_inf`) instead of writing NaN into every
+    weight; returns whether it was skipped."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    skipped = ~torch.isfinite(norm)
+    optimizer.grad_scale = torch.where(skipped, 1.0, (norm / max_norm).clamp(min=1.0)).float()
+    optimizer.found_inf = skipped.float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+    return bool(skipped)
 
 
 @dataclasses.dataclass
@@ -136,6 +155,7 @@ class PPOTrainer:
             disable_dropout(self.reference)
             self.reference.requires_grad_(False)
         self.model = PolicyWithValueHead(lm).to(device)
+        self.cpu_threads = use_cpu_threads(self.model, config.cpu_threads, device)
         # After peft: its LoRA dropout layers exist only now. With any dropout left on, two passes over the
         # same tokens differ and the PPO ratio drifts from 1 before an update (lora_dropout stays a valid
         # setting for the reward model; RL runs without dropout, as TRL does).
@@ -144,11 +164,14 @@ class PPOTrainer:
         self.eos_ids = sequences.eos_token_ids(lm, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         # No weight decay (TRL's default): it would pull LoRA adapters and the value head towards 0.
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # fused: one kernel for all parameters instead of a Python loop over them (CPU and CUDA).
+        self._fused = device.split(":")[0] in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(
-            params, lr=config.learning_rate, eps=1e-5, weight_decay=0.0, fused=device.split(":")[0] in ("cpu", "cuda")
+            self.trainable, lr=config.learning_rate, eps=1e-5, weight_decay=0.0, fused=self._fused
         )
+        # Updates skipped because their gradients were not finite (reported in the metrics).
+        self.skipped_updates = 0
         # Linear decay to 0 over the run's optimiser steps, as TRL's trainers do by default.
         total_updates = max(
             1, config.max_steps * config.ppo_epochs * math.ceil(config.batch_size / config.mini_batch_size)
@@ -170,6 +193,11 @@ class PPOTrainer:
         self._scoring = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scoring")
         # Seconds the last rollout waited for its scores after its own forward passes were done.
         self.score_wait_seconds = 0.0
+        # In fp32 the old log-probs and values come from the sampling passes themselves (the KV-cache passes
+        # agree with a full forward pass to ~1e-6, so the first update's ratio is 1 within that): one forward
+        # pass of the policy per rollout saved. Under autocast a cached and a full pass differ more, so a
+        # separate pass computes them, as TRL does.
+        self.reuse_sampling_passes = self.amp is None
 
     # --- rollouts ------------------------------------------------------------------------------------
     def _autocast(self):
@@ -192,6 +220,7 @@ class PPOTrainer:
             self.pad_id,
             self.sampler,
             self._autocast(),
+            with_hidden=self.reuse_sampling_passes,
         )
         query, query_mask, response, mask = sampled.query, sampled.query_mask, sampled.response, sampled.mask
         texts = [
@@ -205,7 +234,12 @@ class PPOTrainer:
         # reference's forward passes over the rollout, which do not depend on the scores.
         scoring = self._scoring.submit(score_fn, prompts, texts)
         try:
-            logprobs, values, _ = self._forward(self.model, query, query_mask, response, mask)
+            if self.reuse_sampling_passes:
+                logprobs = sampled.logprobs
+                values = self.model.value_head(sampled.hidden.to(self.model.value_head.weight.dtype)).squeeze(-1)
+                values = values.float() * mask
+            else:
+                logprobs, values, _ = self._forward(self.model, query, query_mask, response, mask)
             ref_logprobs = self._reference_logprobs(query, query_mask, response, mask)
         finally:
             waited = time.monotonic()
@@ -235,28 +269,31 @@ class PPOTrainer:
         return Rollout(query, query_mask, response, mask, logprobs, ref_logprobs, values, scores, raw, rated, texts)
 
     def _forward(self, model: PolicyWithValueHead, query, query_mask, response, mask):
-        """Log-probs (temperature-scaled, as sampled), values and logits of the response tokens."""
+        """Log-probs (temperature-scaled, as sampled), values and entropies (no gradient) of the response
+        tokens."""
         ids = torch.cat([query, response], 1)
         attention = torch.cat([query_mask, mask.long()], 1)
         keep = response.shape[1] + 1  # the positions that predict the response tokens, and the last one
         with self._autocast():
             logits, values = model(ids, attention, keep)
         logits = logits[:, -keep:-1].float() / self.config.temperature
-        return ppo.logprobs_of(logits, response), values[:, -keep:-1].float(), logits
+        logprobs, entropy = ppo.logprobs_and_entropy(logits, response)
+        return logprobs, values[:, -keep:-1].float(), entropy
 
     def _reference_logprobs(self, query, query_mask, response, mask) -> torch.Tensor:
-        if self.reference is None:
-            with self.model.lm.disable_adapter():
-                return self._forward(self.model, query, query_mask, response, mask)[0]
+        """Log-probs of the response tokens under the reference: the frozen copy, or with LoRA the same
+        weights with the adapters disabled (no value head, no entropy: neither is needed here)."""
         ids = torch.cat([query, response], 1)
         attention = torch.cat([query_mask, mask.long()], 1)
         keep = response.shape[1] + 1
-        with self._autocast():
-            logits = self.reference(
+        reference = self.reference if self.reference is not None else self.model.lm
+        adapters_off = self.model.lm.disable_adapter() if self.reference is None else contextlib.nullcontext()
+        with adapters_off, self._autocast():
+            logits = reference(
                 input_ids=ids,
                 attention_mask=attention,
                 position_ids=position_ids_of(attention),
-                **logits_to_keep(self.reference, keep),
+                **logits_to_keep(reference, keep),
             ).logits
         logits = logits[:, -keep:-1].float() / self.config.temperature
         return ppo.logprobs_of(logits, response)
@@ -287,7 +324,7 @@ class PPOTrainer:
                 ):
                     if not micro:
                         continue
-                    new_logprobs, new_values, logits = self._forward(
+                    new_logprobs, new_values, entropy = self._forward(
                         self.model, roll.query[micro], roll.query_mask[micro], roll.response[micro], roll.mask[micro]
                     )
                     mask = roll.mask[micro]
@@ -311,7 +348,7 @@ class PPOTrainer:
                         stats["approxkl"].append(pg_stats["approxkl"].item())
                         stats["vclip"].append(vf_stats["clipfrac"].item())
                         stats["verr"].append(vf_stats["error"].item())
-                        stats["entropy"].append(ppo.masked_mean(ppo.entropy_from_logits(logits), mask).item())
+                        stats["entropy"].append(ppo.masked_mean(entropy, mask).item())
                 self._optimizer_step()
 
         mean_kl = kl.sum(1).mean().item()
@@ -339,6 +376,7 @@ class PPOTrainer:
             "policy/first_minibatch_ratio_error": first_ratio_error,
             "lr": self.scheduler.get_last_lr()[0],
             "prompts_truncated": float(self.truncated_prompts),
+            "policy/skipped_updates": float(self.skipped_updates),
             "response_length": roll.mask.sum(1).mean().item(),
             # Widths the step's passes ran at (its longest response and prompt), for the dry-run cost model.
             "tokens/response_width": float(roll.response.shape[1]),
@@ -365,11 +403,12 @@ class PPOTrainer:
 
     def _optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm
-        )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self._fused and not self.scaler.is_enabled():
+            self.skipped_updates += clip_and_step(self.optimizer, self.trainable, self.config.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 

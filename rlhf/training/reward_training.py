@@ -92,13 +92,17 @@ def train_reward_model(
     base_path: str,
     output_dir: pathlib.Path,
     context: Progress | None = None,
+    validation: list[Rating | Comparison] | None = None,
 ) -> dict[str, Any]:
     """Train on `items`, save a model folder loadable by AutoModelForSequenceClassification at `output_dir`
     (with normalization.json, reward_config.json, loss_history.json) and return counts, metrics and the
-    normalisation. `context` receives progress and may stop the run by raising from check_cancelled."""
+    normalisation. `context` receives progress and may stop the run by raising from check_cancelled.
+    `validation`: held-out items chosen by the caller (the seed's train/val datasets); by default a seeded
+    share (config.validation_fraction) of `items` is held out."""
     import torch
 
     from rlhf.training.modeling import autocast_dtype, load_tokenizer, pick_device
+    from rlhf.training.threads import use_cpu_threads
 
     context = context or SilentProgress()
     usable = sum(1 for i in items if isinstance(i, (Rating, Comparison)))
@@ -113,8 +117,12 @@ def train_reward_model(
     tokenizer = load_tokenizer(base_path, padding_side="right")
     model = prepare_model(config, base_path, tokenizer)
     examples = Examples.of(items, tokenizer)
-    train_r, val_r = split(examples.ratings, config.validation_fraction, rng)
-    train_c, val_c = split(examples.comparisons, config.validation_fraction, rng)
+    if validation is None:
+        train_r, val_r = split(examples.ratings, config.validation_fraction, rng)
+        train_c, val_c = split(examples.comparisons, config.validation_fraction, rng)
+    else:
+        held = Examples.of(validation, tokenizer)
+        train_r, val_r, train_c, val_c = examples.ratings, held.ratings, examples.comparisons, held.comparisons
 
     # Normalise ratings so the head regresses a unit-scale target; kept to report 0..1 ratings later.
     # From the training split only: validation items must not leak into what the model is fitted to.
@@ -125,6 +133,7 @@ def train_reward_model(
     normalization = {"kind": "rating" if examples.ratings else "comparison", "mean": mean, "std": std}
 
     model.to(device)
+    use_cpu_threads(model, config.cpu_threads, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
     # fp16 needs loss scaling or small gradients underflow to 0.

@@ -88,6 +88,9 @@ class Sampled:
     response: torch.Tensor  # (B, Lr) sampled ids; pad after each row's end
     mask: torch.Tensor  # (B, Lr) float, 1 through the first EOS (response_mask)
     ended: torch.Tensor  # (B,) bool: the row stopped on an EOS (not on the length limit)
+    logprobs: torch.Tensor  # (B, Lr) float32 log-probability of each sampled token at `temperature`
+    # (B, Lr, H) the last layer's hidden state at the position that predicted each token (with_hidden only)
+    hidden: torch.Tensor | None = None
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +113,14 @@ def sample(
     pad_id: int,
     generator: torch.Generator,
     autocast: Any = None,
+    with_hidden: bool = False,
 ) -> Sampled:
     """Sample responses from the model's full softmax at `temperature` (no top-k/top-p, no repetition
     penalty or other settings from the checkpoint's generation config): exactly the distribution PPO
-    computes log-probabilities, KL and entropy under. Stops early once every row has ended."""
+    computes log-probabilities, KL and entropy under. Stops early once every row has ended.
+
+    Also returns each sampled token's log-probability and, with `with_hidden`, the last hidden states, so
+    PPO can take its old log-probs and values from the sampling passes instead of a second forward pass."""
     import contextlib
 
     device = generator.device
@@ -123,6 +130,8 @@ def sample(
     batch = query.shape[0]
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     ended = torch.zeros(batch, dtype=torch.bool, device=device)
+    logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+    hidden: list[torch.Tensor] = []
     attention = query_mask
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     inputs, cache, steps = query, None, 0
@@ -133,13 +142,17 @@ def sample(
                 attention_mask=attention,
                 position_ids=positions,
                 use_cache=True,
+                output_hidden_states=with_hidden,
                 **{keyword: cache},
                 **extra,
             )
         cache = out[keyword] if keyword == "cache" else out.past_key_values
-        logits = out.logits[:, -1].float() / temperature
-        token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
-        token = torch.where(ended, torch.full_like(token, pad_id), token)
+        if with_hidden:
+            hidden.append(out.hidden_states[-1][:, -1])
+        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        token = torch.multinomial(logp.exp(), 1, generator=generator)
+        logprobs[:, t] = logp.gather(1, token).squeeze(1)
+        token = torch.where(ended, torch.full_like(token.squeeze(1), pad_id), token.squeeze(1))
         tokens[:, t] = token
         steps = t + 1
         ended |= torch.isin(token, eos)
@@ -151,4 +164,5 @@ def sample(
     response = tokens[:, :steps]
     mask = response_mask(response, eos_ids)
     response = torch.where(mask.bool(), response, torch.full_like(response, pad_id))
-    return Sampled(query, query_mask, response, mask, ended)
+    states = torch.stack(hidden, 1) if with_hidden else None
+    return Sampled(query, query_mask, response, mask, ended, logprobs[:, :steps] * mask, states)
