@@ -249,7 +249,7 @@ def test_small_models_train_on_one_cpu_thread_unless_told_otherwise(tiny_model, 
     assert cpu_threads_for(trainer.model, 0) == 1
     assert cpu_threads_for(trainer.model, 3) == 3
     assert trainer.cpu_threads == 1 and torch.get_num_threads() == 1
-    big = torch.nn.Linear(5000, 5000)  # 25M parameters: every core
+    big = torch.nn.Linear(3000, 3000)  # 9M parameters: every core
     assert cpu_threads_for(big, 0) == DEFAULT_THREADS
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert cpu_threads_for(trainer.model, 0) == DEFAULT_THREADS

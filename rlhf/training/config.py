@@ -39,7 +39,7 @@ class ModelTrainingConfig:
     device: str = "auto"
     # "no", "fp16" or "bf16" (autocast on GPU only).
     mixed_precision: str = "no"
-    # Intra-op CPU threads while training on the CPU; 0 chooses: one for models under 20M parameters
+    # Intra-op CPU threads while training on the CPU; 0 chooses: one for models under 5M parameters
     # (faster: their operations are too short to split), every core otherwise, or OMP_NUM_THREADS when set.
     cpu_threads: int = 0
 
@@ -165,3 +165,7 @@ class RLOOTrainingConfig(GroupPolicyConfig):
     beta: float = 0.05
     # Whiten the advantages over each generated batch.
     normalize_advantages: bool = False
+
+
+# GRPO's and RLOO's config classes by algorithm name.
+GROUP_CONFIGS: dict[str, type[GroupPolicyConfig]] = {"grpo": GRPOTrainingConfig, "rloo": RLOOTrainingConfig}
