@@ -46,8 +46,9 @@ CHANNEL_OPTIONS = [
 T = TypeVar("T")
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, options: list[tuple[str, Any]] | None = None) -> grpc.Channel:
+    """A channel to `address` with the project's message size limits (and `options` beside them)."""
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS + (options or []))
 
 
 def aio_channel(address: str) -> grpc.aio.Channel:
