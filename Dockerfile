@@ -1,5 +1,5 @@
-# One image for the four services. compose.yaml runs one service per container through `command:`;
-# `docker run` without a command serves the whole stack in one container (SQLite in /data).
+# One image for the four services and the REST gateway. compose.yaml runs one service per container through
+# `command:`; `docker run` without a command serves the whole stack in one container (SQLite in /data).
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -44,5 +44,6 @@ ENV RLHF_HOST=0.0.0.0 \
     RLHF_MODEL_CACHE=/models \
     HF_HOME=/models/huggingface
 
-EXPOSE 50051 50052 50053 50054
+# The four gRPC services, and the REST gateway (the seed's HTTP API).
+EXPOSE 50051 50052 50053 50054 8000
 CMD ["rlhf", "serve", "all", "--host", "0.0.0.0"]

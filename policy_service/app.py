@@ -16,7 +16,7 @@ from rlhf.runtime.training_store import TrainingStore
 
 async def start(config: PolicyServiceConfig) -> RunningServer:
     engine = make_engine(config.server.resolved_database_url())
-    domain = PolicyDomain(config, TrainingStore(engine, "policies", "policy"))
+    domain = PolicyDomain(config, TrainingStore(engine, "policies", "policy", config.version_naming))
     binding = ServiceBinding(
         "rlhf.policy.v1.PolicyService", PolicyServicer(domain), pb_grpc.add_PolicyServiceServicer_to_server
     )
@@ -28,8 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     server_flags(parser)
     parser.add_argument("--feedback-addr", help="feedback service address (env RLHF_FEEDBACK_ADDR)")
     parser.add_argument("--reward-addr", help="reward service address (env RLHF_REWARD_ADDR)")
+    parser.add_argument(
+        "--version-naming",
+        choices=["sequential", "feedback_count"],
+        help="v1, v2, ... or the seed's v<feedback count> (env RLHF_POLICY_VERSION_NAMING, default sequential)",
+    )
     args = parser.parse_args(argv)
     config = PolicyServiceConfig.from_env(**server_overrides(args))
     config.feedback_address = args.feedback_addr or config.feedback_address
     config.reward_address = args.reward_addr or config.reward_address
+    config.version_naming = args.version_naming or config.version_naming
     run_service("policy", start, config, config.server)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rlhf.runtime.config import ServerConfig, env_int, service_address
+from rlhf.runtime.config import ServerConfig, env_int, env_str, service_address
 
 
 @dataclasses.dataclass
@@ -30,6 +30,10 @@ class PolicyServiceConfig:
     # Seconds a check that a base model can be loaded may take (a hub id: its config.json is fetched, no
     # weights); past it, TrainPolicy answers FAILED_PRECONDITION.
     model_check_timeout_seconds: float = 10.0
+    # How policy versions are named (RLHF_POLICY_VERSION_NAMING): "sequential" ("v1", "v2", ...) or
+    # "feedback_count", the seed's naming after the feedback count a version was trained on ("v15", then "v25");
+    # a name is never reused: a second version on the same count is "v15.2", then "v15.3" (rlhf.runtime.registry).
+    version_naming: str = "sequential"
 
     @classmethod
     def from_env(cls, **server_overrides) -> PolicyServiceConfig:
@@ -38,4 +42,5 @@ class PolicyServiceConfig:
             feedback_address=service_address("feedback"),
             reward_address=service_address("reward"),
             max_steps_cap=env_int("RLHF_MAX_STEPS_CAP", 100_000),
+            version_naming=env_str("RLHF_POLICY_VERSION_NAMING", "sequential"),
         )

@@ -617,3 +617,66 @@ def test_lock_pins_every_declared_dependency_within_its_range_and_no_cuda_packag
     # Locked against the CPU build of torch: a CUDA build's packages would be pulled in by them.
     cuda = [n for n in pins if n.startswith(("nvidia-", "cuda-", "triton"))]
     assert cuda == [], f"requirements.lock has CUDA packages: {cuda}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The REST gateway (gateway/): a compose service like the four, on HTTP
+
+
+GATEWAY = SERVICES.get("gateway", {})
+
+
+def test_gateway_runs_its_module_on_its_port_published_like_the_others():
+    args = command(GATEWAY)
+    assert args[:3] == ["python", "-m", "gateway"] and flag(args, "--host") == "0.0.0.0"
+    port = int(flag(args, "--port"))
+    assert port == DEFAULT_PORTS["gateway"] == 8000
+    assert environment(GATEWAY)["RLHF_GATEWAY_PORT"] == str(port) and environment(GATEWAY)["RLHF_HOST"] == "0.0.0.0"
+    assert published_ports(GATEWAY) == [("8000", 8000)] and GATEWAY["image"] == SERVICES["feedback"]["image"]
+    assert GATEWAY["ports"] == ["127.0.0.1:8000:8000"]
+    overridden = load_compose({"RLHF_PUBLISH_HOST": "0.0.0.0"})["services"]["gateway"]
+    assert overridden["ports"] == ["0.0.0.0:8000:8000"]
+    helped = subprocess.run(
+        [sys.executable, "-m", "gateway", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert all(arg in helped.stdout for arg in args[3:] if arg.startswith("--"))
+
+
+def test_gateway_reaches_the_services_it_calls_and_reads_every_name_it_is_given():
+    text = "".join(p.read_text() for p in (ROOT / "gateway").rglob("*.py"))
+    needed = set(re.findall(r"service_address\(\"(\w+)\"\)", text))
+    assert needed == {"feedback", "policy"}
+    env = environment(GATEWAY)
+    for service in needed:
+        assert f"RLHF_{service.upper()}_ADDR" in env and service in depends_on(GATEWAY)
+    known = set(re.findall(r"\bRLHF_[A-Z0-9_]*[A-Z0-9]\b", text)) | known_env_names()
+    assert {k for k in env if k.startswith("RLHF_")} - known == set()
+
+
+def test_gateway_health_check_passes_only_while_the_services_behind_it_serve():
+    """The compose one-liner against a real gateway whose feedback and policy services are gRPC health servers."""
+    from tests.test_gateway import GatewayProcess
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    gateway = GatewayProcess(address, address)
+    try:
+        test = GATEWAY["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "-c"] and len(test) == 4
+        code = test[3].replace("127.0.0.1:8000", f"127.0.0.1:{gateway.port}")
+        assert code != test[3]
+
+        def check() -> int:
+            return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
+
+        assert check() == 0
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert check() != 0
+    finally:
+        gateway.stop()
+        server.stop(None)
+    assert check() != 0  # nothing listens

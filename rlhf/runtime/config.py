@@ -9,7 +9,8 @@ import dataclasses
 import os
 import pathlib
 
-DEFAULT_PORTS = {"feedback": 50051, "reward": 50052, "policy": 50053, "inference": 50054}
+# The four gRPC services, and the REST gateway (gateway/: the seed's HTTP API over them).
+DEFAULT_PORTS = {"feedback": 50051, "reward": 50052, "policy": 50053, "inference": 50054, "gateway": 8000}
 
 
 def env_str(name: str, default: str) -> str:

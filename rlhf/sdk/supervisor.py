@@ -1,4 +1,5 @@
-"""`rlhf serve all`: the four services as separate processes, wired to each other, stopped together."""
+"""`rlhf serve all`: the four services and the REST gateway as separate processes, wired to each other, stopped
+together."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ MODULES = {
     "policy": "policy_service",
     "inference": "inference_service",
 }
+# The REST gateway (the seed's HTTP API over the four): `rlhf serve all` starts it beside them when the stack
+# has a port for it.
+GATEWAY = "gateway"
 
 
 @dataclasses.dataclass
@@ -40,6 +44,8 @@ class Stack:
             env[f"RLHF_{service.upper()}_PORT"] = str(self.ports[service])
         # Feedback citing a generation id is attributed to the version that generated it.
         env["RLHF_FEEDBACK_INFERENCE_ADDRESS"] = self.address("inference")
+        if GATEWAY in self.ports:
+            env["RLHF_GATEWAY_PORT"] = str(self.ports[GATEWAY])
         return env
 
 
@@ -52,7 +58,15 @@ def start_stack(stack: Stack, services: list[str], log_dir: pathlib.Path | None 
             log_dir.mkdir(parents=True, exist_ok=True)
             output = open(log_dir / f"{service}.log", "ab")
         processes[service] = subprocess.Popen(
-            [sys.executable, "-m", MODULES[service], "--port", str(stack.ports[service]), "--host", stack.host],
+            [
+                sys.executable,
+                "-m",
+                MODULES.get(service, service),
+                "--port",
+                str(stack.ports[service]),
+                "--host",
+                stack.host,
+            ],
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT if output else None,
@@ -82,13 +96,27 @@ def serve(stack: Stack, services: list[str]) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if set(MODULES) <= set(services) and GATEWAY in stack.ports and GATEWAY not in services:
+        services = [*services, GATEWAY]  # the whole stack: its REST API too
     processes = start_stack(stack, services)
     names = ", ".join(f"{s} on {stack.address(s)}" for s in services)
+    if GATEWAY in services:
+        names += f" (REST API docs: http://{stack.address(GATEWAY)}/docs)"
     print(f"rlhf: serving {names} (data dir {stack.data_dir}); Ctrl-C stops", flush=True)
     code = 0
     try:
         while not stop_requested["flag"]:
             dead = [s for s, p in processes.items() if p.poll() is not None]
+            if dead == [GATEWAY]:
+                # The REST API is an extra over the gRPC services (its port is often taken, 8000 being popular):
+                # without it the stack still serves; its own error line said why it stopped.
+                print(
+                    f"rlhf: the REST gateway exited (code {processes.pop(GATEWAY).returncode}); the gRPC services go "
+                    f"on (--gateway-port picks another port)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                continue
             if dead:
                 print(
                     f"rlhf: {', '.join(dead)} service exited "
