@@ -260,7 +260,7 @@ class PolicyDomain:
             results_file = staging / "training_results.json"
             results = json.loads(results_file.read_text())
             results["model_path"] = str(target / "policy")
-            results["version"] = f"v{number}"
+            results["version"] = target.name  # the folder is named after the version ("v3", "v15.2")
             results_file.write_text(json.dumps(results, indent=2))
 
         info = {k: v for k, v in result.items() if k != "output_dir"}

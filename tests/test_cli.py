@@ -82,6 +82,7 @@ def serve_all(data_dir: pathlib.Path, attempts: int = 3, timeout: float = 120.0)
         args = [str(BIN / "rlhf"), "serve", "all", "--data-dir", str(data_dir)]
         for name, port in ports.items():
             args += [f"--{name}-port", str(port)]
+        args += ["--gateway-port", "0"]  # the REST gateway too, on a free port (8000 may be anyone's)
         process = subprocess.Popen(
             args,
             stdout=subprocess.PIPE,
