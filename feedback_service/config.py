@@ -32,6 +32,10 @@ class FeedbackServiceConfig:
     stream_max_buffered: int = 1024
     # Rows per ExportFeedback message (RLHF_FEEDBACK_EXPORT_CHUNK_SIZE).
     export_chunk_size: int = 500
+    # Most bytes of rows in one ListFeedback page or ExportFeedback message (RLHF_FEEDBACK_MAX_PAGE_BYTES): a
+    # page of large rows ends early (its next_page_token, or the export's next message, goes on), so no answer
+    # exceeds the message size limit. Capped at half of server.max_message_bytes.
+    max_page_bytes: int = 16 * 1024 * 1024
     # Most ids one DeleteFeedback request may name.
     max_delete_ids: int = 10_000
     # Inference service address for attribution (RLHF_FEEDBACK_INFERENCE_ADDRESS): feedback citing a
@@ -62,3 +66,8 @@ class FeedbackServiceConfig:
                 values[field.name] = type(default)(raw)
         values.update(own)
         return cls(server=server, **values)
+
+    @property
+    def page_bytes(self) -> int:
+        """The byte budget of one page or export message (see max_page_bytes)."""
+        return max(1, min(self.max_page_bytes, self.server.max_message_bytes // 2))

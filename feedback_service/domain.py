@@ -27,6 +27,7 @@ from feedback_service.models import (
     Page,
     StatsResult,
     Stored,
+    fit_bytes,
 )
 from feedback_service.store import FeedbackStore
 from feedback_service.validate import FeedbackValidator, check_window, new_request_id
@@ -186,15 +187,17 @@ class FeedbackDomain:
         """Newest first. The token is the last sequence returned (keyset), valid under concurrent inserts."""
         validation.agent_id(agent_id)
         limit = validation.page_size(page_size, default=LIST_DEFAULT_PAGE_SIZE, maximum=LIST_MAX_PAGE_SIZE)
-        if len(page_token) > 19:  # a sequence fits in 64 bits; longer is no token of ours
-            raise InvalidArgument("page_token", "is not a token returned by this service")
-        before = validation.offset_token(page_token) if page_token else None
+        before = validation.page_token(page_token, "feedback") or None
         self._validator.check_filters(filters)
         # One row more than the page tells whether another page follows, without a count query.
         records = await asyncio.to_thread(self._store.list_feedback, agent_id, filters, before=before, limit=limit + 1)
         more = len(records) > limit
-        records = records[:limit]
-        return Page(records=records, next_token=str(records[-1].sequence) if more else "")
+        fitted = fit_bytes(records[:limit], self._config.page_bytes)  # large rows: fewer per page
+        more = more or len(fitted) < min(len(records), limit)
+        records = fitted
+        return Page(
+            records=records, next_token=validation.next_page_token(records[-1].sequence, "feedback") if more else ""
+        )
 
     async def stats(
         self, agent_id: str, start_us: int | None, end_us: int | None, group_by_version: bool
@@ -225,9 +228,10 @@ class FeedbackDomain:
             records = await asyncio.to_thread(
                 self._store.export_chunk, agent_id, kind, watermark, after_sequence, chunk_size
             )
-            if records or not sent_any:
-                yield ExportChunk(records=records, watermark=watermark)
+            fitted = fit_bytes(records, self._config.page_bytes)  # large rows: the rest in the next message
+            if fitted or not sent_any:
+                yield ExportChunk(records=fitted, watermark=watermark)
                 sent_any = True
-            if len(records) < chunk_size:
+            if len(records) < chunk_size and len(fitted) == len(records):
                 return
-            after_sequence = records[-1].sequence
+            after_sequence = fitted[-1].sequence

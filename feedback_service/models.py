@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+from rlhf.runtime.errors import InvalidArgument
+
 RATING = "rating"
 COMPARISON = "comparison"
 KINDS = (RATING, COMPARISON)
@@ -28,6 +30,9 @@ class FeedbackInput:
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     request_id: str = ""
     kind: str = ""
+    # Set when the transport could not even read the item (undecodable bytes, an unknown kind): validation
+    # rejects the item with this error and nothing else is looked at.
+    invalid: InvalidArgument | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -74,6 +79,22 @@ class FeedbackRecord(FeedbackFields):
     sequence: int
     metadata: dict[str, str]
     created_at_us: int
+
+    def size_bytes(self) -> int:
+        """About what the row takes in a message: its texts in UTF-8 plus a generous allowance for the rest."""
+        texts = (self.prompt, self.response, self.chosen, self.rejected, self.notes, self.run_id, self.request_id)
+        size = sum(len(t.encode()) for t in texts) + len(self.generation_id) + len(self.policy_version)
+        return size + sum(len(k.encode()) + len(v.encode()) + 8 for k, v in self.metadata.items()) + 128
+
+
+def fit_bytes(records: list[FeedbackRecord], budget: int) -> list[FeedbackRecord]:
+    """The longest head of `records` within `budget` bytes (at least one row, so paging always advances)."""
+    total = 0
+    for index, record in enumerate(records):
+        total += record.size_bytes()
+        if total > budget and index:
+            return records[:index]
+    return records
 
 
 @dataclasses.dataclass(slots=True)

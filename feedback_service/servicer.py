@@ -11,6 +11,7 @@ from feedback_service.domain import FeedbackDomain
 from feedback_service.models import COMPARISON, RATING, FeedbackInput, FeedbackRecord, ListFilters, Stats
 from rlhf.feedback.v1 import feedback_service_pb2 as pb
 from rlhf.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
+from rlhf.runtime.decoding import Undecodable, per_item
 from rlhf.runtime.errors import InvalidArgument, translate_errors
 
 _KIND_FROM_PB: dict[int, str] = {
@@ -122,17 +123,22 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
             policy_version=stored.policy_version,
         )
 
+    @per_item
     async def StreamFeedback(
         self, request_iterator: AsyncIterator[pb.StreamFeedbackRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamFeedbackResponse]:
         async def items() -> AsyncIterator[FeedbackInput]:
             async for request in request_iterator:
+                if isinstance(request, Undecodable):  # bytes that did not parse: this item alone is rejected
+                    field = request.error.field.removeprefix("feedback.")
+                    yield FeedbackInput(agent_id="", invalid=InvalidArgument(field, request.error.description))
+                    continue
                 try:
                     yield _input(request.feedback)
-                except InvalidArgument:
+                except InvalidArgument as error:
                     # An unknown kind: let the domain reject this item alone, naming the field.
                     yield FeedbackInput(
-                        agent_id=request.feedback.agent_id, request_id=request.feedback.request_id, kind="?"
+                        agent_id=request.feedback.agent_id, request_id=request.feedback.request_id, invalid=error
                     )
 
         Response = pb.StreamFeedbackResponse

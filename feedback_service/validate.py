@@ -20,6 +20,8 @@ class FeedbackValidator:
     def item(self, raw: FeedbackInput) -> NewFeedback:
         """A storable item, or InvalidArgument naming the first offending field. Fills in request_id."""
         cfg = self._config
+        if raw.invalid is not None:
+            raise raw.invalid
         validation.agent_id(raw.agent_id)
         kind = raw.kind or (COMPARISON if raw.chosen or raw.rejected else RATING)
         if kind not in KINDS:

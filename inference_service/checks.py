@@ -82,8 +82,11 @@ def targets(values: Sequence[Target], field: str = "targets") -> list[Target]:
         seen.add(target.version)
         if not math.isfinite(target.weight) or target.weight < 0:
             raise InvalidArgument(f"{field}[{i}].weight", f"must be a finite number >= 0, got {target.weight}")
-    if sum(t.weight for t in values) <= 0:
+    total = sum(t.weight for t in values)
+    if total <= 0:
         raise InvalidArgument(field, "the weights must sum to more than 0")
+    if not math.isfinite(total):  # 1e308 + 1e308: routing by shares of an infinite sum sends all to one
+        raise InvalidArgument(field, "the weights' sum overflows; weights are relative, use smaller numbers")
     return list(values)
 
 

@@ -174,7 +174,9 @@ def _sample(logits, params: SamplingParams, generator) -> int:
 
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    # Shifted so the largest is 0, and in float64: a tiny temperature (1e-300, which float32 rounds to 0)
+    # then sends every other logit to -inf instead of making inf - inf = NaN probabilities.
+    logits = (logits.double() - logits.max().double()) / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -182,7 +184,9 @@ def _sample(logits, params: SamplingParams, generator) -> int:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
-        sorted_logits = sorted_logits.masked_fill(before >= params.top_p, float("-inf"))
+        remove = before >= params.top_p
+        remove[0] = False  # the most likely token always stays, however small top_p is
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

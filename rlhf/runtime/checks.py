@@ -7,11 +7,11 @@ import re
 from rlhf.runtime.errors import InvalidArgument
 from rlhf.runtime.validation import int_in, number_in
 
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,2})?")  # fullmatch: "$" allows a final "\n"
 
 
 def device_and_precision(device: str, mixed_precision: str, prefix: str) -> None:
-    if not DEVICE_PATTERN.match(device):
+    if not DEVICE_PATTERN.fullmatch(device):
         raise InvalidArgument(f"{prefix}.device", "must be auto, cpu, mps, cuda or cuda:N")
     if mixed_precision not in ("no", "fp16", "bf16"):
         raise InvalidArgument(f"{prefix}.mixed_precision", "must be no, fp16 or bf16")
@@ -22,7 +22,7 @@ def lora(config, prefix: str) -> None:
     int_in(config.lora_alpha, f"{prefix}.lora_alpha", 1, 65536)
     number_in(config.lora_dropout, f"{prefix}.lora_dropout", 0.0, 0.9)
     for name in config.lora_target_modules:
-        if not re.match(r"^[A-Za-z0-9_.]{1,64}$", name):
+        if not re.fullmatch(r"[A-Za-z0-9_.]{1,64}", name):
             raise InvalidArgument(f"{prefix}.lora_target_modules", f"'{name}' is not a module name")
 
 

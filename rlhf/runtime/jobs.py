@@ -277,9 +277,9 @@ class JobManager:
             validation.agent_id(agent_id)
         size = validation.page_size(page_size)
         jobs = await self.list(
-            agent_id=agent_id, state=state, before_seq=validation.offset_token(page_token), limit=size + 1
+            agent_id=agent_id, state=state, before_seq=validation.page_token(page_token, "jobs"), limit=size + 1
         )
-        return jobs[:size], (str(jobs[size - 1].seq) if len(jobs) > size else "")
+        return jobs[:size], (validation.next_page_token(jobs[size - 1].seq, "jobs") if len(jobs) > size else "")
 
     async def cancel(self, job_id: str) -> Job:
         job = await self.get(job_id)

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rlhf.runtime.config import ServerConfig
+from rlhf.runtime.decoding import LenientDecoding
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class RunningServer:
 
 async def start_server(config: ServerConfig, bindings: list[ServiceBinding]) -> RunningServer:
     """Start serving `bindings` on config.host:config.port (0 picks a free port) with health and reflection."""
-    server = grpc.aio.server(options=config.grpc_options())
+    # Undecodable request bytes: INVALID_ARGUMENT naming the field, not UNKNOWN (rlhf.runtime.decoding).
+    server = grpc.aio.server(options=config.grpc_options(), interceptors=[LenientDecoding()])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for binding in bindings:

@@ -14,6 +14,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import grpc
+
 from rlhf.runtime.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,9 @@ def run_worker(component: str, train: Callable[[JobContext], dict[str, Any]], ar
 
 
 def _describe(error: Exception) -> str:
+    if isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)):
+        # A failed call (often a stream's _MultiThreadedRendezvous, whose str() is a multi-line repr).
+        return f"a call to another service failed with {error.code().name}: {error.details()}"
     message = getattr(error, "message", None) or str(error) or type(error).__name__
     return f"{type(error).__name__}: {message}"
 

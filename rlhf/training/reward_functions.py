@@ -22,7 +22,7 @@ from rlhf.training.errors import TrainingError
 
 # (prompts, responses, scores, **params) -> one value per item
 RewardFn = Callable[..., Sequence[float]]
-NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # fullmatch: "$" would allow a final "\n"
 # Seconds one regex search may take (a pattern comes from a request: no catastrophic backtracking).
 REGEX_TIMEOUT_SECONDS = 0.05
 REQUIRED = object()  # a parameter's default when the caller must give it
@@ -383,7 +383,7 @@ class RewardFunctionRegistry:
         return registry
 
     def register(self, name: str, target: str | RewardFn, description: str = "") -> RewardFunction:
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise ValueError(f"reward function name {name!r} must be lowercase letters, digits and _ (start a-z)")
         if name in self.functions and self.functions[name].builtin:
             raise ValueError(f"reward function name {name!r} is a built-in's; choose another")
