@@ -25,12 +25,21 @@ from rlhf.runtime.model_checks import ModelChecker
 from rlhf.runtime.protoconfig import from_message
 from rlhf.runtime.registry import Catalog
 from rlhf.runtime.training_store import TrainingStore
-from rlhf.training.config import RewardModelConfig, TrainingConfig
+from rlhf.training.config import (
+    GROUP_CONFIGS,
+    GroupPolicyConfig,
+    GRPOTrainingConfig,
+    RewardModelConfig,
+    TrainingConfig,
+)
 from rlhf.training.modelshape import ModelShape
 from rlhf.training.tinymodel import tiny_model_dir
 
 log = logging.getLogger(__name__)
-SUPPORTED_ALGORITHMS = ("ppo",)
+SUPPORTED_ALGORITHMS = ("ppo", "grpo", "rloo")
+# GRPO's loss types a run may ask for (TRL's luspo and vespo need sequence-level importance sampling, not exposed).
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
 # Finished jobs a dry run reads for its calibration (newest first).
 HISTORY_JOBS = 200
 
@@ -44,13 +53,23 @@ def device_kind_of(preference: str) -> str:
     return device_kind(pick_device(preference))
 
 
-def validate_config(config: TrainingConfig, service: PolicyServiceConfig) -> TrainingConfig:
+def validate_config(config: TrainingConfig, service: PolicyServiceConfig, algorithm: str = "ppo") -> TrainingConfig:
+    """The request's TrainingConfig: the fields every algorithm uses, then PPO's own (only for PPO: GRPO and
+    RLOO ignore them, see validate_algorithm_config for theirs)."""
     p = "config"
     v = validation
     checks.model_training(config, p)
+    v.int_in(config.max_steps, "max_steps", 1, service.max_steps_cap)
+    v.int_in(config.max_new_tokens, f"{p}.max_new_tokens", 1, service.max_new_tokens_cap)
+    v.number_in(config.temperature, f"{p}.temperature", 1e-3, 100.0)
+    v.int_in(config.top_k, f"{p}.top_k", 0, 1_000_000)
+    v.number_in(config.top_p, f"{p}.top_p", 1e-6, 1.0)
+    v.number_in(config.max_grad_norm, f"{p}.max_grad_norm", 1e-6, 1e6)
+    v.int_in(config.checkpoint_interval, f"{p}.checkpoint_interval", 0, 10**9)
+    if algorithm != "ppo":
+        return config
     v.int_in(config.mini_batch_size, f"{p}.mini_batch_size", 1, config.batch_size)
     v.int_in(config.ppo_epochs, f"{p}.ppo_epochs", 1, 100)
-    v.int_in(config.max_steps, "max_steps", 1, service.max_steps_cap)
     v.number_in(config.init_kl_coef, f"{p}.init_kl_coef", 0.0, 100.0)
     v.number_in(config.target_kl, f"{p}.target_kl", 0.0, 1e4)
     v.number_in(config.gamma, f"{p}.gamma", 0.0, 1.0)
@@ -58,12 +77,7 @@ def validate_config(config: TrainingConfig, service: PolicyServiceConfig) -> Tra
     v.number_in(config.cliprange, f"{p}.cliprange", 1e-6, 10.0)
     v.number_in(config.cliprange_value, f"{p}.cliprange_value", 1e-6, 1e4)
     v.number_in(config.vf_coef, f"{p}.vf_coef", 0.0, 100.0)
-    v.int_in(config.max_new_tokens, f"{p}.max_new_tokens", 1, service.max_new_tokens_cap)
-    v.number_in(config.temperature, f"{p}.temperature", 1e-3, 100.0)
-    v.int_in(config.top_k, f"{p}.top_k", 0, 1_000_000)
-    v.number_in(config.top_p, f"{p}.top_p", 1e-6, 1.0)
     v.int_in(config.kl_horizon, f"{p}.kl_horizon", 0, 10**9)
-    v.number_in(config.max_grad_norm, f"{p}.max_grad_norm", 1e-6, 1e6)
     if config.missing_eos_penalty < 0:
         raise InvalidArgument(
             f"{p}.missing_eos_penalty",
@@ -72,8 +86,51 @@ def validate_config(config: TrainingConfig, service: PolicyServiceConfig) -> Tra
         )
     v.number_in(config.missing_eos_penalty, f"{p}.missing_eos_penalty", 0.0, 1e3)
     v.number_in(config.reward_clip, f"{p}.reward_clip", 0.0, 1e6)
-    v.int_in(config.checkpoint_interval, f"{p}.checkpoint_interval", 0, 10**9)
     return config
+
+
+def algorithm_config(
+    algorithm: str, config: TrainingConfig, knobs: GroupPolicyConfig | None
+) -> GroupPolicyConfig | None:
+    """GRPO's or RLOO's whole config: the request's shared fields (model, LoRA, optimiser, batch, steps,
+    sampling) from `config`, the algorithm's own from `knobs` (None: TRL's defaults). None for PPO."""
+    if algorithm not in ("grpo", "rloo"):
+        return None
+    cls = GROUP_CONFIGS[algorithm]
+    knobs = knobs if knobs is not None else cls()
+    shared = {f.name for f in dataclasses.fields(TrainingConfig)}
+    return dataclasses.replace(
+        knobs, **{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.name in shared}
+    )
+
+
+def validate_algorithm_config(group: GroupPolicyConfig, algorithm: str) -> GroupPolicyConfig:
+    """GRPO's or RLOO's own fields (the shared ones are validate_config's)."""
+    p = f"{algorithm}_config"
+    v = validation
+    v.int_in(group.num_generations, f"{p}.num_generations", 2, 1024)
+    v.number_in(group.beta, f"{p}.beta", 0.0, 100.0)
+    v.int_in(group.num_iterations, f"{p}.num_iterations", 1, 100)
+    v.number_in(group.epsilon, f"{p}.epsilon", 1e-6, 10.0)
+    v.number_in(group.epsilon_high, f"{p}.epsilon_high", 0.0, 100.0)
+    if isinstance(group, GRPOTrainingConfig):
+        if group.loss_type not in GRPO_LOSS_TYPES:
+            raise InvalidArgument(
+                f"{p}.loss_type", f"unknown loss type {group.loss_type!r}; use one of {', '.join(GRPO_LOSS_TYPES)}"
+            )
+        if group.scale_rewards not in GRPO_SCALE_REWARDS:
+            raise InvalidArgument(
+                f"{p}.scale_rewards",
+                f"unknown scaling {group.scale_rewards!r}; use one of {', '.join(GRPO_SCALE_REWARDS)}",
+            )
+    answers = group.batch_size * group.num_generations
+    if answers % group.gradient_accumulation_steps:
+        raise InvalidArgument(
+            "config.gradient_accumulation_steps",
+            f"a {algorithm.upper()} step's {answers} answers (batch_size {group.batch_size} x num_generations "
+            f"{group.num_generations}) must split evenly into {group.gradient_accumulation_steps} micro-batches",
+        )
+    return group
 
 
 @dataclasses.dataclass
@@ -91,7 +148,8 @@ class DryRun:
     score_mean: float
     score_std: float
     estimate: Estimate
-    config: TrainingConfig
+    # The resolved configuration: PPO's TrainingConfig, or GRPO's / RLOO's whole config.
+    config: TrainingConfig | GroupPolicyConfig
 
 
 class PolicyDomain:
@@ -126,13 +184,16 @@ class PolicyDomain:
         algorithm: str,
         reward_model_version: str,
         reward_config: RewardModelConfig | None,
+        group: GroupPolicyConfig | None = None,
     ) -> Checked:
         """Every check a real run makes, shared by dry runs. `reward_config`: the reward model the job trains
-        first (None when reward_model_version names one)."""
+        first (None when reward_model_version names one); `group`: GRPO's or RLOO's config (algorithm_config)."""
         validation.agent_id(agent_id)
-        validate_config(config, self.config)
+        validate_config(config, self.config, algorithm)
         if algorithm not in SUPPORTED_ALGORITHMS:
             raise Unimplemented(f"algorithm {algorithm.upper()} is not available yet; use PPO")
+        if group is not None:
+            validate_algorithm_config(group, algorithm)
         validation.version(reward_model_version, "reward_model_version")
         if reward_config is not None:
             checks.reward_model_config(reward_config, "reward_model_config")
@@ -186,11 +247,14 @@ class PolicyDomain:
         algorithm: str,
         reward_model_version: str,
         reward_model_config: rw.RewardModelConfig | None = None,
+        knobs: GroupPolicyConfig | None = None,
     ) -> DryRun:
+        """The estimate of a run; `knobs`: GRPO's or RLOO's own fields (algorithm_config)."""
         reward_config = None
         if not reward_model_version:
             reward_config = from_message(reward_model_config, RewardModelConfig)
-        checked = await self._checks(agent_id, config, algorithm, reward_model_version, reward_config)
+        group = algorithm_config(algorithm, config, knobs)
+        checked = await self._checks(agent_id, config, algorithm, reward_model_version, reward_config, group)
         runs = [
             run
             for job in await self.jobs.list(state=SUCCEEDED, limit=HISTORY_JOBS)
@@ -209,10 +273,12 @@ class PolicyDomain:
             reward_device_kind=checked.reward_device_kind,
             feedback_count=checked.stats.feedback_count,
             tiny_model_cached=cached,
+            algorithm=algorithm,
+            group=group,
         )
         log.info("dry run for %s: %d steps, %.2f min (%s)", agent_id, guess.steps, guess.minutes, guess.basis)
         stats = checked.stats
-        return DryRun(stats.feedback_count, stats.score_mean, stats.score_std, guess, config)
+        return DryRun(stats.feedback_count, stats.score_mean, stats.score_std, guess, group or config)
 
     async def start_job(
         self,
@@ -221,12 +287,16 @@ class PolicyDomain:
         algorithm: str,
         reward_model_version: str,
         reward_model_config: rw.RewardModelConfig,
+        knobs: GroupPolicyConfig | None = None,
     ) -> Job:
         reward_config = None if reward_model_version else from_message(reward_model_config, RewardModelConfig)
-        await self._checks(agent_id, config, algorithm, reward_model_version, reward_config)
+        group = algorithm_config(algorithm, config, knobs)
+        await self._checks(agent_id, config, algorithm, reward_model_version, reward_config, group)
         spec = {
             "config": dataclasses.asdict(config),
             "algorithm": algorithm,
+            # GRPO's or RLOO's whole config (shared fields included), what their worker runs.
+            **({"algorithm_config": dataclasses.asdict(group)} if group is not None else {}),
             "reward_model_version": reward_model_version,
             "reward_model_config": reward_model_config.SerializeToString().hex(),
             "feedback_address": self.config.feedback_address,
@@ -246,12 +316,15 @@ class PolicyDomain:
             message = rw.RewardModelConfig()
             message.ParseFromString(bytes.fromhex(job.spec.get("reward_model_config", "")))
             reward_config = from_message(message, RewardModelConfig)
+        algorithm = job.spec["algorithm"]
+        group = GROUP_CONFIGS[algorithm](**job.spec["algorithm_config"]) if "algorithm_config" in job.spec else None
         await self._checks(
             job.agent_id,
             TrainingConfig(**job.spec["config"]),
-            job.spec["algorithm"],
+            algorithm,
             job.spec["reward_model_version"],
             reward_config,
+            group,
         )
         return await self.jobs.resume(job_id)
 

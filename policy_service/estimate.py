@@ -29,6 +29,13 @@ width is taken from the widths measured by earlier runs of the same base model (
 width cut at the new max_new_tokens; a step that hit its own run's cap counts as reaching the new cap (it
 might have gone on). With no such run: max_new_tokens, a conservative bound.
 
+GRPO and RLOO. Their step (one optimiser step of TRL's trainer) has its own default model
+(group_step_seconds: the same per-call, per-logit, per-FLOP and AdamW terms over batch_size x
+num_generations answers, the generation shared by num_iterations steps), and their steps are calibrated only on
+finished runs of the same algorithm (a PPO run says nothing of a GRPO step, nor the reverse). Loading, saving,
+the reward model and the response widths are the algorithm's business only in small part, and are calibrated on
+runs of any algorithm.
+
 The estimate depends only on the request, the finished runs and the model cache: the same request gives the
 same answer until another run finishes.
 """
@@ -40,7 +47,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from rlhf.training.config import RewardModelConfig, TrainingConfig
+from rlhf.training.config import GROUP_CONFIGS, GroupPolicyConfig, RewardModelConfig, TrainingConfig
 from rlhf.training.modeling import TINY_MODEL
 from rlhf.training.modelshape import ModelShape
 
@@ -140,6 +147,9 @@ class Run:
     config: dict[str, Any]
     timing: dict[str, Any]
     wall_seconds: float
+    # "ppo", "grpo" or "rloo"; GRPO's and RLOO's whole config (their timings use the ppo_* keys too).
+    algorithm: str = "ppo"
+    algorithm_config: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, job_id: str, result: dict[str, Any], wall_seconds: float) -> Run | None:
@@ -147,7 +157,8 @@ class Run:
         timing = result.get("timing")
         if not isinstance(timing, dict) or "ppo_seconds" not in timing:
             return None
-        return cls(job_id, result["config"], timing, wall_seconds)
+        algorithm = result.get("algorithm", "ppo")
+        return cls(job_id, result["config"], timing, wall_seconds, algorithm, result.get("algorithm_config"))
 
 
 # --- the default cost models -------------------------------------------------------------------------------
@@ -190,6 +201,50 @@ def ppo_step_seconds(
         + d.score_call
         + d.loop_per_step
     )
+
+
+def group_step_seconds(
+    shape: ModelShape, group: GroupPolicyConfig, response_tokens: float, prompt_tokens: float, device_kind: str
+) -> float:
+    """Seconds of one GRPO / RLOO step (one optimiser step) by the same cost terms as PPO's: each generated
+    batch of batch_size x num_generations answers (one generation call per token, the reference's pass when
+    beta > 0, the old policy's when its log-probs are kept for several updates, one ScoreBatch call) serves
+    num_iterations steps; each step runs forward + backward over gradient_accumulation_steps micro-batches."""
+    d = Defaults
+    gpu = _gpu(device_kind)
+    rows = group.batch_size * group.num_generations
+    tokens = response_tokens + prompt_tokens
+    ga = group.gradient_accumulation_steps
+    extra = (1 if group.beta else 0) + (1 if group.num_iterations > 1 or ga > 1 else 0)
+    # Per generated batch, then shared by its num_iterations steps.
+    generation = (
+        (d.layer_call_gpu if gpu else d.layer_call_cpu) * shape.layers * (response_tokens + extra * ga)
+        + (d.logit_gpu if gpu else d.logit_cpu) * rows * response_tokens * shape.vocab * (1 + extra)
+        + 2 * shape.parameters * rows * tokens * (1 + extra) / (d.flops_gpu if gpu else d.flops_cpu)
+        + d.score_call
+    ) / group.num_iterations
+    training = (
+        (d.layer_call_gpu if gpu else d.layer_call_cpu) * shape.layers * 3 * ga
+        + (d.logit_gpu if gpu else d.logit_cpu) * rows * response_tokens * shape.vocab * 3
+        + 2 * shape.parameters * rows * tokens * 3 / (d.flops_gpu if gpu else d.flops_cpu)
+        + (d.adam_gpu if gpu else d.adam_cpu) * trainable_parameters(shape, group)
+    )
+    return generation + training + d.loop_per_step
+
+
+def step_seconds(
+    algorithm: str,
+    config: TrainingConfig,
+    group: GroupPolicyConfig | None,
+    shape: ModelShape,
+    response_tokens: float,
+    prompt_tokens: float,
+    device_kind: str,
+) -> float:
+    """One step of `algorithm` by its default cost model."""
+    if algorithm == "ppo" or group is None:
+        return ppo_step_seconds(shape, config, response_tokens, prompt_tokens, device_kind)
+    return group_step_seconds(shape, group, response_tokens, prompt_tokens, device_kind)
 
 
 def reward_model_seconds(shape: ModelShape, config: RewardModelConfig, items: int, device_kind: str) -> float:
@@ -283,6 +338,8 @@ def estimate(
     reward_device_kind: str = "",
     feedback_count: int = 0,
     tiny_model_cached: bool = True,
+    algorithm: str = "ppo",
+    group: GroupPolicyConfig | None = None,
 ) -> Estimate:
     """The estimate of a job running `config` on `device_kind` (e.g. "cpu (2 cores)").
 
@@ -292,32 +349,37 @@ def estimate(
     basis: list[str] = []
     response, prompt, length_basis = expected_widths(config, runs, shape.context)
 
-    # PPO steps. A run's first step is left out of its calibration: it waits for the reward service to load
-    # the new reward model (seconds when that process loads its first model), which says nothing of a step.
-    ppo_runs = [r for r in runs if _same_model(r, config, device_kind) and r.timing["ppo_steps"] >= 2][
-        :CALIBRATION_RUNS
-    ]
-    per_step = ppo_step_seconds(shape, config, response, prompt, device_kind)
+    # RL steps, calibrated on finished runs of the same algorithm only. A run's first step is left out of its
+    # calibration: it waits for the reward service to load the new reward model (seconds when that process
+    # loads its first model), which says nothing of a step.
+    name = algorithm.upper()
+    ppo_runs = [
+        r
+        for r in runs
+        if r.algorithm == algorithm and _same_model(r, config, device_kind) and r.timing["ppo_steps"] >= 2
+    ][:CALIBRATION_RUNS]
+    per_step = step_seconds(algorithm, config, group, shape, response, prompt, device_kind)
     if ppo_runs:
         pairs = []
         for run in ppo_runs:
             run_config = TrainingConfig(**run.config)
+            run_group = GROUP_CONFIGS[algorithm](**run.algorithm_config) if run.algorithm_config else None
             widths = _run_widths(run)
             steps = run.timing["ppo_steps"] - 1
-            predicted = steps * ppo_step_seconds(shape, run_config, *widths, device_kind)
+            predicted = steps * step_seconds(algorithm, run_config, run_group, shape, *widths, device_kind)
             pairs.append((run.timing["ppo_seconds"] - run.timing.get("first_step_seconds", 0.0), predicted))
         factor = _ratio(pairs)
         steps = sum(r.timing["ppo_steps"] for r in ppo_runs)
         names = ", ".join(r.job_id for r in ppo_runs)
         basis.append(
-            f"measured: {steps} PPO steps of job{'s' if len(ppo_runs) > 1 else ''} {names} on {device_kind} "
+            f"measured: {steps} {name} steps of job{'s' if len(ppo_runs) > 1 else ''} {names} on {device_kind} "
             f"({config.base_model}, {'LoRA' if config.use_lora else 'full'}): {factor:.2f}x the default cost model"
         )
     else:
         factor = 1.0
         basis.append(
             f"default cost model for {shape.parameters:,} parameters on {device_kind} "
-            f"(no finished run of {config.base_model} with {'LoRA' if config.use_lora else 'full fine-tuning'} "
+            f"(no finished {name} run of {config.base_model} with {'LoRA' if config.use_lora else 'full fine-tuning'} "
             f"on this device kind yet)"
         )
     training = config.max_steps * per_step * factor + Defaults.first_score
@@ -398,7 +460,11 @@ def estimate(
     )
 
     phases = [round(seconds / 60.0, 3) for seconds in (reward, loading, training, saving)]
-    memory = peak_memory(shape, config, prompt)
+    if group is None:
+        memory = peak_memory(shape, config, prompt)
+    else:  # PPO's formula over the step's batch_size x num_generations answers (its value head is no matter)
+        rows = group.batch_size * group.num_generations
+        memory = peak_memory(shape, dataclasses.replace(config, batch_size=rows, mini_batch_size=rows), prompt)
     return Estimate(
         steps=config.max_steps,
         minutes=round(sum(phases), 3),

@@ -16,7 +16,7 @@ from rlhf.runtime.jobs import Job
 from rlhf.runtime.protoconfig import from_message, to_message
 from rlhf.runtime.registry import Version
 from rlhf.runtime.timestamps import to_proto
-from rlhf.training.config import TrainingConfig
+from rlhf.training.config import GROUP_CONFIGS, GroupPolicyConfig, TrainingConfig
 
 ALGORITHMS = {
     pb.ALGORITHM_UNSPECIFIED: "ppo",
@@ -27,9 +27,36 @@ ALGORITHMS = {
 STATUS_AFTER_WAIT = {"SUCCEEDED": "trained", "FAILED": "failed", "CANCELLED": "cancelled", "INTERRUPTED": "interrupted"}
 
 
+# The request field that carries each algorithm's own knobs.
+KNOB_FIELDS = {"grpo": ("grpo_config", pb.GRPOConfig), "rloo": ("rloo_config", pb.RLOOConfig)}
+
+
+def algorithm_knobs(request: pb.TrainPolicyRequest, algorithm: str) -> GroupPolicyConfig | None:
+    """GRPO's or RLOO's own fields from the request (unset ones: TRL's defaults); another algorithm's
+    knobs are INVALID_ARGUMENT."""
+    for name, (field, _) in KNOB_FIELDS.items():
+        if request.HasField(field) and name != algorithm:
+            raise InvalidArgument(
+                field, f"applies to ALGORITHM_{name.upper()} only; this request's algorithm is {algorithm.upper()}"
+            )
+    if algorithm not in KNOB_FIELDS:
+        return None
+    field = KNOB_FIELDS[algorithm][0]
+    return from_message(getattr(request, field) if request.HasField(field) else None, GROUP_CONFIGS[algorithm])
+
+
+def algorithm_fields(algorithm: str, config: dict | None) -> dict:
+    """{grpo_config: ...} or {rloo_config: ...} for a job's or a version's resolved config (nothing for PPO)."""
+    if config is None or algorithm not in KNOB_FIELDS:
+        return {}
+    field, message = KNOB_FIELDS[algorithm]
+    return {field: to_message(GROUP_CONFIGS[algorithm](**config), message)}
+
+
 def job_to_proto(job: Job) -> pb.TrainingJob:
     progress = job.progress
     return pb.TrainingJob(
+        **algorithm_fields(job.spec["algorithm"], job.spec.get("algorithm_config")),
         **job_message_fields(job, pb),
         algorithm=pb.Algorithm.Value(f"ALGORITHM_{job.spec['algorithm'].upper()}"),
         config=to_message(TrainingConfig(**job.spec["config"]), pb.TrainingConfig),
@@ -68,6 +95,7 @@ def policy_to_proto(record: Version) -> pb.Policy:
         feedback_watermark=lineage["feedback_watermark"],
         algorithm=pb.Algorithm.Value(f"ALGORITHM_{info['algorithm'].upper()}"),
         config=to_message(TrainingConfig(**info["config"]), pb.TrainingConfig),
+        **algorithm_fields(info["algorithm"], info.get("algorithm_config")),
         job_id=record.job_id,
         artifact_path=record.path,
     )
@@ -87,14 +115,18 @@ class PolicyServicer(JobRpcs, pb_grpc.PolicyServiceServicer):
             learning_rate=request.learning_rate if request.HasField("learning_rate") else None,
         )
         if request.algorithm not in ALGORITHMS:  # proto3 enums are open: any number arrives
-            raise InvalidArgument("algorithm", f"unknown algorithm {request.algorithm}; use ALGORITHM_PPO")
+            raise InvalidArgument(
+                "algorithm",
+                f"unknown algorithm {request.algorithm}; use ALGORITHM_PPO, ALGORITHM_GRPO or ALGORITHM_RLOO",
+            )
         algorithm = ALGORITHMS[request.algorithm]
+        knobs = algorithm_knobs(request, algorithm)
         reward_config = (
             request.reward_model_config if request.HasField("reward_model_config") else rw.RewardModelConfig()
         )
         if request.dry_run:
             result = await self.domain.dry_run(
-                request.agent_id, config, algorithm, request.reward_model_version, reward_config
+                request.agent_id, config, algorithm, request.reward_model_version, reward_config, knobs
             )
             model_config = struct_pb2.Struct()
             model_config.update(dataclasses.asdict(result.config))
@@ -116,7 +148,7 @@ class PolicyServicer(JobRpcs, pb_grpc.PolicyServiceServicer):
                 estimated_response_tokens=guess.response_tokens,
             )
         job = await self.domain.start_job(
-            request.agent_id, config, algorithm, request.reward_model_version, reward_config
+            request.agent_id, config, algorithm, request.reward_model_version, reward_config, knobs
         )
         if not request.wait:
             return pb.TrainPolicyResponse(status="queued", job=job_to_proto(job))

@@ -1,4 +1,5 @@
-"""`python -m policy_service.worker --job-dir DIR`: get a reward model, get prompts, run PPO, save a version."""
+"""`python -m policy_service.worker --job-dir DIR`: get a reward model, get prompts, run PPO, GRPO or RLOO, save
+a version."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from rlhf.training.modelshape import device_kind
 from rlhf.training.ppo_trainer import PPOTrainer
 from rlhf.training.scoring import Scores, fill_unscorable
 from rlhf.training.tinymodel import tiny_model_dir
+from rlhf.training.trl_trainers import ALGORITHMS as GROUP_ALGORITHMS
+from rlhf.training.trl_trainers import GroupPolicyTrainer, config_class, last_checkpoint
 from rlhf.training.version_folder import plot_version_curves, version_results, write_results
 
 log = logging.getLogger(__name__)
@@ -78,19 +81,32 @@ def ensure_reward_model(context: JobContext, reward: RewardClient, resumed_versi
     return reward.get_model(agent_id, job.reward_model_version)
 
 
-def train(context: JobContext) -> dict[str, Any]:
+@dataclasses.dataclass
+class Prepared:
+    """What every algorithm's run starts from: the reward model, the prompts, the base model's place."""
+
+    reward: RewardClient
+    reward_model: rw.RewardModel
+    rows: list[Any]
+    watermark: int
+    prompts: list[str]
+    base_path: str
+    device: str
+    # Seconds of each phase so far (policy_service.estimate calibrates dry runs on them).
+    timing: dict[str, Any]
+    # When the loading phase started (it ends once the trainer is built).
+    loading_started: float
+
+
+def prepare(context: JobContext, base_model: str, device_preference: str, earlier: dict[str, Any]) -> Prepared:
+    """The reward model (the one `earlier` used, a named one, or a new one), the agent's prompts, the base
+    model resolved (the tiny model built if needed); each phase timed apart from the others."""
     spec = context.spec
     agent_id = spec["agent_id"]
-    config = TrainingConfig(**spec["config"])
-    job_dir = context.job_dir
     reward = RewardClient(spec["reward_address"], timeout=spec["score_timeout_seconds"])
-    checkpoint_path = job_dir / "checkpoint.pt"
-    checkpoint = PPOTrainer.read_checkpoint(checkpoint_path)  # a resumed job continues from here
-    earlier = checkpoint["extra"] if checkpoint else {}
     if earlier.get("reward_job_id"):
         context.sticky["reward_job_id"] = earlier["reward_job_id"]
     data_dir = pathlib.Path(spec["data_dir"])
-    # Each phase timed apart from the others (policy_service.estimate calibrates dry runs on them).
     tiny_before = tiny_model_built(data_dir)
     phase_started = time.monotonic()
     reward_model = ensure_reward_model(context, reward, earlier.get("reward_model_version", ""))
@@ -107,7 +123,7 @@ def train(context: JobContext) -> dict[str, Any]:
             "device_kind": reward_device_kind(reward_config.device),
         }
 
-    phase_started = time.monotonic()
+    loading_started = time.monotonic()
     context.progress(phase="loading", message="exporting prompts")
     with FeedbackClient(spec["feedback_address"]) as feedback:
         rows, watermark = feedback.export(agent_id)
@@ -115,35 +131,35 @@ def train(context: JobContext) -> dict[str, Any]:
     if not prompts:
         raise RuntimeError(f"agent '{agent_id}' has no feedback prompts to train on")
 
-    device = pick_device(config.device)
+    device = pick_device(device_preference)
     tiny_before = tiny_model_built(data_dir)
-    base_path = resolve_model(config.base_model, data_dir)
+    base_path = resolve_model(base_model, data_dir)
     timing["build_seconds"] = build_seconds(data_dir) if not tiny_before and tiny_model_built(data_dir) else 0.0
-    context.progress(phase="loading", message=f"loading {base_path} on {device}")
-    trainer = PPOTrainer(config, base_path, device)
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
-        context.sticky["resumed_from_step"] = trainer.step
-        log.info("resumed from %s at step %d", checkpoint_path, trainer.step)
-    timing["loading_seconds"] = round(time.monotonic() - phase_started, 3)
     timing["device"] = device
     timing["device_kind"] = device_kind(device)
-    extra = {"reward_model_version": reward_model.version, "reward_job_id": context.sticky.get("reward_job_id", "")}
-    unscored = {"count": 0}
+    context.progress(phase="loading", message=f"loading {base_path} on {device}")
+    return Prepared(reward, reward_model, rows, watermark, prompts, base_path, device, timing, loading_started)
+
+
+def score_function(context: JobContext, run: Prepared, unscored: dict[str, int], kept: str):
+    """The rewards of a run: one ScoreBatch call to the reward service per batch (retried while it is
+    unavailable; past that the job fails, saying `kept`); a cancel stops it before the call."""
+    spec = context.spec
+    algorithm = spec["algorithm"].upper()
 
     def score(batch_prompts: list[str], responses: list[str]) -> Scores:
         context.check_cancelled()
         try:
-            answer = reward.score(
-                agent_id,
+            answer = run.reward.score(
+                spec["agent_id"],
                 list(zip(batch_prompts, responses, strict=False)),
-                version=reward_model.version,
+                version=run.reward_model.version,
                 retries=spec["score_retries"],
+                functions=spec["config"].get("reward_functions"),  # combined by the reward service
             )
         except grpc.RpcError as error:
             raise RuntimeError(
-                f"reward service failed during PPO ({error.code().name}: {error.details()}); "
-                f"last checkpoint kept at {checkpoint_path}"
+                f"reward service failed during {algorithm} ({error.code().name}: {error.details()}); {kept}"
             ) from error
         unscored["count"] += sum(1 for s in answer.scores if not s.ok)
         return Scores(
@@ -151,80 +167,101 @@ def train(context: JobContext) -> dict[str, Any]:
             fill_unscorable([s.rating if s.ok else None for s in answer.scores]),
         )
 
-    started = time.monotonic()
-    first_step = trainer.step
-    last_metrics: dict[str, float] = {}
-    # What the steps of this process processed: widths (tokens) of each step's longest response and prompt.
-    response_widths: dict[str, int] = {}
-    step_seconds = query_width_sum = 0.0
+    return score
 
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        nonlocal last_metrics, step_seconds, query_width_sum
-        last_metrics = metrics
-        width = str(int(metrics.get("tokens/response_width", config.max_new_tokens)))
-        response_widths[width] = response_widths.get(width, 0) + 1
-        query_width_sum += metrics.get("tokens/query_width", 0.0)
-        step_seconds += metrics.get("time/step_s", 0.0)
-        if step == first_step + 1:
-            timing["first_step_seconds"] = round(metrics.get("time/step_s", 0.0), 3)
-        elapsed = time.monotonic() - started
-        rate = (step - first_step) / elapsed if elapsed > 0 else 0.0
-        context.progress(
+
+class StepReporter:
+    """on_step for a trainer: progress events with the step's metrics, the widths the steps ran at (for the
+    dry run's cost model), and a cancel check after each step."""
+
+    def __init__(self, context: JobContext, max_steps: int, first_step: int, timing: dict[str, Any], names) -> None:
+        self.context = context
+        self.max_steps = max_steps
+        self.first_step = first_step
+        self.timing = timing
+        # The metric names of (step seconds, the step's longest response, its longest prompt).
+        self.names = names
+        self.started = time.monotonic()
+        self.last_metrics: dict[str, float] = {}
+        # What the steps of this process processed: widths (tokens) of each step's longest response and prompt.
+        self.response_widths: dict[str, int] = {}
+        self.step_seconds = 0.0
+        self.query_width_sum = 0.0
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        seconds, response_name, query_name = self.names
+        self.last_metrics = metrics
+        width = str(int(metrics.get(response_name, 0.0)))
+        self.response_widths[width] = self.response_widths.get(width, 0) + 1
+        self.query_width_sum += metrics.get(query_name, 0.0)
+        self.step_seconds += metrics.get(seconds, 0.0)
+        if step == self.first_step + 1:
+            self.timing["first_step_seconds"] = round(metrics.get(seconds, 0.0), 3)
+        elapsed = time.monotonic() - self.started
+        rate = (step - self.first_step) / elapsed if elapsed > 0 else 0.0
+        self.context.progress(
             phase="training",
             step=step,
-            total_steps=config.max_steps,
+            total_steps=self.max_steps,
             metrics=metrics,
             steps_per_second=rate,
-            eta_seconds=(config.max_steps - step) / rate if rate else 0.0,
+            eta_seconds=(self.max_steps - step) / rate if rate else 0.0,
         )
-        context.check_cancelled()
+        self.context.check_cancelled()
 
-    def save() -> None:
-        trainer.save_checkpoint(checkpoint_path, extra)
+    def record(self, steps: int) -> None:
+        """The training phase's timings into `timing` (keys named ppo_* for every algorithm: the estimate reads
+        them)."""
+        self.timing["ppo_seconds"] = round(time.monotonic() - self.started, 3)  # the steps and the loop around
+        self.timing["ppo_step_seconds"] = round(self.step_seconds, 3)  # the steps alone
+        self.timing["ppo_steps"] = steps
+        self.timing["response_widths"] = self.response_widths
+        self.timing["query_width_sum"] = self.query_width_sum
 
-    try:
-        history = trainer.train(prompts, score, on_step, save)
-    except BaseException:  # cancel, reward service down, anything: keep what was learnt
-        save()
-        raise
 
-    timing["ppo_seconds"] = round(time.monotonic() - started, 3)  # the steps and the loop around them
-    timing["ppo_step_seconds"] = round(step_seconds, 3)  # the steps alone (PPOTrainer's time/step_s)
-    timing["ppo_steps"] = trainer.step - first_step
-    timing["response_widths"] = response_widths
-    timing["query_width_sum"] = query_width_sum
-    phase_started = time.monotonic()
-    context.progress(phase="saving", step=trainer.step, total_steps=config.max_steps, metrics=last_metrics)
-    output = job_dir / "output"
-    trainer.save(output)
+def finish(
+    context: JobContext,
+    run: Prepared,
+    history: Any,
+    reporter: StepReporter,
+    steps: int,
+    first_step: int,
+    saving_started: float,
+    base_model: str,
+    extra_results: dict[str, Any],
+) -> dict[str, Any]:
+    """Curves, training_results.json (the seed's TrainingResult fields, lineage, timings) and the job's result."""
+    spec = context.spec
+    output = context.job_dir / "output"
     # The seed's reward fields are on the 0..1 feedback scale (the reward service's ratings: the reward
     # model's saved normalisation undone); the reward model's own units are reported beside them.
     results = version_results(
         output,
         history,
-        reward_model_path=reward_model.model_path,
-        feedback_count=len(rows),
-        training_steps=trainer.step,
-        last_metrics=last_metrics,
+        reward_model_path=run.reward_model.model_path,
+        feedback_count=len(run.rows),
+        training_steps=steps,
+        last_metrics=reporter.last_metrics,
     )
-    plot_version_curves(output, history, results, f"{agent_id}: PPO on {config.base_model}")
-    timing["saving_seconds"] = round(time.monotonic() - phase_started, 3)
+    results.update(extra_results)
+    title = f"{spec['agent_id']}: {spec['algorithm'].upper()} on {base_model}"
+    plot_version_curves(output, history, results, title)
+    run.timing["saving_seconds"] = round(time.monotonic() - saving_started, 3)
     results.update(
         {
-            "unscored_responses": unscored["count"],
-            "config": dataclasses.asdict(config),
-            "algorithm": "ppo",
+            "config": spec["config"],
+            "algorithm": spec["algorithm"],
             "lineage": {
-                "base_model": config.base_model,
-                "reward_model_version": reward_model.version,
-                "reward_model_path": reward_model.model_path,
-                "feedback_watermark": watermark,
+                "base_model": base_model,
+                "reward_model_version": run.reward_model.version,
+                "reward_model_path": run.reward_model.model_path,
+                "feedback_watermark": run.watermark,
                 "job_id": spec["job_id"],
             },
-            "training_seconds": round(time.monotonic() - started, 2),
-            "timed_steps": trainer.step - first_step,  # steps training_seconds covers (a resumed run: fewer)
+            "training_seconds": round(time.monotonic() - reporter.started, 2),
+            "timed_steps": steps - first_step,  # steps training_seconds covers (a resumed run: fewer)
             # Seconds of each phase of this process, what its steps processed, and the device they ran on.
-            "timing": timing,
+            "timing": run.timing,
         }
     )
     write_results(output, results)
@@ -234,6 +271,121 @@ def train(context: JobContext) -> dict[str, Any]:
         "initial_reward_mean": results["reward_history"][0] if results["reward_history"] else 0.0,
         "initial_score_mean": history.reward[0] if history.reward else 0.0,
     }
+
+
+def train(context: JobContext) -> dict[str, Any]:
+    if context.spec["algorithm"] in GROUP_ALGORITHMS:
+        return train_group(context)
+    return train_ppo(context)
+
+
+def train_ppo(context: JobContext) -> dict[str, Any]:
+    spec = context.spec
+    config = TrainingConfig(**spec["config"])
+    checkpoint_path = context.job_dir / "checkpoint.pt"
+    checkpoint = PPOTrainer.read_checkpoint(checkpoint_path)  # a resumed job continues from here
+    run = prepare(context, config.base_model, config.device, checkpoint["extra"] if checkpoint else {})
+    trainer = PPOTrainer(config, run.base_path, run.device)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        context.sticky["resumed_from_step"] = trainer.step
+        log.info("resumed from %s at step %d", checkpoint_path, trainer.step)
+    run.timing["loading_seconds"] = round(time.monotonic() - run.loading_started, 3)
+    extra = {
+        "reward_model_version": run.reward_model.version,
+        "reward_job_id": context.sticky.get("reward_job_id", ""),
+    }
+    unscored = {"count": 0}
+    score = score_function(context, run, unscored, f"last checkpoint kept at {checkpoint_path}")
+    first_step = trainer.step
+    reporter = StepReporter(
+        context,
+        config.max_steps,
+        first_step,
+        run.timing,
+        ("time/step_s", "tokens/response_width", "tokens/query_width"),
+    )
+
+    def save() -> None:
+        trainer.save_checkpoint(checkpoint_path, extra)
+
+    try:
+        history = trainer.train(run.prompts, score, reporter, save)
+    except BaseException:  # cancel, reward service down, anything: keep what was learnt
+        save()
+        raise
+    reporter.record(trainer.step - first_step)
+    saving_started = time.monotonic()
+    context.progress(phase="saving", step=trainer.step, total_steps=config.max_steps, metrics=reporter.last_metrics)
+    trainer.save(context.job_dir / "output")
+    return finish(
+        context,
+        run,
+        history,
+        reporter,
+        trainer.step,
+        first_step,
+        saving_started,
+        config.base_model,
+        {"unscored_responses": unscored["count"]},
+    )
+
+
+def train_group(context: JobContext) -> dict[str, Any]:
+    """GRPO or RLOO through TRL (rlhf.training.trl_trainers), with the same reward service, prompts, progress,
+    cancel, checkpoints and version folder as PPO. TRL's checkpoints live in job_dir/trl; run.json beside
+    them keeps the reward-model version a resumed run must keep using."""
+    spec = context.spec
+    algorithm = spec["algorithm"]
+    config = config_class(algorithm)(**spec["algorithm_config"])
+    trl_dir = context.job_dir / "trl"
+    run_file = context.job_dir / "run.json"
+    checkpoint = last_checkpoint(trl_dir)
+    earlier = json.loads(run_file.read_text()) if checkpoint is not None and run_file.is_file() else {}
+    run = prepare(context, config.base_model, config.device, earlier)
+    run_file.write_text(
+        json.dumps(
+            {"reward_model_version": run.reward_model.version, "reward_job_id": context.sticky.get("reward_job_id", "")}
+        )
+    )
+    trainer = GroupPolicyTrainer(algorithm, config, run.base_path, trl_dir, run.device)
+    first_step = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else 0
+    if checkpoint is not None:
+        context.sticky["resumed_from_step"] = first_step
+        log.info("resuming from %s at step %d", checkpoint, first_step)
+    run.timing["loading_seconds"] = round(time.monotonic() - run.loading_started, 3)
+    unscored = {"count": 0}
+    score = score_function(context, run, unscored, f"last checkpoint kept in {trl_dir}")
+    reporter = StepReporter(
+        context,
+        config.max_steps,
+        first_step,
+        run.timing,
+        ("time/step_s", "completions/max_length", "tokens/query_width"),
+    )
+    history = trainer.train(run.prompts, score, reporter)  # saves a checkpoint itself when stopped early
+    reporter.record(trainer.step - first_step)
+    saving_started = time.monotonic()
+    context.progress(phase="saving", step=trainer.step, total_steps=config.max_steps, metrics=reporter.last_metrics)
+    trainer.save(context.job_dir / "output")
+    last = reporter.last_metrics
+    return finish(
+        context,
+        run,
+        history,
+        reporter,
+        trainer.step,
+        first_step,
+        saving_started,
+        config.base_model,
+        {
+            "unscored_responses": unscored["count"],
+            "algorithm_config": dataclasses.asdict(config),
+            # TRL's names for what PPO calls objective/kl and objective/entropy (kl: only when beta > 0).
+            "final_kl": history.kl[-1] if history.kl else 0.0,
+            "entropy": last.get("entropy", history.entropy[-1] if history.entropy else 0.0),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -170,7 +170,11 @@ def test_dry_run_has_the_seed_fields_and_trains_nothing(own_policy_server):
             grpc.StatusCode.INVALID_ARGUMENT,
             "reward_model_version",
         ),
-        ({"agent_id": AGENT, "algorithm": pol.ALGORITHM_GRPO}, grpc.StatusCode.UNIMPLEMENTED, "GRPO"),
+        (  # GRPO's knobs with PPO (GRPO and RLOO themselves: tests/test_grpo_rloo_service.py)
+            {"agent_id": AGENT, "dry_run": True, "grpo_config": pol.GRPOConfig(beta=0.1)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "grpo_config",
+        ),
     ],
 )
 def test_bad_requests_get_clear_status_codes(policy, request_fields, code, text):

@@ -718,12 +718,13 @@ POLICY_CASES = [
         pol.TrainPolicyRequest(agent_id="ag", reward_model_version="newest", dry_run=True),
         "reward_model_version",
     ),
-    Case(
+    invalid(
         "policy",
         "TrainPolicy",
-        pol.TrainPolicyRequest(agent_id="ag", algorithm=pol.ALGORITHM_GRPO),
-        StatusCode.UNIMPLEMENTED,
-        says="GRPO",
+        pol.TrainPolicyRequest(
+            agent_id="ag", algorithm=pol.ALGORITHM_GRPO, grpo_config=pol.GRPOConfig(num_generations=1)
+        ),
+        "grpo_config.num_generations",
     ),
     invalid("policy", "TrainPolicy", pol.TrainPolicyRequest(agent_id="ag", algorithm=42), "algorithm"),
     # Responses as long as the context leave no room for a prompt; a reward model's max_length must fit.

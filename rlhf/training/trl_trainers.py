@@ -20,9 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhf.training import sequences
-from rlhf.training.config import GroupPolicyConfig, GRPOTrainingConfig, RLOOTrainingConfig
+from rlhf.training.config import GROUP_CONFIGS, GroupPolicyConfig
 from rlhf.training.errors import TrainingError
 from rlhf.training.scoring import Scores
+from rlhf.training.threads import use_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,13 @@ class History:
     loss: list[float] = dataclasses.field(default_factory=list)
     entropy: list[float] = dataclasses.field(default_factory=list)
     response_length: list[float] = dataclasses.field(default_factory=list)
+    # PPO's curves that GRPO and RLOO have not (no value head, a fixed KL coefficient): empty.
+    value_loss: list[float] = dataclasses.field(default_factory=list)
+    kl_coef: list[float] = dataclasses.field(default_factory=list)
 
 
 def config_class(algorithm: str) -> type[GroupPolicyConfig]:
-    return {"grpo": GRPOTrainingConfig, "rloo": RLOOTrainingConfig}[algorithm]
+    return GROUP_CONFIGS[algorithm]
 
 
 def fit_prompt(tokenizer: Any, prompt: str, room: int | None) -> tuple[str, bool]:
@@ -145,6 +149,8 @@ class GroupPolicyTrainer:
                 f"batch_size x num_generations ({config.batch_size * config.num_generations} answers a step) must "
                 f"divide into gradient_accumulation_steps ({config.gradient_accumulation_steps}) micro-batches"
             )
+        # Small models run faster on one CPU thread (rlhf.training.threads), as PPO's do.
+        self.cpu_threads = use_cpu_threads(self.model, config.cpu_threads, device)
         self.truncated_prompts = 0
         self.trainer = None  # TRL's, built by train()
 
