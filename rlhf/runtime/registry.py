@@ -1,7 +1,12 @@
 """A versioned, immutable registry of model artifacts per agent (reward models, policies).
 
-Versions are "v1", "v2", ... per agent, allocated in the same transaction that records the row, after the
-artifact folder has been renamed into place: a registered version's folder is always complete.
+Each row has a number, 1, 2, ... per agent in registration order (ordering and paging), and a name, what users
+see and pass: with SEQUENTIAL naming the name is "v<number>" ("v1", "v2", ...); with FEEDBACK_COUNT naming it is
+the feedback count the version was trained on, as in the seed ("v15", then "v25" after ten more items). A name is
+never reused: when the natural name is taken (a second run on the same count, or a sequential number that an
+earlier count-named version already holds) the version gets the first free suffix ".2", ".3", ... ("v15.2").
+Both are allocated in the same transaction that records the row, after the artifact folder has been renamed
+into place (the folder is named after the version): a registered version's folder is always complete.
 """
 
 from __future__ import annotations
@@ -16,11 +21,34 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Engine, Integer, MetaData, String, Table, Text, UniqueConstraint, func, select
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    cast,
+    func,
+    inspect,
+    literal,
+    select,
+    text,
+)
+from sqlalchemy.exc import DBAPIError
 
 from rlhf.runtime import validation
 from rlhf.runtime.errors import NotFound
 from rlhf.runtime.jobs import utcnow
+
+# How versions are named (see the module docstring).
+SEQUENTIAL = "sequential"
+FEEDBACK_COUNT = "feedback_count"
+NAMINGS = (SEQUENTIAL, FEEDBACK_COUNT)
 
 
 def registry_table(metadata: MetaData, name: str) -> Table:
@@ -34,8 +62,50 @@ def registry_table(metadata: MetaData, name: str) -> Table:
         Column("job_id", String(64), nullable=False),
         Column("info", Text, nullable=False),  # JSON: lineage, config, metrics
         Column("created_at", DateTime(timezone=True), nullable=False),
+        # "v3", "v15", "v15.2"; empty only in rows written before names existed (filled in by ensure_names).
+        Column("version_name", String(32)),
         UniqueConstraint("agent_id", "version_number", name=f"uq_{name}_version"),
+        Index(f"uq_{name}_version_name", "agent_id", "version_name", unique=True),
     )
+
+
+def ensure_names(engine: Engine, table: Table) -> None:
+    """Bring a table created before version names existed up to date: add the column and its unique index,
+    and name the old rows "v<number>" (what they were called). Safe to run by several replicas at once."""
+    columns = {c["name"] for c in inspect(engine).get_columns(table.name)}
+    if "version_name" not in columns:
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN version_name VARCHAR(32)"))
+        except DBAPIError:  # another replica added it meanwhile
+            if "version_name" not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                raise
+    t = table
+    with engine.begin() as conn:
+        conn.execute(
+            t.update()
+            .where(t.c.version_name.is_(None))
+            .values(version_name=literal("v") + cast(t.c.version_number, String))
+        )
+    for index in t.indexes:
+        index.create(engine, checkfirst=True)
+
+
+def natural_name(naming: str, number: int, info: dict[str, Any]) -> str:
+    """The name a version gets unless it is taken: "v<number>", or "v<feedback count>"."""
+    if naming == FEEDBACK_COUNT:
+        return f"v{int(info['feedback_count'])}"
+    return f"v{number}"
+
+
+def free_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base` with the first free suffix ".2", ".3", ... when it is taken."""
+    if base not in taken:
+        return base
+    suffix = 2
+    while f"{base}.{suffix}" in taken:
+        suffix += 1
+    return f"{base}.{suffix}"
 
 
 @dataclasses.dataclass
@@ -47,19 +117,25 @@ class Version:
     job_id: str
     info: dict[str, Any]
     created_at: dt.datetime
+    # "v3", "v15.2": what users see and pass (empty: "v<version_number>").
+    name: str = ""
 
     @property
     def version(self) -> str:
-        return f"v{self.version_number}"
+        return self.name or f"v{self.version_number}"
 
 
 class Registry:
-    """Blocking access to one registry table; `noun` names the thing in errors ("reward model")."""
+    """Blocking access to one registry table; `noun` names the thing in errors ("reward model"); `naming` is
+    SEQUENTIAL or FEEDBACK_COUNT (which needs info["feedback_count"] at registration)."""
 
-    def __init__(self, engine: Engine, table: Table, noun: str) -> None:
+    def __init__(self, engine: Engine, table: Table, noun: str, naming: str = SEQUENTIAL) -> None:
+        if naming not in NAMINGS:
+            raise ValueError(f"version naming must be one of {list(NAMINGS)}, got {naming!r}")
         self.engine = engine
         self.table = table
         self.noun = noun
+        self.naming = naming
 
     def _version(self, row: Any) -> Version:
         created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=dt.timezone.utc)
@@ -71,27 +147,38 @@ class Registry:
             job_id=row.job_id,
             info=json.loads(row.info),
             created_at=created,
+            name=row.version_name or "",
         )
 
     def register(self, agent_id: str, place: Callable[[int], str], job_id: str, info: dict[str, Any]) -> Version:
         """Allocate the next version; `place(number)` moves the artifact into place and returns its folder."""
+        return self.register_named(agent_id, lambda number, _name: place(number), job_id, info)
+
+    def register_named(
+        self, agent_id: str, place: Callable[[int, str], str], job_id: str, info: dict[str, Any]
+    ) -> Version:
+        """Allocate the next version; `place(number, name)` moves the artifact into place and returns its
+        folder. Of two concurrent registrations of one agent that pick the same name, one fails (unique key)."""
         t = self.table
         with self.engine.begin() as conn:
             last = conn.execute(select(func.max(t.c.version_number)).where(t.c.agent_id == agent_id)).scalar()
             number = (last or 0) + 1
-            path = place(number)
+            taken = set(conn.execute(select(t.c.version_name).where(t.c.agent_id == agent_id)).scalars())
+            name = free_name(natural_name(self.naming, number, info), taken)
+            path = place(number, name)
             conn.execute(
                 t.insert().values(
                     id=uuid.uuid4().hex,
                     agent_id=agent_id,
                     version_number=number,
+                    version_name=name,
                     path=path,
                     job_id=job_id,
                     info=json.dumps(info),
                     created_at=utcnow(),
                 )
             )
-        return self.get(agent_id, f"v{number}")
+        return self.get(agent_id, name)
 
     def register_folder(
         self,
@@ -102,18 +189,18 @@ class Registry:
         info: dict[str, Any],
         prepare: Callable[[pathlib.Path, int, pathlib.Path], None] | None = None,
     ) -> Version:
-        """Register a finished job's staged folder as root/<agent>/v<N>; `prepare(staging, N, target)` may
-        rewrite files in it first (e.g. paths that name the final place)."""
+        """Register a finished job's staged folder as root/<agent>/<version name>; `prepare(staging, N, target)`
+        may rewrite files in it first (e.g. paths that name the final place; target.name is the version)."""
 
-        def place(number: int) -> str:
-            target = root / agent_id / f"v{number}"
+        def place(number: int, name: str) -> str:
+            target = root / agent_id / name
             target.parent.mkdir(parents=True, exist_ok=True)
             if prepare is not None:
                 prepare(staging, number, target)
             os.rename(staging, target)  # atomic on one filesystem: a version folder is complete or absent
             return str(target)
 
-        return self.register(agent_id, place, job_id, info)
+        return self.register_named(agent_id, place, job_id, info)
 
     def get(self, agent_id: str, version: str = "") -> Version:
         t = self.table
@@ -121,7 +208,7 @@ class Registry:
         if version in ("", "latest"):
             query = query.order_by(t.c.version_number.desc()).limit(1)
         else:
-            query = query.where(t.c.version_number == int(version[1:]))
+            query = query.where(t.c.version_name == version)
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         if row is None:

@@ -10,7 +10,8 @@ from rlhf.runtime.errors import InvalidArgument
 
 # Matched with fullmatch: "$" would also match before a final newline ("agent\n").
 AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-VERSION_PATTERN = re.compile(r"v[1-9][0-9]{0,8}")
+# "v3", and "v15.2": a second version named after the same feedback count (rlhf.runtime.registry).
+VERSION_PATTERN = re.compile(r"v[1-9][0-9]{0,8}(\.[1-9][0-9]{0,8})?")
 
 
 def agent_id(value: str, field: str = "agent_id") -> str:
@@ -23,11 +24,11 @@ def agent_id(value: str, field: str = "agent_id") -> str:
 
 
 def version(value: str, field: str = "version", allow: tuple[str, ...] = ("", "latest")) -> str:
-    """A registry version 'vN', or one of the allowed keywords."""
+    """A registry version 'vN' or 'vN.K', or one of the allowed keywords."""
     if value in allow:
         return value
     if not VERSION_PATTERN.fullmatch(value):
-        raise InvalidArgument(field, f"must be 'vN' (for example 'v3') or one of {list(allow)}")
+        raise InvalidArgument(field, f"must be 'vN' or 'vN.K' (for example 'v3' or 'v15.2') or one of {list(allow)}")
     return value
 
 
