@@ -128,7 +128,11 @@ def train_policy(
 @router.get("/api/policies/{agent_id}", tags=["seed"], responses=ERROR_RESPONSES)
 def list_policies(agent_id: str, b: Services) -> list[dict[str, Any]]:
     """Every trained policy version of an agent, newest first (an empty list when there is none)."""
-    return [policy_json(policy) for policy in b.policy.list_policies(agent_id)]
+    policies, token = b.policy.list_policies_page(agent_id, page_size=500)
+    while token:
+        page, token = b.policy.list_policies_page(agent_id, page_size=500, page_token=token)
+        policies += page
+    return [policy_json(policy) for policy in policies]
 
 
 # -- training jobs (the asynchronous form) -----------------------------------------------------------------

@@ -10,6 +10,7 @@ from policy_service.servicer import PolicyServicer
 from rlhf.policy.v1 import policy_service_pb2_grpc as pb_grpc
 from rlhf.runtime.app import run_service, server_flags, server_overrides, start_with_domain
 from rlhf.runtime.db import make_engine
+from rlhf.runtime.registry import NAMINGS
 from rlhf.runtime.server import RunningServer, ServiceBinding
 from rlhf.runtime.training_store import TrainingStore
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reward-addr", help="reward service address (env RLHF_REWARD_ADDR)")
     parser.add_argument(
         "--version-naming",
-        choices=["sequential", "feedback_count"],
+        choices=NAMINGS,
         help="v1, v2, ... or the seed's v<feedback count> (env RLHF_POLICY_VERSION_NAMING, default sequential)",
     )
     args = parser.parse_args(argv)
@@ -38,4 +39,6 @@ def main(argv: list[str] | None = None) -> None:
     config.feedback_address = args.feedback_addr or config.feedback_address
     config.reward_address = args.reward_addr or config.reward_address
     config.version_naming = args.version_naming or config.version_naming
+    if config.version_naming not in NAMINGS:
+        parser.error(f"RLHF_POLICY_VERSION_NAMING must be one of {', '.join(NAMINGS)}, not {config.version_naming!r}")
     run_service("policy", start, config, config.server)

@@ -75,15 +75,19 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 class ServiceProcess:
     """`python -m <module> --port 0 --data-dir DIR [args]` as a real process. The port is read from its own
     'listening on' log line (no port bound and released first, which another process could take meanwhile).
-    The service's own RLHF_<SERVICE>_* variables are not passed on, so only `args` configure it."""
+    The service's own RLHF_<SERVICE>_* variables are not passed on, so only `args` (and `env`) configure it;
+    without a data dir (the gateway has none) no --data-dir is passed."""
 
-    def __init__(self, module: str, data_dir: pathlib.Path, *args: str) -> None:
+    def __init__(
+        self, module: str, data_dir: pathlib.Path | None, *args: str, env: dict[str, str] | None = None
+    ) -> None:
         prefix = f"RLHF_{module.removesuffix('_service').upper()}_"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
+        where = ["--data-dir", str(data_dir)] if data_dir is not None else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", module, "--port", "0", "--data-dir", str(data_dir), *args],
+            [sys.executable, "-m", module, "--port", "0", *where, *args],
             cwd=ROOT,
-            env=env,
+            env={**inherited, **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import pathlib
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -26,7 +22,7 @@ from rlhf.runtime.registry import FEEDBACK_COUNT, SEQUENTIAL
 from rlhf.runtime.training_store import TrainingStore
 from rlhf.runtime.validation import version as check_version
 from tests.helpers import rated_answers, server_config, submit_ratings
-from tests.servers import ROOT, ServerThread
+from tests.servers import ServerThread, ServiceProcess
 from tests.stack import reward_server
 
 AGENT = "gw-agent"  # 60 ratings; the only agent that trains
@@ -36,36 +32,12 @@ QUICK = {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens
 REWARD_MODEL = {"use_lora": False, "num_epochs": 1, "batch_size": 16, "learning_rate": 5e-4}
 
 
-class GatewayProcess:
-    """`python -m gateway --port 0` as its own process; the port comes from its 'listening on' log line."""
+class GatewayProcess(ServiceProcess):
+    """`python -m gateway --port 0` as its own process, in front of the given services."""
 
     def __init__(self, feedback_address: str, policy_address: str, env: dict[str, str] | None = None) -> None:
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_GATEWAY_")}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--port", "0"]
-            + ["--feedback-addr", feedback_address, "--policy-addr", policy_address],
-            cwd=ROOT,
-            env={**clean, **(env or {})},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.port = 0
-        assert self.process.stderr is not None
-        deadline = time.monotonic() + 60
-        while not self.port and time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if "gateway service listening on" in line:
-                self.port = int(line.rsplit(":", 1)[1])
-        if not self.port:
-            self.stop()
-            raise AssertionError(f"the gateway never said where it listens:\n{''.join(self.lines)}")
-        self._reader = threading.Thread(target=self.lines.extend, args=(self.process.stderr,), daemon=True)
-        self._reader.start()
+        addresses = ["--feedback-addr", feedback_address, "--policy-addr", policy_address]
+        super().__init__("gateway", None, *addresses, env=env)
 
     @property
     def url(self) -> str:
@@ -75,13 +47,14 @@ class GatewayProcess:
         return httpx.Client(base_url=self.url, timeout=timeout)
 
     def stop(self) -> None:
+        """SIGTERM (uvicorn shuts down gracefully), then SIGKILL if that did not stop it."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process.wait()
+                pass
+        self.kill()
 
     def log(self) -> str:
         return "".join(self.lines)
@@ -452,3 +425,40 @@ def test_a_registry_from_before_version_names_keeps_its_versions(tmp_path):
     placed = store.registry.register_named("a", lambda _n, name: name, "j", {"feedback_count": 2})
     assert (placed.version, placed.version_number) == ("v2.2", 3)
     TrainingStore(engine, "policies", "policy")  # a second start finds everything in place
+
+
+def test_the_policy_list_has_every_version_past_a_page(http, stack):
+    """More versions than one ListPolicies page (500): registered the way the policy service does, in its database."""
+    _, _, policy = stack
+    data_dir = policy.running.domain.config.server.data_dir
+    store = TrainingStore(make_engine(f"sqlite:///{data_dir / 'policy.db'}"), "policies", "policy")
+    info = {
+        "feedback_count": 12,
+        "final_reward_mean": 0.5,
+        "final_reward_std": 0.25,
+        "training_steps": 3,
+        "final_kl": 0.1,
+        "entropy": 2.0,
+        "value_error": 0.01,
+        "lineage": {
+            "reward_model_path": "rm",
+            "reward_model_version": "v1",
+            "base_model": "b",
+            "feedback_watermark": 1,
+        },
+        "algorithm": "ppo",
+        "config": {},
+    }
+    for _ in range(520):
+        store.registry.register("gw-many", lambda n: str(data_dir / "many" / f"v{n}"), "job", info)
+    store.jobs.engine.dispose()
+    policies = http.get("/api/policies/gw-many").json()
+    assert [p["version"] for p in policies] == [f"v{n}" for n in range(520, 0, -1)]
+    assert policies[0]["metrics"] == {
+        "feedbackCount": 12,
+        "rewardMean": 0.5,
+        "rewardStd": 0.25,
+        "trainingSteps": 3,
+        "initialRewardMean": 0.0,
+        "kl": 0.1,
+    }

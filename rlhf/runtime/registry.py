@@ -36,6 +36,7 @@ from sqlalchemy import (
     func,
     inspect,
     literal,
+    or_,
     select,
     text,
 )
@@ -163,8 +164,10 @@ class Registry:
         with self.engine.begin() as conn:
             last = conn.execute(select(func.max(t.c.version_number)).where(t.c.agent_id == agent_id)).scalar()
             number = (last or 0) + 1
-            taken = set(conn.execute(select(t.c.version_name).where(t.c.agent_id == agent_id)).scalars())
-            name = free_name(natural_name(self.naming, number, info), taken)
+            base = natural_name(self.naming, number, info)
+            same = or_(t.c.version_name == base, t.c.version_name.like(f"{base}.%"))
+            taken = set(conn.execute(select(t.c.version_name).where(t.c.agent_id == agent_id, same)).scalars())
+            name = free_name(base, taken)
             path = place(number, name)
             conn.execute(
                 t.insert().values(

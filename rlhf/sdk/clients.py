@@ -414,6 +414,16 @@ class _PolicyCalls(_JobCalls):
         return Call("ListPolicies", request, self.timeout, convert=lambda answer: list(answer.policies))
 
     @rpc
+    def list_policies_page(
+        self, agent_id: str, page_size: int = 0, page_token: str = ""
+    ) -> Call[tuple[list[pol.Policy], str]]:
+        """One page of an agent's versions, newest first: (policies, next_page_token); page_size 0: 50, at most 500."""
+        request = pol.ListPoliciesRequest(agent_id=agent_id, page_size=page_size, page_token=page_token)
+        return Call(
+            "ListPolicies", request, self.timeout, convert=lambda page: (list(page.policies), page.next_page_token)
+        )
+
+    @rpc
     def get_policy(self, agent_id: str, version: str = "") -> Call[pol.Policy]:
         request = pol.GetPolicyRequest(agent_id=agent_id, version=version)
         return Call("GetPolicy", request, self.timeout, convert=lambda answer: answer.policy)
