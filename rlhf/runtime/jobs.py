@@ -23,11 +23,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Engine, Integer, MetaData, String, Table, Text, select, update
+from sqlalchemy import Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from rlhf.runtime import validation
 from rlhf.runtime.environment import prepare_environment
-from rlhf.runtime.errors import FailedPrecondition, NotFound
+from rlhf.runtime.errors import FailedPrecondition, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def utcnow() -> dt.datetime:
 
 
 def jobs_table(metadata: MetaData) -> Table:
-    return Table(
+    table = Table(
         "jobs",
         metadata,
         Column("job_id", String(64), primary_key=True),
@@ -64,6 +65,15 @@ def jobs_table(metadata: MetaData) -> Table:
         Column("finished_at", DateTime(timezone=True)),
         Column("seq", Integer, nullable=False, default=0),  # creation order for listing
     )
+    # The database itself keeps one active job per agent and unique creation numbers, so concurrent creates
+    # (threads, or several server replicas over one database) cannot both win; JobStore retries or refuses.
+    Index(f"uq_{table.name}_seq", table.c.seq, unique=True)
+    active = table.c.state.in_(ACTIVE)
+    Index(f"uq_{table.name}_active_agent", table.c.agent_id, unique=True, sqlite_where=active, postgresql_where=active)
+    return table
+
+
+_CREATE_ATTEMPTS = 20  # a create loses a race for the next sequence number only to another create
 
 
 @dataclasses.dataclass
@@ -127,12 +137,30 @@ class JobStore:
                 subject=active.job_id,
             )
 
-    def create(self, agent_id: str, spec: dict[str, Any]) -> Job:
-        """Insert a QUEUED job unless the agent has an active one (checked in the same transaction)."""
+    def ensure_constraints(self) -> None:
+        """Add the unique indexes to a table created before they existed (create_all skips existing tables)."""
         t = self.table
-        with self.engine.begin() as conn:
-            self._refuse_if_busy(conn, agent_id)
-            last = conn.execute(select(t.c.seq).order_by(t.c.seq.desc()).limit(1)).scalar() or 0
+        for index in sorted(t.indexes, key=lambda i: i.name or ""):
+            if not index.unique:
+                continue
+            try:
+                index.create(self.engine, checkfirst=True)
+            except IntegrityError:
+                if index.columns.keys() == ["seq"]:  # an older version handed out duplicates: renumber
+                    with self.engine.begin() as conn:
+                        rows = conn.execute(select(t.c.job_id).order_by(t.c.seq, t.c.created_at)).scalars().all()
+                        for number, job_id in enumerate(rows, start=1):
+                            conn.execute(update(t).where(t.c.job_id == job_id).values(seq=number))
+                    index.create(self.engine, checkfirst=True)
+                else:  # several active jobs of one agent: recover() interrupts them, the next start adds it
+                    log.warning("jobs table: could not add %s yet (an agent has several active jobs)", index.name)
+
+    def create(self, agent_id: str, spec: dict[str, Any]) -> Job:
+        """Insert a QUEUED job unless the agent has an active one. The check runs in the same transaction, and
+        the database's unique indexes settle races: a lost race for the agent's active slot is refused, one
+        for the next sequence number is retried."""
+        t = self.table
+        for _ in range(_CREATE_ATTEMPTS):
             values = dict(
                 job_id=uuid.uuid4().hex,
                 agent_id=agent_id,
@@ -143,29 +171,42 @@ class JobStore:
                 error="",
                 version="",
                 created_at=utcnow(),
-                seq=last + 1,
             )
-            conn.execute(t.insert().values(**values))
-        return self.get(values["job_id"])
+            try:
+                with self.engine.begin() as conn:
+                    self._refuse_if_busy(conn, agent_id)
+                    last = conn.execute(select(func.max(t.c.seq))).scalar() or 0
+                    conn.execute(t.insert().values(**values, seq=last + 1))
+            except IntegrityError:
+                with self.engine.connect() as conn:
+                    self._refuse_if_busy(conn, agent_id)  # another create took the agent's slot
+                continue  # another create took the sequence number
+            return self.get(values["job_id"])
+        raise Unavailable("too many training jobs are being created at once; retry")
 
     def requeue(self, job_id: str) -> Job:
         """An ended (not succeeded) job back to QUEUED, unless its agent has another active job."""
         t = self.table
-        with self.engine.begin() as conn:
-            row = conn.execute(select(t).where(t.c.job_id == job_id)).first()
-            if row is None:
-                raise NotFound(f"training job '{job_id}' not found")
-            if row.state not in (FAILED, CANCELLED, INTERRUPTED):
-                raise FailedPrecondition(
-                    f"job {job_id} is {row.state}; only FAILED, CANCELLED or INTERRUPTED jobs can be resumed",
-                    subject=job_id,
+        try:
+            with self.engine.begin() as conn:
+                row = conn.execute(select(t).where(t.c.job_id == job_id)).first()
+                if row is None:
+                    raise NotFound(f"training job '{job_id}' not found")
+                if row.state not in (FAILED, CANCELLED, INTERRUPTED):
+                    raise FailedPrecondition(
+                        f"job {job_id} is {row.state}; only FAILED, CANCELLED or INTERRUPTED jobs can be resumed",
+                        subject=job_id,
+                    )
+                self._refuse_if_busy(conn, row.agent_id)
+                conn.execute(
+                    update(t)
+                    .where(t.c.job_id == job_id)
+                    .values(state=QUEUED, error="", progress="{}", finished_at=None, started_at=None)
                 )
-            self._refuse_if_busy(conn, row.agent_id)
-            conn.execute(
-                update(t)
-                .where(t.c.job_id == job_id)
-                .values(state=QUEUED, error="", progress="{}", finished_at=None, started_at=None)
-            )
+        except IntegrityError:  # a concurrent create or resume took the agent's active slot
+            with self.engine.connect() as conn:
+                self._refuse_if_busy(conn, row.agent_id)
+            raise
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job:

@@ -16,4 +16,5 @@ class TrainingStore:
         self.jobs = JobStore(engine, jobs_table(metadata))
         self.registry = Registry(engine, registry_table(metadata, registry_name), noun, naming)
         metadata.create_all(engine)
+        self.jobs.ensure_constraints()
         ensure_names(engine, self.registry.table)

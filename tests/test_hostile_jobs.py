@@ -1,0 +1,138 @@
+"""One active job per agent and unique job numbers, kept by the database itself (issue 9, defect 9), on SQLite
+and, when RLHF_TEST_POSTGRES_URL is set, on PostgreSQL: concurrent creates from many threads, each over its own
+engine (as several server replicas would be)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import MetaData, text
+from sqlalchemy.exc import IntegrityError
+
+from rlhf.runtime.db import make_engine
+from rlhf.runtime.errors import FailedPrecondition
+from rlhf.runtime.jobs import FAILED, JobManager, JobStore, jobs_table, utcnow
+
+THREADS = 8
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database(request, tmp_path):
+    """(engine factory, MetaData) of a fresh database: a SQLite file, or a schema of its own on PostgreSQL."""
+    if request.param == "sqlite":
+        url, schema = f"sqlite:///{tmp_path / 'jobs.db'}", None
+    else:
+        url = os.environ.get("RLHF_TEST_POSTGRES_URL")
+        if not url:
+            pytest.skip("RLHF_TEST_POSTGRES_URL is not set")
+        schema = f"jobs_{uuid.uuid4().hex[:12]}"
+        with make_engine(url).begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+    engines = []
+
+    def engine():
+        engines.append(make_engine(url))
+        return engines[-1]
+
+    yield engine, MetaData(schema=schema)
+    if schema:
+        with engines[0].begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    for made in engines:
+        made.dispose()
+
+
+def store(database) -> JobStore:
+    engine, metadata = database
+    table = jobs_table(metadata)
+    metadata.create_all(engine())
+    return JobStore(engine(), table)
+
+
+def stores(database, count: int) -> list[JobStore]:
+    first = store(database)
+    make_engine_, _ = database
+    return [first] + [JobStore(make_engine_(), first.table) for _ in range(count - 1)]
+
+
+def all_at_once(count: int, work) -> list:
+    """Run work(i) in `count` threads released together; the results (or exceptions) by i."""
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = work(i)
+        except Exception as error:  # noqa: BLE001 - collected for the assertions
+            results[i] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_the_database_refuses_a_second_active_job_of_an_agent(database):
+    jobs = store(database)
+    jobs.create("agent", {})
+    row = dict(spec="{}", progress="{}", result="{}", error="", version="", created_at=utcnow())
+    with pytest.raises(IntegrityError), jobs.engine.begin() as conn:  # past the check, as a racing create is
+        conn.execute(jobs.table.insert().values(job_id="x1", agent_id="agent", state="RUNNING", seq=100, **row))
+    with jobs.engine.begin() as conn:  # an ended job of the same agent is fine
+        conn.execute(jobs.table.insert().values(job_id="x2", agent_id="agent", state=FAILED, seq=101, **row))
+    with pytest.raises(IntegrityError), jobs.engine.begin() as conn:  # a duplicate number is not
+        conn.execute(jobs.table.insert().values(job_id="x3", agent_id="other", state=FAILED, seq=101, **row))
+
+
+def test_concurrent_creates_for_one_agent_start_exactly_one_job(database):
+    replicas = stores(database, THREADS)
+    results = all_at_once(THREADS, lambda i: replicas[i].create("agent", {"try": i}))
+    started = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, FailedPrecondition)]
+    assert len(started) == 1 and len(refused) == THREADS - 1, results
+    assert "already has an active training job" in refused[0].message
+    assert [j.job_id for j in replicas[0].list(agent_id="agent")] == [started[0].job_id]
+
+
+def test_concurrent_creates_for_many_agents_get_unique_numbers_and_page_completely(database):
+    replicas = stores(database, THREADS)
+    results = all_at_once(THREADS, lambda i: replicas[i].create(f"agent{i}", {}))
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert len({job.seq for job in results}) == THREADS
+
+    async def every_job_one_per_page() -> list[str]:
+        manager = JobManager(replicas[0], pathlib.Path("unused"), "unused", on_success=None)  # type: ignore[arg-type]
+        seen, token = [], ""
+        while True:
+            page, token = await manager.page("", "", 1, token)
+            seen += [job.job_id for job in page]
+            if not token:
+                return seen
+
+    seen = asyncio.run(every_job_one_per_page())
+    assert sorted(seen) == sorted(job.job_id for job in results) and len(seen) == THREADS
+
+
+def test_a_table_from_before_the_constraints_gets_them_and_loses_duplicate_numbers(database):
+    jobs = store(database)
+    with jobs.engine.begin() as conn:
+        for index in jobs.table.indexes:
+            if index.unique:
+                index.drop(conn)
+        row = dict(spec="{}", progress="{}", result="{}", error="", version="", state=FAILED)
+        for job_id, seq in [("a", 1), ("b", 2), ("c", 2), ("d", 3)]:
+            values = dict(job_id=job_id, agent_id="agent", seq=seq, created_at=utcnow(), **row)
+            conn.execute(jobs.table.insert().values(**values))
+    jobs.ensure_constraints()
+    assert [(j.job_id, j.seq) for j in reversed(jobs.list(limit=10))] == [("a", 1), ("b", 2), ("c", 3), ("d", 4)]
+    jobs.create("agent", {})
+    with pytest.raises(FailedPrecondition):
+        jobs.create("agent", {})
