@@ -498,15 +498,16 @@ def peak_memory(shape: ModelShape, config: TrainingConfig, prompt_tokens: float)
                       gradients and moments in fp32; A = L x r x (d + d_out) per adapted module)
       rollout   2·L·B·T·d·a (KV cache)  +  B·R·V·(a + 3·4)  (the batch's logits, their fp32 copy,
                 log-softmax and gathered log-probs, for the policy and the reference in turn)
-      training  m·T·L·(34·d + 5·h·T)·a  (activations kept for backward)  +  (L+1)·m·T·d·a (the hidden
+      training  m·T·L·(17·d + 2.5·h·T)·a  (activations kept for backward)  +  (L+1)·m·T·d·a (the hidden
                 states the value head reads)  +  m·R·V·(a + 4·4)  (logits, fp32 copy, log-softmax, the
                 entropy's softmax, their gradient)
 
-    The activations kept per token per layer are twice Korthikanti et al. 2022's count (17·d + 2.5·h·T
-    values for a fused implementation): transformers' unfused blocks (GPT-2's gelu_new in several ops, its
-    attention's intermediates) keep about twice that, measured here as the peak-RSS growth of PPO steps on an
-    11M-parameter GPT-2 on CPU (tests/test_estimate.py: the formula with the paper's count gave 0.6x the
-    measurement, with twice it 0.9-1.0x).
+    The activations kept per token per layer are Korthikanti et al. 2022's count (17·d + 2.5·h·T values for a
+    fused implementation). transformers' GPT-2 blocks keep about twice that with their GELU written as seven
+    Python operations; the trainer swaps it for torch's fused kernel (rlhf.training.modeling.fuse_activations),
+    after which the peak-RSS growth of PPO steps matches the paper's count: 0.96x (LoRA) and 1.03x (full) of
+    the measurement on the 124M GPT-2 at the seed's settings (bench/bench_memory.py), and within the bounds
+    of tests/test_estimate.py on an 11M-parameter GPT-2.
 
     peak = weights + max(rollout, training), with gradients (full) counted in `weights` throughout: they
     are freed between steps, but a step ends with them allocated. Activations dominate small models at long
@@ -529,7 +530,7 @@ def peak_memory(shape: ModelShape, config: TrainingConfig, prompt_tokens: float)
     weights += 16 * (d + 1)  # value head
     rollout = 2 * layers * b * t * d * a + b * r * vocab * (a + 3 * 4)
     training = (
-        m * t * layers * (34 * d + 5 * heads * t) * a + (layers + 1) * m * t * d * a + m * r * vocab * (a + 4 * 4)
+        m * t * layers * (17 * d + 2.5 * heads * t) * a + (layers + 1) * m * t * d * a + m * r * vocab * (a + 4 * 4)
     )
     return {
         "weights": int(weights),

@@ -199,7 +199,7 @@ def random_gpt2(folder: pathlib.Path, tiny_model: pathlib.Path, width: int, laye
 @pytest.mark.slow
 def test_peak_memory_matches_the_growth_of_a_processs_peak_rss(tmp_path, tiny_model):
     """Each PPO configuration runs in a fresh process; its peak RSS (getrusage) less its RSS before the trainer
-    was built (after a warm-up step on the tiny model) is what the run needed; the formula must be within 2x.
+    was built (after a warm-up step on the tiny model) is what the run needed; the formula must be within +-25%.
     The model is a random 11M-parameter GPT-2 (responses run to max_new_tokens, as the formula assumes)."""
     model = random_gpt2(tmp_path / "gpt2-11m", tiny_model, width=384, layers=6)
     shape = describe_model(str(model))
@@ -235,7 +235,7 @@ def test_peak_memory_matches_the_growth_of_a_processs_peak_rss(tmp_path, tiny_mo
             f"peak memory, {'LoRA' if use_lora else 'full'}: formula {predicted / 1e6:.0f} MB, "
             f"measured RSS growth {result['growth'] / 1e6:.0f} MB"
         )
-        assert 0.5 < result["growth"] / predicted < 2.0
+        assert 0.75 < result["growth"] / predicted < 1.33  # within +-25% (issue "Use the hardware")
     assert measured[False] > measured[True]
 
 

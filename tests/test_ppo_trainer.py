@@ -253,3 +253,21 @@ def test_small_models_train_on_one_cpu_thread_unless_told_otherwise(tiny_model, 
     assert cpu_threads_for(big, 0) == DEFAULT_THREADS
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert cpu_threads_for(trainer.model, 0) == DEFAULT_THREADS
+
+
+def test_fused_activations_compute_what_the_model_computed_before(tiny_model):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from rlhf.training.modeling import fuse_activations
+
+    before = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
+    after = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
+    assert any(isinstance(m, NewGELUActivation) for m in after.modules())  # GPT-2's "gelu_new"
+    assert fuse_activations(after) == after.config.n_layer
+    assert not any(isinstance(m, NewGELUActivation) for m in after.modules())
+    assert any(isinstance(m, GELUTanh) for m in after.modules())
+    ids = torch.randint(0, after.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(before(ids).logits, after(ids).logits, atol=1e-5)
+    assert after.config.activation_function == "gelu_new"  # what is saved stays as it was

@@ -26,7 +26,7 @@ from torch import nn
 from rlhf.training import ppo, sequences
 from rlhf.training.config import TrainingConfig
 from rlhf.training.errors import TrainingError
-from rlhf.training.modeling import add_lora, disable_dropout
+from rlhf.training.modeling import add_lora, disable_dropout, fuse_activations
 from rlhf.training.scoring import Scores
 from rlhf.training.threads import use_cpu_threads
 
@@ -140,6 +140,7 @@ class PPOTrainer:
         torch.manual_seed(config.seed)
         self.tokenizer = load_tokenizer(model_path, padding_side="left")
         lm = load_model(AutoModelForCausalLM, model_path)
+        fuse_activations(lm)
         self.n_ctx = sequences.context_length(lm)
         if self.n_ctx is not None and config.max_new_tokens >= self.n_ctx:
             raise TrainingError(
@@ -152,6 +153,7 @@ class PPOTrainer:
         else:
             # Full fine-tuning needs its own frozen copy of the starting weights.
             self.reference = load_model(AutoModelForCausalLM, model_path).to(device).eval()
+            fuse_activations(self.reference)
             disable_dropout(self.reference)
             self.reference.requires_grad_(False)
         self.model = PolicyWithValueHead(lm).to(device)
@@ -276,9 +278,16 @@ class PPOTrainer:
         keep = response.shape[1] + 1  # the positions that predict the response tokens, and the last one
         with self._autocast():
             logits, values = model(ids, attention, keep)
-        logits = logits[:, -keep:-1].float() / self.config.temperature
-        logprobs, entropy = ppo.logprobs_and_entropy(logits, response)
-        return logprobs, values[:, -keep:-1].float(), entropy
+        logp = self._log_softmax(logits[:, -keep:-1])
+        del logits  # the vocabulary-wide logits are not kept for backward (the log-softmax is)
+        return ppo.gather_logprobs(logp, response), values[:, -keep:-1].float(), ppo.entropy_from_logprobs(logp)
+
+    def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities at the sampling temperature, in fp32 (no copies when already fp32 at 1.0)."""
+        logits = logits.float()
+        if self.config.temperature != 1.0:
+            logits = logits / self.config.temperature
+        return logits.log_softmax(-1)
 
     def _reference_logprobs(self, query, query_mask, response, mask) -> torch.Tensor:
         """Log-probs of the response tokens under the reference: the frozen copy, or with LoRA the same
@@ -295,8 +304,7 @@ class PPOTrainer:
                 position_ids=position_ids_of(attention),
                 **logits_to_keep(reference, keep),
             ).logits
-        logits = logits[:, -keep:-1].float() / self.config.temperature
-        return ppo.logprobs_of(logits, response)
+        return ppo.gather_logprobs(self._log_softmax(logits[:, -keep:-1]), response)
 
     # --- one PPO step --------------------------------------------------------------------------------
     def step_on(self, prompts: list[str], score_fn: ScoreFn) -> dict[str, float]:
