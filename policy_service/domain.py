@@ -158,7 +158,7 @@ class PolicyDomain:
         self.store = store
         self.root = config.server.artifact_root / "policies"
         self.policies = Catalog(store.registry)
-        self.jobs = JobManager(store.jobs, self.root / ".jobs", "policy_service.worker", self._register)
+        self.jobs = JobManager(store.jobs, self.root / ".jobs", "policy_service.worker", self._register, resumable=True)
         self._channels = [
             grpc.aio.insecure_channel(config.feedback_address),
             grpc.aio.insecure_channel(config.reward_address),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import signal
 import threading
 import uuid
 
@@ -136,3 +137,56 @@ def test_a_table_from_before_the_constraints_gets_them_and_loses_duplicate_numbe
     jobs.create("agent", {})
     with pytest.raises(FailedPrecondition):
         jobs.create("agent", {})
+
+
+# Defect 11: what a job's error says after its worker died or the server stopped. ------------------------
+
+
+def manager(tmp_path: pathlib.Path, resumable: bool) -> JobManager:
+    engine = make_engine(f"sqlite:///{tmp_path / 'manager.db'}")
+    metadata = MetaData()
+    table = jobs_table(metadata)
+    metadata.create_all(engine)
+
+    async def on_success(job, result) -> str:
+        return "v1"
+
+    return JobManager(
+        JobStore(engine, table), tmp_path / "jobs", "tests.workers.stops_on_cancel", on_success, resumable=resumable
+    )
+
+
+async def running(jobs: JobManager, job_id: str) -> None:
+    async for job in jobs.watch(job_id):
+        if job.state == "RUNNING" and job.progress.get("step", 0) >= 1:
+            return
+
+
+def test_a_worker_killed_by_a_signal_says_so(tmp_path):
+    async def scenario():
+        jobs = manager(tmp_path, resumable=True)
+        job = await jobs.submit("agent", {})
+        await asyncio.wait_for(running(jobs, job.job_id), 60)
+        os.kill(jobs._processes[job.job_id].pid, signal.SIGKILL)
+        final = await asyncio.wait_for(jobs.wait(job.job_id), 60)
+        await jobs.close()
+        return final
+
+    final = asyncio.run(scenario())
+    assert final.state == "FAILED"
+    assert final.error.startswith("worker killed by signal 9 (SIGKILL)"), final.error
+    assert "ResumeTrainingJob" in final.error and "\n" not in final.error
+
+
+@pytest.mark.parametrize("resumable", [True, False])
+def test_an_interrupted_job_says_whether_it_can_be_resumed(tmp_path, resumable):
+    async def scenario():
+        jobs = manager(tmp_path, resumable)
+        job = await jobs.submit("agent", {})
+        await asyncio.wait_for(running(jobs, job.job_id), 60)
+        await jobs.close()  # the server shuts down while the job runs
+        return await jobs.get(job.job_id)
+
+    final = asyncio.run(scenario())
+    assert final.state == "INTERRUPTED"
+    assert ("ResumeTrainingJob" in final.error) == resumable, final.error

@@ -41,6 +41,10 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = (
     "INTERRUPTED",
 )
 ACTIVE = (QUEUED, RUNNING)
+# What a user can do about a job that stopped before its end, where the service resumes jobs (checkpoints stay
+# in the job's folder), and where it does not.
+RESUMABLE = "resume it with ResumeTrainingJob (it continues from its last checkpoint), or start a new job"
+NOT_RESUMABLE = "start a new job"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED, INTERRUPTED)
 
 
@@ -262,7 +266,9 @@ class JobManager:
         worker_env: dict[str, str] | None = None,
         poll_seconds: float = 0.2,
         cancel_grace_seconds: float = 30.0,
+        resumable: bool = False,
     ) -> None:
+        """`resumable`: the service offers ResumeTrainingJob, so a stopped job's error says to use it."""
         self.store = store
         self.work_root = work_root
         self.worker_module = worker_module
@@ -270,6 +276,7 @@ class JobManager:
         self.worker_env = worker_env or {}
         self.poll_seconds = poll_seconds
         self.cancel_grace_seconds = cancel_grace_seconds
+        self.advice = RESUMABLE if resumable else NOT_RESUMABLE
         self._processes: dict[str, asyncio.subprocess.Process] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancel_requested: set[str] = set()
@@ -278,7 +285,7 @@ class JobManager:
 
     async def recover(self) -> None:
         count = await asyncio.to_thread(
-            self.store.interrupt_active, "the server stopped while this job ran; start a new job"
+            self.store.interrupt_active, f"the server stopped while this job ran; {self.advice}"
         )
         if count:
             log.warning("marked %d job(s) left running by a previous server as INTERRUPTED", count)
@@ -468,10 +475,10 @@ class JobManager:
                 job_id,
                 state=INTERRUPTED,
                 finished_at=now,
-                error="the server shut down while this job ran; start a new job",
+                error=f"the server shut down while this job ran; {self.advice}",
             )
             return
-        reason = state["error"] or _tail(log_path) or f"worker exited with code {returncode}"
+        reason = state["error"] or _exit_reason(returncode, log_path, self.advice)
         await self._update(job_id, state=FAILED, error=reason, finished_at=now)
         log.warning("job %s failed: %s", job_id, reason.splitlines()[-1] if reason else returncode)
 
@@ -481,6 +488,19 @@ def _signal_group(process: asyncio.subprocess.Process, sig: int) -> None:
         os.killpg(process.pid, sig)  # the worker's own session: reaches torchrun's children too
     except ProcessLookupError:
         pass
+
+
+def _exit_reason(returncode: int, log_path: pathlib.Path, advice: str) -> str:
+    """Why a worker that reported no error ended: the signal that killed it, or its exit code and last lines."""
+    if returncode < 0:  # asyncio's convention: -N is death by signal N
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        hint = " (out of memory, or killed by an operator)" if -returncode == signal.SIGKILL else ""
+        return f"worker killed by signal {-returncode} ({name}){hint}; {advice}"
+    tail = _tail(log_path)
+    return f"worker exited with code {returncode}" + (f"; its log ends:\n{tail}" if tail else "")
 
 
 def _tail(path: pathlib.Path, lines: int = 5) -> str:
