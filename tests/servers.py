@@ -124,3 +124,14 @@ class ServiceProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def feedback_thread(data_dir: pathlib.Path, port: int = 0) -> ServerThread:
+    """The feedback service in this process on 127.0.0.1:port (0: a free one), its SQLite file in data_dir
+    (use as a context)."""
+    from feedback_service.app import start
+    from feedback_service.config import FeedbackServiceConfig
+    from rlhf.runtime.config import ServerConfig
+
+    config = FeedbackServiceConfig.from_env(server=ServerConfig(service="feedback", port=port, data_dir=data_dir))
+    return ServerThread(start, config)

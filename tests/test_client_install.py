@@ -16,11 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from feedback_service.app import start
-from feedback_service.config import FeedbackServiceConfig
-from rlhf.runtime.config import ServerConfig
 from rlhf.sdk.clients import FeedbackClient
-from tests.servers import ServerThread
+from tests.servers import ServerThread, feedback_thread
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVER_ONLY = ("torch", "transformers", "sqlalchemy", "numpy")
@@ -63,9 +60,7 @@ BLOCKER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    data_dir = tmp_path_factory.mktemp("client-install")
-    config = FeedbackServiceConfig.from_env(server=ServerConfig(service="feedback", port=0, data_dir=data_dir))
-    with ServerThread(start, config) as thread:
+    with feedback_thread(tmp_path_factory.mktemp("client-install")) as thread:
         yield thread
 
 

@@ -12,19 +12,14 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from feedback_service.app import start
-from feedback_service.config import FeedbackServiceConfig
 from rlhf.feedback.v1 import feedback_service_pb2 as fb
-from rlhf.runtime.config import ServerConfig
 from rlhf.sdk.clients import AsyncFeedbackClient, AsyncPolicyClient, FeedbackClient
-from tests.servers import ServerThread
+from tests.servers import ServerThread, feedback_thread
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    data_dir = tmp_path_factory.mktemp("sdk")
-    config = FeedbackServiceConfig.from_env(server=ServerConfig(service="feedback", port=0, data_dir=data_dir))
-    with ServerThread(start, config) as thread:
+    with feedback_thread(tmp_path_factory.mktemp("sdk")) as thread:
         yield thread
 
 
@@ -53,14 +48,11 @@ def test_submit_sets_a_request_id_so_a_retry_stores_once(server: ServerThread, a
 
 def test_submit_retries_while_the_service_is_unavailable(tmp_path: pathlib.Path, agent: str) -> None:
     # A client pointed at a port where the server starts a moment later: submit waits it out (same request id).
-    config = FeedbackServiceConfig.from_env(server=ServerConfig(service="feedback", port=0, data_dir=tmp_path))
-    with ServerThread(start, config) as early:
+    with feedback_thread(tmp_path) as early:
         address = early.address
-    later = FeedbackServiceConfig.from_env(
-        server=ServerConfig(service="feedback", port=int(address.rsplit(":", 1)[1]), data_dir=tmp_path)
-    )
+    port = int(address.rsplit(":", 1)[1])
     holder: dict[str, ServerThread] = {}
-    starter = threading.Timer(0.6, lambda: holder.setdefault("s", ServerThread(start, later).__enter__()))
+    starter = threading.Timer(0.6, lambda: holder.setdefault("s", feedback_thread(tmp_path, port).__enter__()))
     starter.start()
     try:
         with FeedbackClient(address, timeout=5) as client:

@@ -12,13 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from feedback_service.app import start
-from feedback_service.config import FeedbackServiceConfig
-from rlhf.runtime.config import ServerConfig
 from rlhf.sdk.clients import FeedbackClient
 from rlhf.sdk.sender import FeedbackSender, SenderClosed, SenderConfig
 from tests.helpers import wait_for
-from tests.servers import ServerThread, ServiceProcess
+from tests.servers import ServerThread, ServiceProcess, feedback_thread
 
 NOWHERE = "127.0.0.1:1"  # nothing listens there: every stream fails at once
 FAST = dict(initial_backoff=0.05, max_backoff=0.3)
@@ -26,9 +23,7 @@ FAST = dict(initial_backoff=0.05, max_backoff=0.3)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    data_dir = tmp_path_factory.mktemp("sender")
-    config = FeedbackServiceConfig.from_env(server=ServerConfig(service="feedback", port=0, data_dir=data_dir))
-    with ServerThread(start, config) as thread:
+    with feedback_thread(tmp_path_factory.mktemp("sender")) as thread:
         yield thread
 
 

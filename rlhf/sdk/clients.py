@@ -429,6 +429,17 @@ class _PolicyCalls(_JobCalls):
         return Call("GetPolicy", request, self.timeout, convert=lambda answer: answer.policy)
 
 
+def _generation(message: Any, agent_id: str, prompt: str, version: str, routing_key: str, params: dict) -> Any:
+    """A GenerateRequest or GenerateStreamRequest (the same fields)."""
+    return message(
+        agent_id=agent_id,
+        prompt=prompt,
+        version=version,
+        routing_key=routing_key,
+        params=inf.SamplingParams(**params),
+    )
+
+
 class _InferenceCalls(_Client):
     service = "inference"
     stub_class = inf_grpc.InferenceServiceStub
@@ -439,13 +450,7 @@ class _InferenceCalls(_Client):
         self, agent_id: str, prompt: str, version: str = "", routing_key: str = "", **params: Any
     ) -> Call[inf.GenerateResponse]:
         """One answer; `params`: fields of SamplingParams (max_new_tokens, temperature, seed, ...)."""
-        request = inf.GenerateRequest(
-            agent_id=agent_id,
-            prompt=prompt,
-            version=version,
-            routing_key=routing_key,
-            params=inf.SamplingParams(**params),
-        )
+        request = _generation(inf.GenerateRequest, agent_id, prompt, version, routing_key, params)
         return Call("Generate", request, self.timeout)
 
     @rpc
@@ -453,13 +458,7 @@ class _InferenceCalls(_Client):
         self, agent_id: str, prompt: str, version: str = "", routing_key: str = "", **params: Any
     ) -> Call[Iterator[inf.GenerateStreamResponse]]:
         """The answer in pieces as they are generated; the last piece has done set."""
-        request = inf.GenerateStreamRequest(
-            agent_id=agent_id,
-            prompt=prompt,
-            version=version,
-            routing_key=routing_key,
-            params=inf.SamplingParams(**params),
-        )
+        request = _generation(inf.GenerateStreamRequest, agent_id, prompt, version, routing_key, params)
         return Call("GenerateStream", request, self.timeout, Shape.STREAM)
 
     @rpc
