@@ -207,8 +207,11 @@ class GroupPolicyTrainer:
         reward_model.__name__ = REWARD_NAME
         return reward_model
 
-    def train(self, prompts: list[str], score_fn: ScoreFn, on_step: StepCallback, resume: bool = True) -> History:
-        """Train to max_steps, from the newest checkpoint in output_dir when `resume` and there is one.
+    def train(
+        self, prompts: list[str], score_fn: ScoreFn, on_step: StepCallback, resume: bool = True, callbacks=()
+    ) -> History:
+        """Train to max_steps, from the newest checkpoint in output_dir when `resume` and there is one;
+        `callbacks`: more transformers TrainerCallbacks (e.g. timers).
         Whatever stops training early (on_step or score_fn raising: a cancel, the reward service gone) leaves
         a checkpoint of the last finished step, then propagates."""
         from peft import LoraConfig
@@ -257,6 +260,8 @@ class GroupPolicyTrainer:
 
         trainer.remove_callback(PrinterCallback)  # logs go to on_step, not stdout
         trainer.add_callback(Forward())
+        for callback in callbacks:
+            trainer.add_callback(callback)
         checkpoint = last_checkpoint(self.output_dir) if resume else None
         if checkpoint is not None:
             log.info("%s resumes from %s", self.algorithm.upper(), checkpoint)
