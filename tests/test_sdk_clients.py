@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import re
 import threading
 import time
 import uuid
@@ -133,3 +134,19 @@ def test_asyncio_clients_of_other_services_fail_with_the_grpc_status(agent: str)
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
     asyncio.run(main())
+
+
+def test_the_readme_client_sdk_examples_run_as_shown(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Client SDK (Python)") :]
+    section = section[: section.index("\n### ", 1)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    with feedback_thread(tmp_path) as server:
+        for block in blocks:
+            exec(block.replace("127.0.0.1:50051", server.address), {})  # only the address differs
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"1 [0-9a-f]{32} False", lines[0])
+    expected = ["1 True", "0 True", "1 True", "2 False score", "4 0.6", "True", "True"]
+    assert [line.strip() for line in lines[1:8]] == expected
+    assert lines[8].startswith("SenderStats(queued=100, sent=100, resent=0, acknowledged=100, duplicate=0")
