@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pathlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -220,3 +222,14 @@ def test_rejected_items_are_counted_and_not_retried(server: ServerThread, agent:
     assert stats.sent == 13 and stats.resent == 0, "a rejected item is not sent again"
     assert {(r.request_id, r.field) for r in stats.rejections} == {(bad_score, "score"), (no_prompt, "prompt")}
     assert sorted(stored_request_ids(server.address, agent)) == sorted(good)
+
+
+def test_a_sender_left_open_sends_what_it_holds_when_the_program_exits(server: ServerThread, agent: str) -> None:
+    code = (
+        "from rlhf.sdk import FeedbackSender, SenderConfig\n"
+        f"sender = FeedbackSender(SenderConfig(address={server.address!r}))\n"
+        f"for i in range(50): sender.submit({agent!r}, prompt=f'Q{{i}}?', response='A.', score=0.5)\n"
+    )
+    root = pathlib.Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=60)
+    assert len(stored_request_ids(server.address, agent)) == 50

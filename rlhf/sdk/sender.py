@@ -5,6 +5,7 @@ them to the feedback service on one StreamFeedback call and survives the service
         sender.submit("my_agent", prompt="Q?", response="A.", score=0.8)
         ...
         sender.flush(timeout=5)          # optional: wait until the service has committed everything
+    # close() (leaving the block, or the program ending) sends what is left, for up to close_timeout
     print(sender.stats())                # sent, acknowledged, duplicate, rejected, dropped, ...
 
 How nothing is lost or stored twice: every item gets a request_id (the feedback service's idempotency key)
@@ -17,6 +18,7 @@ A rejected item (invalid input) is counted and logged, never retried.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import itertools
@@ -142,6 +144,8 @@ class FeedbackSender:
         self._address = ""
         self._thread = threading.Thread(target=self._run, name="feedback-sender", daemon=True)
         self._thread.start()
+        # A sender left open when the program ends still sends what it holds (up to config.close_timeout).
+        atexit.register(self.close)
 
     # -- the agent's side ---------------------------------------------------------------------------
 
@@ -185,6 +189,7 @@ class FeedbackSender:
         """Stop taking items, send what is left (waiting at most `timeout` seconds, by default
         config.close_timeout; None: as long as it takes), end the stream and the thread. True when everything
         was acknowledged or rejected; what was not is counted as abandoned."""
+        atexit.unregister(self.close)
         self._closing.set()
         done = self.flush(self.config.close_timeout if timeout == -1.0 else timeout)
         self._stop.set()
