@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
+from typing import Any
 
 from rlhf.training.errors import DeadlinePassed
 from rlhf.training.modelcache import ModelCache
@@ -20,6 +22,9 @@ class LoadedRewardModel:
     device: str
     # Tokens read per pair: what the model was trained with, within its context (the end is kept).
     max_length: int
+    # (encoded batch) -> one reward per row; None: the sequence classifier's logit. A RewardModel subclass
+    # (the seed's custom reward form) puts its own forward here.
+    forward: Callable[[Any], Any] | None = None
 
 
 @dataclasses.dataclass
@@ -81,7 +86,10 @@ class Scorer:
                     raise DeadlinePassed(f"scoring stopped at item {start} of {len(texts)}: deadline passed")
                 chunk = texts[start : start + self.micro_batch]
                 enc = encode(loaded.tokenizer, [t for _, t in chunk], loaded.max_length).to(loaded.device)
-                values = loaded.model(**enc).logits.squeeze(-1).float().tolist()
+                if loaded.forward is not None:
+                    values = loaded.forward(enc).float().reshape(-1).tolist()
+                else:
+                    values = loaded.model(**enc).logits.squeeze(-1).float().tolist()
                 for (index, _), value in zip(chunk, values, strict=False):
                     results[index] = Scored(
                         score=value, rating=to_rating(value, loaded.normalization), model_score=value

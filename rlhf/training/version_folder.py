@@ -1,8 +1,9 @@
 """The results a policy version folder holds (training_results.json, curves.png): written the same way by the
-policy service's worker and by the library's RLHFTrainer, so one reads the other's folders."""
+policy service's worker and by the library's RLHFTrainer, and read back as the seed's TrainingResult."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any
@@ -76,3 +77,43 @@ def write_results(output: pathlib.Path, results: dict[str, Any]) -> pathlib.Path
     path = output / RESULTS_FILE
     path.write_text(json.dumps(results, indent=2))
     return path
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    """The seed's result of a policy training run; `details` holds the rest of training_results.json
+    (more curves, config, lineage, timing)."""
+
+    model_path: str
+    reward_model_path: str | None
+    feedback_count: int
+    final_reward_mean: float
+    final_reward_std: float
+    training_steps: int
+    reward_history: list[float]
+    kl_history: list[float]
+    loss_history: list[float]
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, results: dict[str, Any]) -> TrainingResult:
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "details"]
+        missing = [name for name in names if name not in results]
+        if missing:
+            raise ValueError(f"not a training_results.json of a policy version: no {', '.join(missing)}")
+        return cls(
+            **{name: results[name] for name in names},
+            details={k: v for k, v in results.items() if k not in names},
+        )
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> TrainingResult:
+        """From a version's training_results.json, or the version folder that holds it."""
+        path = pathlib.Path(path)
+        if path.is_dir():
+            path = path / RESULTS_FILE
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "details"}
+        return {**out, **self.details}
