@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import pathlib
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import httpx
@@ -17,11 +18,13 @@ from feedback_service.app import start as start_feedback
 from feedback_service.config import FeedbackServiceConfig
 from policy_service.app import start as start_policy
 from policy_service.config import PolicyServiceConfig
+from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.runtime.db import make_engine
 from rlhf.runtime.registry import FEEDBACK_COUNT, SEQUENTIAL
 from rlhf.runtime.training_store import TrainingStore
 from rlhf.runtime.validation import version as check_version
-from tests.helpers import rated_answers, server_config, submit_ratings
+from rlhf.sdk.clients import PolicyClient
+from tests.helpers import rated_answers, server_config, submit_ratings, wait_for
 from tests.servers import ServerThread, ServiceProcess
 from tests.stack import reward_server
 
@@ -303,7 +306,7 @@ def read_events(answer: httpx.Response) -> Iterator[tuple[str, dict]]:
 
 
 @pytest.mark.slow  # ~40 s: a reward model and three short policy runs
-def test_training_blocking_async_event_stream_conflict_and_seed_version_names(http, gateway):
+def test_training_blocking_async_event_stream_conflict_and_seed_version_names(http, gateway, stack):
     # Blocking, as in the seed: the answer comes when the policy is trained. The reward model it trains first
     # uses the gateway's RLHF_GATEWAY_REWARD_MODEL_CONFIG.
     trained = http.post(
@@ -362,6 +365,28 @@ def test_training_blocking_async_event_stream_conflict_and_seed_version_names(ht
     assert done[1]["result"]["status"] == "trained" and done[1]["result"]["version"] == "v60.2"
     job = http.get(short.headers["location"]).json()
     assert job["version"] == "v60.2" and job["result"]["trainingSteps"] == 2 and job["progress"]["step"] == 2
+
+    # A blocking call whose job is cancelled meanwhile answers 409 with the job's URL (no policy, no 500).
+    outcome: dict[str, httpx.Response] = {}
+
+    def train_blocking() -> None:
+        with gateway.client(timeout=300) as own:
+            body = {"maxSteps": 10_000, "config": QUICK, "rewardModelVersion": "latest"}
+            outcome["answer"] = own.post(f"/api/policies/train_policy/{AGENT}", json=body)
+
+    blocking = threading.Thread(target=train_blocking)
+    blocking.start()
+
+    def running_job() -> str:  # the blocking call's job, once it trains (found through the policy service)
+        with PolicyClient(stack[2].address) as policy:
+            jobs, _ = policy.list_jobs(agent_id=AGENT, state=pol.JOB_STATE_RUNNING)
+        return next((job.job_id for job in jobs if job.progress.step >= 1), "")
+
+    job_id = wait_for(running_job, timeout=120, interval=0.5)
+    assert http.post(f"/api/jobs/{job_id}/cancel").status_code == 200
+    blocking.join(120)
+    body = assert_error(outcome["answer"], 409, "cancelled")
+    assert body["jobId"] == job_id and body["job"].endswith(f"/api/jobs/{job_id}")
 
     # The list: a bare array, newest first, numbers as numbers.
     policies = http.get(f"/api/policies/{AGENT}").json()
