@@ -104,6 +104,7 @@ def prepare(context: JobContext, base_model: str, device_preference: str, earlie
     spec = context.spec
     agent_id = spec["agent_id"]
     reward = RewardClient(spec["reward_address"], timeout=spec["score_timeout_seconds"])
+    reward.sleep = context.sleep  # a cancel ends the waits between ScoreBatch retries at once
     if earlier.get("reward_job_id"):
         context.sticky["reward_job_id"] = earlier["reward_job_id"]
     data_dir = pathlib.Path(spec["data_dir"])

@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from reward_service.domain import RewardDomain
 from rlhf.reward.v1 import reward_service_pb2 as pb
 from rlhf.reward.v1 import reward_service_pb2_grpc as pb_grpc
-from rlhf.runtime.errors import translate_errors
+from rlhf.runtime.errors import InvalidArgument, translate_errors
 from rlhf.runtime.job_rpcs import JobRpcs, job_message_fields
 from rlhf.runtime.jobs import Job
 from rlhf.runtime.protoconfig import from_message, to_message
@@ -70,7 +70,7 @@ class RewardServicer(JobRpcs, pb_grpc.RewardServiceServicer):
 
     async def ScoreBatch(self, request, context):
         pairs = [(item.prompt, item.response) for item in request.items]
-        functions = [spec_from_proto(f) for f in request.functions]
+        functions = [spec_from_proto(f, f"functions[{i}].params") for i, f in enumerate(request.functions)]
         scored, version = await self.domain.score(
             request.agent_id, request.version, pairs, context.time_remaining(), functions
         )
@@ -88,12 +88,16 @@ class RewardServicer(JobRpcs, pb_grpc.RewardServiceServicer):
         )
 
 
-def spec_from_proto(message: pb.RewardFunctionSpec) -> dict[str, Any]:
+def spec_from_proto(message: pb.RewardFunctionSpec, field: str = "params") -> dict[str, Any]:
     """{"name", "weight", "params"} as the library reads it (an unset weight is 1)."""
+    try:
+        params = json_format.MessageToDict(message.params)
+    except ValueError as error:  # a Struct that is no JSON: NaN or infinite numbers, a Value with no kind set
+        raise InvalidArgument(field, f"is not JSON: {error}") from None
     return {
         "name": message.name,
         "weight": message.weight if message.HasField("weight") else 1.0,
-        "params": json_format.MessageToDict(message.params),
+        "params": params,
     }
 
 

@@ -303,3 +303,15 @@ def test_a_failed_stream_reads_as_a_clean_job_error(stack):
     message = _describe(caught.value)
     assert message.startswith("a call to another service failed with INVALID_ARGUMENT: agent_id"), message
     assert "Rendezvous" not in message and "\n" not in message
+
+
+# Found by tests/test_fuzz_rpcs.py -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("number", [math.nan, math.inf])
+def test_reward_function_params_that_are_no_json(stack, number):
+    spec = rw.RewardFunctionSpec(name="length_penalty")
+    spec.params.update({"target": number})
+    with grpc.insecure_channel(stack.reward.address) as channel:
+        request = rw.ScoreBatchRequest(agent_id=AGENT, items=[rw.ScoreItem(prompt="p", response="r")], functions=[spec])
+        assert refused(rw_grpc.RewardServiceStub(channel).ScoreBatch, request) == "functions[0].params"

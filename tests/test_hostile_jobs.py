@@ -9,6 +9,7 @@ import os
 import pathlib
 import signal
 import threading
+import time
 import uuid
 
 import pytest
@@ -142,7 +143,7 @@ def test_a_table_from_before_the_constraints_gets_them_and_loses_duplicate_numbe
 # Defect 11: what a job's error says after its worker died or the server stopped. ------------------------
 
 
-def manager(tmp_path: pathlib.Path, resumable: bool) -> JobManager:
+def manager(tmp_path: pathlib.Path, resumable: bool, worker: str = "tests.workers.stops_on_cancel") -> JobManager:
     engine = make_engine(f"sqlite:///{tmp_path / 'manager.db'}")
     metadata = MetaData()
     table = jobs_table(metadata)
@@ -151,9 +152,7 @@ def manager(tmp_path: pathlib.Path, resumable: bool) -> JobManager:
     async def on_success(job, result) -> str:
         return "v1"
 
-    return JobManager(
-        JobStore(engine, table), tmp_path / "jobs", "tests.workers.stops_on_cancel", on_success, resumable=resumable
-    )
+    return JobManager(JobStore(engine, table), tmp_path / "jobs", worker, on_success, resumable=resumable)
 
 
 async def running(jobs: JobManager, job_id: str) -> None:
@@ -190,3 +189,24 @@ def test_an_interrupted_job_says_whether_it_can_be_resumed(tmp_path, resumable):
     final = asyncio.run(scenario())
     assert final.state == "INTERRUPTED"
     assert ("ResumeTrainingJob" in final.error) == resumable, final.error
+
+
+# Defect 10: a cancel while the worker waits between ScoreBatch retries. ------------------------------------
+
+
+def test_a_cancel_ends_the_waits_between_score_retries_at_once(tmp_path):
+    async def scenario():
+        jobs = manager(tmp_path, resumable=True, worker="tests.workers.scores_while_unavailable")
+        job = await jobs.submit("agent", {})
+        await asyncio.wait_for(running(jobs, job.job_id), 60)
+        await asyncio.sleep(2.0)  # into the backoff (0.5 + 1 + 2 + ... seconds)
+        cancelled_at = time.monotonic()
+        await jobs.cancel(job.job_id)
+        final = await asyncio.wait_for(jobs.wait(job.job_id), 60)
+        took = time.monotonic() - cancelled_at
+        await jobs.close()
+        return final, took
+
+    final, took = asyncio.run(scenario())
+    assert final.state == "CANCELLED", (final.state, final.error)
+    assert took < 3.0, f"the cancel took {took:.1f} s"

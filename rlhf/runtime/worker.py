@@ -62,6 +62,16 @@ class JobContext:
     def orphaned(self) -> bool:
         return os.getppid() != self._parent
 
+    def sleep(self, seconds: float) -> None:
+        """time.sleep that a cancel (or the server's death) interrupts, raising Cancelled within 0.1 s."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.check_cancelled()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))
+
     def check_cancelled(self) -> None:
         """Raise Cancelled after a cancel (SIGTERM) or once the launching server is gone."""
         if self.orphaned and not self.cancel_requested:

@@ -165,6 +165,10 @@ class _Client:
 
 
 class _Blocking(_Client):
+    # How a retry waits between attempts; a training worker sets its own (JobContext.sleep), so that a cancel
+    # stops the wait at once instead of after the whole backoff.
+    sleep: Callable[[float], None] = staticmethod(time.sleep)
+
     def _open(self, address: str) -> grpc.Channel:
         return channel(address)
 
@@ -185,7 +189,7 @@ class _Blocking(_Client):
                 try:
                     return call.convert(method(call.request, timeout=call.timeout))
                 except grpc.RpcError as error:
-                    time.sleep(_retry_delay(call, error, attempt))
+                    self.sleep(_retry_delay(call, error, attempt))
                     attempt += 1
         if call.shape is Shape.COLLECT:
             return call.convert(list(method(call.request, timeout=call.timeout)))
