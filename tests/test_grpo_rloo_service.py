@@ -125,7 +125,8 @@ def test_dry_runs_show_trl_defaults_and_price_each_algorithm(policy):
     assert grpo.estimated_training_minutes > rloo.estimated_training_minutes > 0
     assert ppo.estimated_training_minutes != grpo.estimated_training_minutes
     assert grpo.estimated_peak_memory_bytes > rloo.estimated_peak_memory_bytes
-    more = dry_run(pol.ALGORITHM_GRPO, max_steps=100, grpo_config=pol.GRPOConfig(num_generations=16))
+    # The SDK names the algorithm and takes its knobs as a dict.
+    more = policy.train_policy(AGENT, "grpo", algorithm_config={"num_generations": 16}, dry_run=True, max_steps=100)
     assert 1.5 * grpo.estimated_training_minutes < more.estimated_training_minutes
     assert more.model_config["num_generations"] == 16
 

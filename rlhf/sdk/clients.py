@@ -408,6 +408,34 @@ class _PolicyCalls(_JobCalls):
         return Call("TrainPolicy", request, timeout or self.timeout)
 
     @rpc
+    def train_policy(
+        self,
+        agent_id: str,
+        algorithm: str = "ppo",
+        config: pol.TrainingConfig | dict | None = None,
+        algorithm_config: pol.GRPOConfig | pol.RLOOConfig | dict | None = None,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> Call[pol.TrainPolicyResponse]:
+        """TrainPolicy with the algorithm by name: "ppo", "grpo" or "rloo"; `config`: the shared TrainingConfig
+        and `algorithm_config`: GRPO's or RLOO's own knobs (messages or dicts of their fields; unset: TRL's
+        defaults); `fields`: the request's others (dry_run, wait, max_steps, reward_model_version, ...)."""
+        name = algorithm.lower()
+        request = pol.TrainPolicyRequest(agent_id=agent_id, algorithm=pol.Algorithm.Value(f"ALGORITHM_{name.upper()}"))
+        if config is not None:
+            request.config.CopyFrom(config if isinstance(config, pol.TrainingConfig) else pol.TrainingConfig(**config))
+        if algorithm_config is not None:
+            if name not in ("grpo", "rloo"):
+                raise ValueError(f"algorithm_config is for GRPO and RLOO; {algorithm} takes its knobs in config")
+            knobs = getattr(request, f"{name}_config")
+            knobs.CopyFrom(
+                algorithm_config if not isinstance(algorithm_config, dict) else type(knobs)(**algorithm_config)
+            )
+        for key, value in fields.items():
+            setattr(request, key, value)
+        return Call("TrainPolicy", request, timeout or self.timeout)
+
+    @rpc
     def resume_job(self, job_id: str) -> Call[pol.TrainingJob]:
         request = pol.ResumeTrainingJobRequest(job_id=job_id)
         return Call("ResumeTrainingJob", request, self.timeout, convert=lambda answer: answer.job)
