@@ -11,6 +11,7 @@ import pathlib
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from policy_service.config import PolicyServiceConfig
 from policy_service.estimate import Estimate, Run, estimate
@@ -19,7 +20,7 @@ from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
 from rlhf.runtime import checks, validation
-from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, Unimplemented, from_rpc_error
+from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, Unimplemented, field_violation, from_rpc_error
 from rlhf.runtime.jobs import SUCCEEDED, Job, JobManager
 from rlhf.runtime.model_checks import ModelChecker
 from rlhf.runtime.protoconfig import from_message
@@ -207,6 +208,8 @@ class PolicyDomain:
             checks.within_context(reward_config.max_length, reward_shape.context, "reward_model_config.max_length")
             # The reward service may run elsewhere: its device is its business (here it only labels timings).
             reward_kind = await self._device_kind(reward_config.device, "", required=False)
+        if config.reward_functions:
+            await self._check_reward_functions(agent_id, config.reward_functions)
         try:
             stats = (
                 await self.feedback.GetFeedbackStats(fb.GetFeedbackStatsRequest(agent_id=agent_id), timeout=10)
@@ -228,6 +231,23 @@ class PolicyDomain:
             except grpc.RpcError as error:
                 raise from_rpc_error(error, "reward service") from error
         return Checked(stats, shape, reward_shape, kind, reward_kind)
+
+    async def _check_reward_functions(self, agent_id: str, functions: list[dict[str, Any]]) -> None:
+        """The reward service checks the run's reward functions (registered names, parameters) now, so a bad
+        one is INVALID_ARGUMENT naming config.reward_functions[i]..., not a job failing later."""
+        request = rw.ScoreBatchRequest(
+            agent_id=agent_id,
+            validate_only=True,
+            functions=[json_format.ParseDict(f, rw.RewardFunctionSpec()) for f in functions],
+        )
+        try:
+            await self.reward.ScoreBatch(request, timeout=10)
+        except grpc.RpcError as error:
+            violation = field_violation(error)
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT and violation:
+                field, description = violation
+                raise InvalidArgument(field.replace("functions", "config.reward_functions", 1), description) from error
+            raise from_rpc_error(error, "reward service") from error
 
     @staticmethod
     async def _device_kind(preference: str, field: str, required: bool = True) -> str:

@@ -116,11 +116,15 @@ class RewardDomain:
         pairs: list[tuple[str, str]],
         time_remaining: float | None,
         functions: Sequence[RewardFunctionSpec | dict[str, Any]] = (),
+        validate_only: bool = False,
     ) -> tuple[list[Scored], str]:
-        """The reward model's scores of `pairs`, combined by the registered reward `functions` when named."""
+        """The reward model's scores of `pairs`, combined by the registered reward `functions` when named.
+        `validate_only`: the request's checks alone (no items, no model needed); nothing is scored."""
         validation.agent_id(agent_id)
         validation.version(version)
         combination = self.combination(functions, "functions")
+        if validate_only:
+            return [], ""
         if not pairs:
             raise InvalidArgument("items", "must hold at least one item")
         if len(pairs) > self.config.score_max_batch:

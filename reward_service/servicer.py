@@ -72,7 +72,7 @@ class RewardServicer(JobRpcs, pb_grpc.RewardServiceServicer):
         pairs = [(item.prompt, item.response) for item in request.items]
         functions = [spec_from_proto(f, f"functions[{i}].params") for i, f in enumerate(request.functions)]
         scored, version = await self.domain.score(
-            request.agent_id, request.version, pairs, context.time_remaining(), functions
+            request.agent_id, request.version, pairs, context.time_remaining(), functions, request.validate_only
         )
         return pb.ScoreBatchResponse(
             version=version,

@@ -237,3 +237,31 @@ def test_a_policy_run_sends_its_reward_functions_with_every_scorebatch(servers, 
         }
     finally:
         policy.stop()
+
+
+@pytest.mark.parametrize(
+    "functions, field",
+    [
+        ([spec("reward_model"), spec("nope")], "config.reward_functions[1].name"),
+        ([spec("length_penalty", max_length="long")], "config.reward_functions[0].params.max_length"),
+    ],
+)
+def test_train_policy_checks_reward_functions_before_any_job(servers, tmp_path, tiny_model, functions, field):
+    _, feedback, reward = servers
+    policy = policy_server(tmp_path, feedback.address, reward.address)
+    try:
+        config = pol.TrainingConfig(reward_functions=functions)
+        with PolicyClient(policy.address) as client:
+            for dry_run in (True, False):
+                with pytest.raises(grpc.RpcError) as raised:
+                    client.train(pol.TrainPolicyRequest(agent_id=AGENT, dry_run=dry_run, config=config), timeout=60)
+                assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert violation(raised.value) == field
+            assert client.list_jobs()[0] == []  # no job started
+    finally:
+        policy.stop()
+
+
+def test_validate_only_checks_without_a_model_and_scores_nothing(stub):
+    request = rw.ScoreBatchRequest(agent_id="nobody", validate_only=True, functions=[spec("scale_shift", scale=3)])
+    assert list(stub.ScoreBatch(request, timeout=30).scores) == []

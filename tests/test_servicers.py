@@ -930,7 +930,7 @@ def test_deadline_reaches_the_servicer(tmp_path: pathlib.Path) -> None:
     """time_remaining is grpc_testing's, counting down from the deadline `invoke` sends."""
     seen = []
 
-    async def score(agent_id: str, version: str, pairs: object, time_remaining: float | None, functions=()) -> None:
+    async def score(agent_id: str, version: str, pairs: object, time_remaining: float | None, *_) -> None:
         seen.append(time_remaining)
         raise KeyError("stop here")
 

@@ -132,6 +132,19 @@ def from_rpc_error(error: grpc.RpcError, service: str) -> DomainError:
     return by_code.get(code, Unavailable)(message)
 
 
+def field_violation(error: grpc.RpcError) -> tuple[str, str] | None:
+    """(field, description) of the first BadRequest field violation another service's error carries."""
+    try:
+        status = rpc_status.from_call(error)
+    except (AttributeError, ValueError):
+        return None
+    for detail in status.details if status else []:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad) and bad.field_violations:
+            return bad.field_violations[0].field, bad.field_violations[0].description
+    return None
+
+
 def from_library_error(error: TrainingError) -> DomainError:
     """The status a training-library error stands for when a service meets it."""
     if isinstance(error, ModelLoadError):
