@@ -15,7 +15,7 @@ from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.sdk.clients import PolicyClient, RewardClient
 from tests.helpers import rated_answers, submit_ratings
-from tests.stack import start_stack
+from tests.stack import policy_server, reward_server, start_stack
 
 AGENT = "group-agent"  # dry runs and request checks only
 SHARED = pol.TrainingConfig(use_lora=True, learning_rate=1e-3, batch_size=4, max_new_tokens=8, seed=0)
@@ -28,6 +28,7 @@ JOB_AGENTS = [f"{name}-{algorithm}" for name in ("e2e", "resume") for algorithm 
 # A cancelled job must not be able to finish first (a step here takes a fraction of a second).
 RESUMABLE_STEPS = 40
 ACTIVE = (pol.JOB_STATE_QUEUED, pol.JOB_STATE_RUNNING)
+OUTAGE = "outage-grpo"  # its own reward and policy servers
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def stack(tmp_path_factory, tiny_model):
     stack = start_stack(tmp_path_factory.mktemp("group"), with_inference=False)
     try:
         with stack.feedback.channel() as channel:
-            for agent_id in (AGENT, *JOB_AGENTS):
+            for agent_id in (AGENT, OUTAGE, *JOB_AGENTS):
                 submit_ratings(channel, agent_id, rated_answers(60, seed=3))
         yield stack
     finally:
@@ -216,3 +217,27 @@ def test_a_cancelled_job_keeps_a_checkpoint_and_resumes_to_the_end(stack, policy
     results = json.loads((pathlib.Path(version.artifact_path) / "training_results.json").read_text())
     assert len(results["reward_history"]) == RESUMABLE_STEPS  # both runs' curves, once each
     assert results["timing"]["ppo_steps"] == RESUMABLE_STEPS - stopped_at
+
+
+@pytest.mark.slow
+def test_reward_service_outage_fails_the_job_cleanly_with_a_checkpoint(stack, tmp_path):
+    # Reward and policy servers of its own: this test stops its reward server mid-run.
+    reward = reward_server(tmp_path, stack.feedback.address)
+    flaky_policy = policy_server(tmp_path, stack.feedback.address, reward.address, score_retries=1)
+    try:
+        reward_client = RewardClient(reward.address)
+        config = rw.RewardModelConfig(use_lora=False, num_epochs=1, batch_size=16, learning_rate=5e-4)
+        trained = list(reward_client.watch(reward_client.create_job(OUTAGE, config).job_id))[-1]
+        assert trained.state == rw.JOB_STATE_SUCCEEDED, trained.error
+        with PolicyClient(flaky_policy.address) as client:
+            job = client.train(request("grpo", OUTAGE, max_steps=10_000, reward_model_version="v1")).job
+            running = wait_for_training(client, job.job_id)
+            reward.stop()
+            final = list(client.watch(job.job_id, timeout=180))[-1]
+        assert final.state == pol.JOB_STATE_FAILED
+        assert "reward service failed during GRPO (UNAVAILABLE" in final.error, final.error
+        trl_dir = tmp_path / "artifacts" / "policies" / ".jobs" / job.job_id / "trl"
+        assert int(sorted(trl_dir.glob("checkpoint-*"))[-1].name.split("-")[1]) >= running.progress.step
+    finally:
+        reward.stop()
+        flaky_policy.stop()
