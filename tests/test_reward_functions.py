@@ -265,3 +265,34 @@ def test_train_policy_checks_reward_functions_before_any_job(servers, tmp_path, 
 def test_validate_only_checks_without_a_model_and_scores_nothing(stub):
     request = rw.ScoreBatchRequest(agent_id="nobody", validate_only=True, functions=[spec("scale_shift", scale=3)])
     assert list(stub.ScoreBatch(request, timeout=30).scores) == []
+
+
+@pytest.mark.slow  # trains a policy for one step
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_grpo_and_rloo_runs_send_their_reward_functions_too(servers, reward_model, tmp_path, algorithm):
+    data_dir, feedback, reward = servers
+    policy = policy_server(tmp_path, feedback.address, reward.address)
+    try:
+        config = pol.TrainingConfig(use_lora=True, learning_rate=1e-3, batch_size=2, max_new_tokens=6)
+        config.reward_functions.append(spec("sea_bonus", bonus=0.25))
+        knobs = {f"{algorithm}_config": getattr(pol, f"{algorithm.upper()}Config")(num_generations=2)}
+        operator_reward_functions.CALLS.clear()
+        with PolicyClient(policy.address) as client:
+            response = client.train(
+                pol.TrainPolicyRequest(
+                    agent_id=AGENT,
+                    algorithm=getattr(pol, f"ALGORITHM_{algorithm.upper()}"),
+                    max_steps=1,
+                    config=config,
+                    reward_model_version=reward_model,
+                    wait=True,
+                    **knobs,
+                ),
+                timeout=300,
+            )
+        assert response.status == "trained", response.job.error
+        calls = operator_reward_functions.CALLS
+        # One step: 2 prompts x 2 answers scored in one ScoreBatch call (less any empty answer).
+        assert len(calls) == 1 and calls[0]["bonus"] == 0.25 and 1 <= len(calls[0]["responses"]) <= 4
+    finally:
+        policy.stop()
