@@ -223,17 +223,23 @@ class StepReporter:
 def finish(
     context: JobContext,
     run: Prepared,
+    trainer: Any,
     history: Any,
     reporter: StepReporter,
-    steps: int,
     first_step: int,
-    saving_started: float,
+    max_steps: int,
     base_model: str,
     extra_results: dict[str, Any],
 ) -> dict[str, Any]:
-    """Curves, training_results.json (the seed's TrainingResult fields, lineage, timings) and the job's result."""
+    """The trained policy saved, curves, training_results.json (the seed's TrainingResult fields, lineage,
+    timings) and the job's result. `trainer`: PPO's or TRL's, with step and save(folder)."""
     spec = context.spec
+    steps = trainer.step
+    reporter.record(steps - first_step)
+    saving_started = time.monotonic()
+    context.progress(phase="saving", step=steps, total_steps=max_steps, metrics=reporter.last_metrics)
     output = context.job_dir / "output"
+    trainer.save(output)
     # The seed's reward fields are on the 0..1 feedback scale (the reward service's ratings: the reward
     # model's saved normalisation undone); the reward model's own units are reported beside them.
     results = version_results(
@@ -315,18 +321,14 @@ def train_ppo(context: JobContext) -> dict[str, Any]:
     except BaseException:  # cancel, reward service down, anything: keep what was learnt
         save()
         raise
-    reporter.record(trainer.step - first_step)
-    saving_started = time.monotonic()
-    context.progress(phase="saving", step=trainer.step, total_steps=config.max_steps, metrics=reporter.last_metrics)
-    trainer.save(context.job_dir / "output")
     return finish(
         context,
         run,
+        trainer,
         history,
         reporter,
-        trainer.step,
         first_step,
-        saving_started,
+        config.max_steps,
         config.base_model,
         {"unscored_responses": unscored["count"]},
     )
@@ -365,19 +367,15 @@ def train_group(context: JobContext) -> dict[str, Any]:
         ("time/step_s", "completions/max_length", "tokens/query_width"),
     )
     history = trainer.train(run.prompts, score, reporter)  # saves a checkpoint itself when stopped early
-    reporter.record(trainer.step - first_step)
-    saving_started = time.monotonic()
-    context.progress(phase="saving", step=trainer.step, total_steps=config.max_steps, metrics=reporter.last_metrics)
-    trainer.save(context.job_dir / "output")
     last = reporter.last_metrics
     return finish(
         context,
         run,
+        trainer,
         history,
         reporter,
-        trainer.step,
         first_step,
-        saving_started,
+        config.max_steps,
         config.base_model,
         {
             "unscored_responses": unscored["count"],
