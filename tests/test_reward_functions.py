@@ -110,6 +110,14 @@ def test_list_names_the_builtins_and_the_operators_functions(stub):
     assert max_length.required and max_length.type == "integer"
 
 
+def test_the_sdk_lists_and_sends_reward_functions(servers):
+    with RewardClient(servers[2].address) as reward:
+        assert [f.name for f in reward.list_functions()][-2:] == ["sea_bonus", "wrong_length"]
+        with pytest.raises(grpc.RpcError) as raised:
+            reward.score("nobody", [("p", "r")], functions=[{"name": "keywords", "params": {"words": "sea"}}])
+    assert violation(raised.value) == "functions[0].params.words"
+
+
 @pytest.mark.parametrize(
     "functions, field, text",
     [

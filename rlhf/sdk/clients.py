@@ -396,6 +396,12 @@ class _RewardCalls(_JobCalls):
         request = rw.ListRewardModelsRequest(agent_id=agent_id)
         return Call("ListRewardModels", request, self.timeout, convert=lambda answer: list(answer.reward_models))
 
+    @rpc
+    def list_functions(self) -> Call[list[rw.RewardFunction]]:
+        """The reward functions `score(functions=...)` and a run's config.reward_functions may name."""
+        request = rw.ListRewardFunctionsRequest()
+        return Call("ListRewardFunctions", request, self.timeout, convert=lambda answer: list(answer.functions))
+
 
 class _PolicyCalls(_JobCalls):
     service = "policy"
