@@ -54,7 +54,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         try:
             yield
         finally:
-            app.state.backends.close()
+            await app.state.backends.close()
             log.info("stopped")
 
     app = FastAPI(title="RLHF platform REST API", version="1", description=DESCRIPTION, lifespan=lifespan)

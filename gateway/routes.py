@@ -6,7 +6,7 @@ Errors are raised, not caught: gateway.app maps them to JSON answers (gateway.er
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -29,7 +29,7 @@ from gateway.schemas import (
     trained_json,
 )
 from rlhf.policy.v1 import policy_service_pb2 as pol
-from rlhf.sdk.clients import FeedbackClient, PolicyClient, wait_until_serving
+from rlhf.sdk.clients import AsyncFeedbackClient, AsyncPolicyClient, wait_until_serving
 
 TERMINAL = (pol.JOB_STATE_SUCCEEDED, pol.JOB_STATE_FAILED, pol.JOB_STATE_CANCELLED, pol.JOB_STATE_INTERRUPTED)
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -41,27 +41,26 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @dataclasses.dataclass
 class Backends:
-    """The gateway's clients of the services, and a thread pool for job event streams (each waits in a thread)."""
+    """The gateway's asyncio clients of the services: a request that waits (a blocking training, an event
+    stream) holds no thread."""
 
     config: GatewayConfig
-    feedback: FeedbackClient
-    policy: PolicyClient
-    streams: concurrent.futures.ThreadPoolExecutor
+    feedback: AsyncFeedbackClient
+    policy: AsyncPolicyClient
 
     @classmethod
     def open(cls, config: GatewayConfig) -> Backends:
+        """Call inside the event loop that serves (grpc.aio channels belong to one loop)."""
         timeout = config.call_timeout_seconds
         return cls(
             config,
-            FeedbackClient(config.feedback_address, timeout=timeout),
-            PolicyClient(config.policy_address, timeout=timeout),
-            concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="job-events"),
+            AsyncFeedbackClient(config.feedback_address, timeout=timeout),
+            AsyncPolicyClient(config.policy_address, timeout=timeout),
         )
 
-    def close(self) -> None:
-        self.streams.shutdown(wait=False, cancel_futures=True)
-        self.feedback.close()
-        self.policy.close()
+    async def close(self) -> None:
+        await self.feedback.close()
+        await self.policy.close()
 
 
 def backends(request: Request) -> Backends:
@@ -78,10 +77,10 @@ router = APIRouter()
 
 
 @router.post("/api/policies/feedback/{agent_id}", tags=["seed"], responses=ERROR_RESPONSES)
-def submit_feedback(agent_id: str, body: FeedbackIn, b: Services) -> dict[str, Any]:
+async def submit_feedback(agent_id: str, body: FeedbackIn, b: Services) -> dict[str, Any]:
     """Submit feedback for an agent: a rating (`prompt`, `response`, `score` 0..1) as in the seed, or a comparison
     (`prompt`, `chosen`, `rejected`). At least 10 items are needed before a policy can be trained."""
-    return feedback_json(b.feedback.submit(agent_id, **body.to_fields()))
+    return feedback_json(await b.feedback.submit(agent_id, **body.to_fields()))
 
 
 @router.post(
@@ -94,7 +93,7 @@ def submit_feedback(agent_id: str, body: FeedbackIn, b: Services) -> dict[str, A
         422: {"description": "Fewer feedback items than training needs (10)"},
     },
 )
-def train_policy(
+async def train_policy(
     agent_id: str,
     request: Request,
     b: Services,
@@ -108,8 +107,8 @@ def train_policy(
     c = b.config
     message = train_request(agent_id, body, c.training_defaults, c.training_overrides, c.reward_model_config)
     if body.dry_run:
-        return dry_run_json(b.policy.train(message))
-    job = b.policy.train(message).job
+        return dry_run_json(await b.policy.train(message))
+    job = (await b.policy.train(message)).job
     url = job_url(request, job.job_id)
     asked_async = "respond-async" in (prefer or "").lower()
     if run_async or asked_async:
@@ -118,19 +117,19 @@ def train_policy(
         return JSONResponse(queued, status_code=202, headers=headers)
     final = job
     try:
-        for update in b.policy.watch(job.job_id, timeout=c.train_timeout_seconds):
+        async for update in b.policy.watch(job.job_id, timeout=c.train_timeout_seconds):
             final = update
     except grpc.RpcError as error:
         raise with_job(from_rpc_error(error, c.retry_after_seconds), job, url) from None
-    return finished(b, final, url)
+    return await finished(b, final, url)
 
 
 @router.get("/api/policies/{agent_id}", tags=["seed"], responses=ERROR_RESPONSES)
-def list_policies(agent_id: str, b: Services) -> list[dict[str, Any]]:
+async def list_policies(agent_id: str, b: Services) -> list[dict[str, Any]]:
     """Every trained policy version of an agent, newest first (an empty list when there is none)."""
-    policies, token = b.policy.list_policies_page(agent_id, page_size=500)
+    policies, token = await b.policy.list_policies_page(agent_id, page_size=500)
     while token:
-        page, token = b.policy.list_policies_page(agent_id, page_size=500, page_token=token)
+        page, token = await b.policy.list_policies_page(agent_id, page_size=500, page_token=token)
         policies += page
     return [policy_json(policy) for policy in policies]
 
@@ -147,10 +146,10 @@ def with_job(error: ApiError, job: pol.TrainingJob, url: str) -> ApiError:
     return error
 
 
-def finished(b: Backends, job: pol.TrainingJob, url: str) -> dict[str, Any]:
+async def finished(b: Backends, job: pol.TrainingJob, url: str) -> dict[str, Any]:
     """The seed's answer for a job that ended, or the error that says why it has no policy."""
     if job.state == pol.JOB_STATE_SUCCEEDED:
-        return trained_json(b.policy.get_policy(job.agent_id, job.policy_version))
+        return trained_json(await b.policy.get_policy(job.agent_id, job.policy_version))
     retry = {"Retry-After": str(b.config.retry_after_seconds)}
     if job.state == pol.JOB_STATE_FAILED:
         error = ApiError(500, "training_failed", f"training job {job.job_id} failed: {job.error}")
@@ -171,19 +170,19 @@ def finished(b: Backends, job: pol.TrainingJob, url: str) -> dict[str, Any]:
 
 
 @router.get("/api/jobs/{job_id}", tags=["jobs"], responses=ERROR_RESPONSES)
-def get_job(job_id: str, request: Request, b: Services) -> dict[str, Any]:
+async def get_job(job_id: str, request: Request, b: Services) -> dict[str, Any]:
     """A training job's state and progress; once it succeeded, `result` is the seed's train_policy answer."""
-    job = b.policy.get_job(job_id)
+    job = await b.policy.get_job(job_id)
     body = job_json(job, job_url(request, job_id))
     if job.state == pol.JOB_STATE_SUCCEEDED:
-        body["result"] = trained_json(b.policy.get_policy(job.agent_id, job.policy_version))
+        body["result"] = trained_json(await b.policy.get_policy(job.agent_id, job.policy_version))
     return body
 
 
 @router.post("/api/jobs/{job_id}/cancel", tags=["jobs"], responses=ERROR_RESPONSES)
-def cancel_job(job_id: str, request: Request, b: Services) -> dict[str, Any]:
+async def cancel_job(job_id: str, request: Request, b: Services) -> dict[str, Any]:
     """Cancel a queued or running job (409 when it already ended); its checkpoint is kept."""
-    return job_json(b.policy.cancel_job(job_id), job_url(request, job_id))
+    return job_json(await b.policy.cancel_job(job_id), job_url(request, job_id))
 
 
 @router.get(
@@ -191,11 +190,11 @@ def cancel_job(job_id: str, request: Request, b: Services) -> dict[str, Any]:
     tags=["jobs"],
     responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
 )
-def job_events(job_id: str, request: Request, b: Services) -> StreamingResponse:
+async def job_events(job_id: str, request: Request, b: Services) -> StreamingResponse:
     """A live stream (server-sent events) of the job: a `progress` event with the job (as GET /api/jobs/{id}) now
     and after every change, then one `done` event when it ends (with `result` once it succeeded), or an `error`
     event if the policy service goes away. Comments keep the connection alive while nothing changes."""
-    b.policy.get_job(job_id)  # an unknown job is a 404 before the stream starts
+    await b.policy.get_job(job_id)  # an unknown job is a 404 before the stream starts
     url = job_url(request, job_id)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(b, job_id, url), media_type="text/event-stream", headers=headers)
@@ -207,30 +206,28 @@ def sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
 
 
 async def events(b: Backends, job_id: str, url: str) -> AsyncIterator[str]:
-    """WatchTrainingJob as server-sent events. The watch runs on a channel of its own, in a thread: closing the
-    channel when the client goes away ends the call at once."""
-    client = PolicyClient(b.config.policy_address, timeout=b.config.call_timeout_seconds)
-    updates = iter(client.watch(job_id))
-    loop = asyncio.get_running_loop()
-    pending: asyncio.Future | None = None
+    """WatchTrainingJob as server-sent events; a comment every heartbeat_seconds while the job reports nothing.
+    When the client goes away the stream is cancelled, and with it the watch."""
+    updates = b.policy.watch(job_id)
+    pending: asyncio.Task | None = None
     count = 0
     try:
         while True:
             if pending is None:
-                pending = loop.run_in_executor(b.streams, next, updates, None)
+                pending = asyncio.ensure_future(updates.__anext__())
             done, _ = await asyncio.wait({pending}, timeout=b.config.heartbeat_seconds)
             if not done:
                 yield ": keep-alive\n\n"
                 continue
-            future, pending = pending, None
+            task, pending = pending, None
             try:
-                job = future.result()
-            except grpc.RpcError as error:
-                yield sse("error", from_rpc_error(error, b.config.retry_after_seconds).body())
-                return
-            if job is None:
+                job = task.result()
+            except StopAsyncIteration:
                 error = ApiError(503, "unavailable", f"the policy service stopped reporting on job {job_id}")
                 yield sse("error", error.body())
+                return
+            except grpc.RpcError as error:
+                yield sse("error", from_rpc_error(error, b.config.retry_after_seconds).body())
                 return
             count += 1
             body = job_json(job, url)
@@ -238,21 +235,22 @@ async def events(b: Backends, job_id: str, url: str) -> AsyncIterator[str]:
                 yield sse("progress", body, count)
                 continue
             if job.state == pol.JOB_STATE_SUCCEEDED:
-                policy = await loop.run_in_executor(b.streams, client.get_policy, job.agent_id, job.policy_version)
-                body["result"] = trained_json(policy)
+                body["result"] = trained_json(await b.policy.get_policy(job.agent_id, job.policy_version))
             yield sse("done", body, count)
             return
     finally:
-        if pending is not None:  # the client left while the watch waited: its error is expected, not news
-            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
-        client.close()
+        if pending is not None:  # the client left while the watch waited: cancelling the wait ends the call
+            pending.cancel()
+        else:
+            with contextlib.suppress(BaseException):
+                await updates.aclose()
 
 
 # -- service endpoints -------------------------------------------------------------------------------------
 
 
 @router.get("/healthz", tags=["service"])
-def healthz(b: Services) -> JSONResponse:
+async def healthz(b: Services) -> JSONResponse:
     """200 when every service the gateway calls answers its health check, else 503; `backends` says which."""
     addresses = {"feedback": b.config.feedback_address, "policy": b.config.policy_address}
 
@@ -263,8 +261,8 @@ def healthz(b: Services) -> JSONResponse:
         except TimeoutError:
             return False
 
-    with concurrent.futures.ThreadPoolExecutor(len(addresses)) as pool:
-        reachable = dict(zip(addresses, pool.map(serving, addresses.values()), strict=True))
+    answers = await asyncio.gather(*(asyncio.to_thread(serving, address) for address in addresses.values()))
+    reachable = dict(zip(addresses, answers, strict=True))
     healthy = all(reachable.values())
     body = {
         "status": "ok" if healthy else "degraded",

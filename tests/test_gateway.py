@@ -333,6 +333,9 @@ def test_training_blocking_async_event_stream_conflict_and_seed_version_names(ht
     assert started.json()["job"] == job_url and job_url.startswith(gateway.url + "/api/jobs/")
     busy = http.post(f"/api/policies/train_policy/{AGENT}", json={"maxSteps": 2, "rewardModelVersion": "latest"})
     assert started.json()["jobId"] in assert_error(busy, 409, "conflict")["message"]
+    # A client that leaves a stream early ends only its own stream (the gateway's log stays clean: checked last).
+    with http.stream("GET", f"{job_url}/events", timeout=300) as early:
+        assert next(read_events(early))[0] == "progress"
     # The live stream: progress events as PPO steps go by; a cancel ends it with a done event.
     seen = []
     with http.stream("GET", f"{job_url}/events", timeout=300) as stream:
