@@ -3,6 +3,8 @@ one call per generated batch, stopping with a checkpoint, and how far TRL's resu
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rlhf.sdk import rater
@@ -63,9 +65,12 @@ def test_stopped_run_leaves_a_checkpoint_and_resumes_where_it_stopped(tiny_model
         return rate(prompts, answers)
 
     whole_steps: list[dict] = []
-    whole = GroupPolicyTrainer(algorithm, config, str(tiny_model), tmp_path / "whole", "cpu")
+    # Checkpoints every 4 steps (and at the end); TRL keeps the newest only.
+    periodic = dataclasses.replace(config, checkpoint_interval=4)
+    whole = GroupPolicyTrainer(algorithm, periodic, str(tiny_model), tmp_path / "whole", "cpu")
     whole_history = whole.train(PROMPTS, counted, lambda step, m: whole_steps.append(m))
     assert calls == [16] * 6  # one call per generated batch: 4 prompts x 4 answers
+    assert [p.name for p in (tmp_path / "whole").glob("checkpoint-*")] == ["checkpoint-6"]
     assert len(whole_history.reward) == 6 and len(whole_history.rating) == 6
 
     class Stop(Exception):
