@@ -124,6 +124,12 @@ def validate_algorithm_config(group: GroupPolicyConfig, algorithm: str) -> Group
                 f"{p}.scale_rewards",
                 f"unknown scaling {group.scale_rewards!r}; use one of {', '.join(GRPO_SCALE_REWARDS)}",
             )
+    if group.device.startswith("cuda:") and group.device != "cuda:0":
+        raise InvalidArgument(
+            "config.device",
+            f"{algorithm.upper()} runs through TRL on the first visible GPU; use 'cuda' and choose the GPU with "
+            f"CUDA_VISIBLE_DEVICES for the policy service (got {group.device!r})",
+        )
     answers = group.batch_size * group.num_generations
     if answers % group.gradient_accumulation_steps:
         raise InvalidArgument(

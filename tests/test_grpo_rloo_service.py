@@ -94,7 +94,7 @@ def test_bad_knobs_are_invalid_argument_naming_the_field(policy, algorithm, knob
         assert error.value.details().startswith(field), error.value.details()
 
 
-def test_knobs_of_another_algorithm_and_uneven_micro_batches_are_invalid_argument(policy):
+def test_other_algorithms_knobs_uneven_micro_batches_and_a_second_gpu_are_invalid_argument(policy):
     with pytest.raises(grpc.RpcError) as error:
         policy.train(pol.TrainPolicyRequest(agent_id=AGENT, dry_run=True, rloo_config=pol.RLOOConfig(beta=0.1)))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -105,6 +105,10 @@ def test_knobs_of_another_algorithm_and_uneven_micro_batches_are_invalid_argumen
         policy.train(request("grpo", dry_run=True, config=uneven, grpo_config=pol.GRPOConfig(num_generations=3)))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.details().startswith("config.gradient_accumulation_steps"), error.value.details()
+    with pytest.raises(grpc.RpcError) as error:  # TRL (accelerate) takes the first visible GPU
+        policy.train(request("rloo", dry_run=True, config=pol.TrainingConfig(device="cuda:1")))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith("config.device") and "CUDA_VISIBLE_DEVICES" in error.value.details()
 
 
 def test_dry_runs_show_trl_defaults_and_price_each_algorithm(policy):
