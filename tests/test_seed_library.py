@@ -414,3 +414,20 @@ def test_feedback_mistakes_are_clear_errors(in_workdir):
         RLHFTrainer(TrainingConfig(reward_functions=[{"name": "nope"}])).train(
             feedbacks=seed_feedback(), output_dir="models/bad/v2"
         )
+
+
+def readme_block(heading: str, index: int = 0) -> str:
+    """The `index`-th python code block under `heading` in README.md."""
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split(heading, 1)[1].split("\n### ", 1)[0]
+    return section.split("```python\n")[index + 1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_readme_library_example_runs_as_written(tmp_path, monkeypatch, capsys, tiny_model):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(readme_block("### Python library (the seed's, in-process)"), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == str(tmp_path / "models" / "my_agent" / "v1" / "policy")
+    assert printed[1] == str(tmp_path / "models" / "my_agent" / "v1" / "reward_model")
+    assert printed[2].startswith("11 4 ") and printed[3] == "2 2"
