@@ -9,7 +9,6 @@ import pathlib
 import grpc
 import pytest
 from google.protobuf import json_format
-from grpc_status import rpc_status
 
 from feedback_service.app import start as start_feedback
 from feedback_service.config import FeedbackServiceConfig
@@ -18,6 +17,7 @@ from reward_service.config import RewardServiceConfig
 from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
+from rlhf.runtime.errors import field_violation
 from rlhf.sdk.clients import PolicyClient, RewardClient
 from rlhf.training.reward_functions import InvalidRewardFunction, RewardFunctionRegistry, parse_registrations
 from tests import operator_reward_functions
@@ -89,14 +89,9 @@ def score(stub, *functions: rw.RewardFunctionSpec, agent_id: str = AGENT) -> lis
 
 def violation(error: grpc.RpcError) -> str:
     """The field the BadRequest detail names."""
-    status = rpc_status.from_call(error)
-    from google.rpc import error_details_pb2
-
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return bad.field_violations[0].field
-    raise AssertionError(f"no BadRequest detail in {error.details()}")
+    found = field_violation(error)
+    assert found, f"no BadRequest detail in {error.details()}"
+    return found[0]
 
 
 def test_list_names_the_builtins_and_the_operators_functions(stub):
