@@ -252,7 +252,9 @@ def finish(
     )
     results.update(extra_results)
     title = f"{spec['agent_id']}: {spec['algorithm'].upper()} on {base_model}"
-    plot_version_curves(output, history, results, title)
+    # PPO's adaptive KL controller holds target_kl: a line on the KL panel (GRPO and RLOO have none).
+    target_kl = spec["config"].get("target_kl") if spec["algorithm"] == "ppo" else None
+    plot_version_curves(output, history, results, title, target_kl=target_kl)
     run.timing["saving_seconds"] = round(time.monotonic() - saving_started, 3)
     results.update(
         {

@@ -236,7 +236,7 @@ def test_command_line_workflow(served):
         )
         assert result.returncode == 0, result.stderr
     stats = json.loads(rlhf(env, "feedback", "stats", "cli-agent", "--json").stdout)
-    assert stats["stats"]["feedback_count"] == "10"
+    assert stats["stats"]["feedback_count"] == 10  # a number, not protobuf's JSON string
     dry = rlhf(env, "train", "cli-agent", "--dry-run", "--max-steps", "50", "--json")
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["estimated_steps"] == 50
@@ -263,32 +263,46 @@ def test_policies_list_prints_one_row_per_version_newest_first(served, seeded):
     listed = rlhf(served.env, "policies", "list", SEEDED)
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
-    assert header.split() == ["version", "created", "steps", "reward", "kl", "path"]
+    assert header.split() == ["version", "created", "steps", "reward", "kl", "reward", "model", "path"]
     assert [row.split() for row in rows] == [
-        ["v2", *stamp(v2.created_at), "340", "0.875", "2.500", f"{v2.path}/policy"],
-        ["v1", *stamp(v1.created_at), "120", "0.750", "1.250", f"{v1.path}/policy"],
+        ["v2", *stamp(v2.created_at), "340", "0.875", "2.500", "v1", f"{v2.path}/policy"],
+        ["v1", *stamp(v1.created_at), "120", "0.750", "1.250", "v1", f"{v1.path}/policy"],
     ]
     as_json = json.loads(rlhf(served.env, "policies", "list", SEEDED, "--json").stdout)
     assert [(p["version"], p["metrics"]["training_steps"]) for p in as_json] == [("v2", 340), ("v1", 120)]
+    assert as_json[0]["metrics"]["feedback_count"] == 50  # int64 as a number
     shown = json.loads(rlhf(served.env, "policies", "show", SEEDED, "v1", "--json").stdout)
     assert (shown["version"], shown["model_path"], shown["reward_model_version"]) == ("v1", f"{v1.path}/policy", "v1")
+    # one object for people: a field/value table with nested fields dotted, not protobuf JSON
+    human = rlhf(served.env, "policies", "show", SEEDED, "v1").stdout
+    fields = dict(line.split(maxsplit=1) for line in human.splitlines()[1:] if len(line.split()) > 1)
+    assert fields["version"] == "v1" and fields["metrics.training_steps"] == "120" and "{" not in human
+    assert fields["metrics.entropy"] == "3.000" and fields["metrics.initial_reward_mean"] == "0.000"
 
     empty = rlhf(served.env, "policies", "list", "cli-nobody")  # an agent without versions: the header alone
-    assert empty.returncode == 0 and empty.stdout.splitlines() == [header]
+    assert empty.returncode == 0 and [line.split() for line in empty.stdout.splitlines()] == [header.split()]
+    assert "cli-nobody has no trained policy versions yet (rlhf train cli-nobody)" in empty.stderr
 
 
-def test_reward_models_list_prints_the_rows(served, seeded):
+def test_reward_models_list_and_show(served, seeded):
     (v1,) = seeded[1]["reward_models"]
     listed = rlhf(served.env, "reward-models", "list", SEEDED)
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
-    assert header.split() == ["version", "created", "feedback", "metrics"]
+    assert header.split() == ["version", "created", "feedback", "ratings", "comparisons", "validation"]
     # validation_count is left out of the metrics column
-    assert [row.split(maxsplit=4) for row in rows] == [
-        ["v1", *stamp(v1.created_at), "42", "pearson 0.910, spearman 0.875"]
+    assert [row.split(maxsplit=6) for row in rows] == [
+        ["v1", *stamp(v1.created_at), "42", "40", "2", "pearson 0.910, spearman 0.875"]
     ]
     empty = rlhf(served.env, "reward-models", "list", "cli-nobody")
-    assert empty.returncode == 0 and empty.stdout.splitlines() == [header]
+    assert empty.returncode == 0 and [line.split() for line in empty.stdout.splitlines()] == [header.split()]
+    shown = json.loads(rlhf(served.env, "reward-models", "show", SEEDED, "--json").stdout)
+    assert shown["version"] == "v1" and shown["feedback_count"] == 42 and shown["metrics"]["pearson"] == 0.91
+    human = rlhf(served.env, "reward-models", "show", SEEDED, "v1").stdout
+    fields = dict(line.split(maxsplit=1) for line in human.splitlines() if len(line.split()) > 1)
+    assert fields["rating_count"] == "40" and fields["metrics.spearman"] == "0.875"
+    missing = rlhf(served.env, "reward-models", "show", SEEDED, "v9")
+    assert missing.returncode == 2 and missing.stderr.startswith("rlhf: error: NOT_FOUND:")
 
 
 @pytest.mark.slow  # ~5 s: a whole stack of its own

@@ -467,7 +467,11 @@ class JobManager:
                     job_id, state=FAILED, error=f"could not register the result: {error}", finished_at=now
                 )
                 return
-            await self._update(job_id, state=SUCCEEDED, version=version, result=state["result"], finished_at=now)
+            # The worker's last progress said "saving"; a finished job is past every phase.
+            progress = {**job.progress, "phase": "done", "message": "", "eta_seconds": 0.0}
+            await self._update(
+                job_id, state=SUCCEEDED, version=version, result=state["result"], progress=progress, finished_at=now
+            )
             log.info("job %s succeeded: version %s", job_id, version)
             return
         if self._closing:

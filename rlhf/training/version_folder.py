@@ -58,10 +58,14 @@ def version_results(
     }
 
 
-def plot_version_curves(output: pathlib.Path, history: Any, results: dict[str, Any], title: str) -> pathlib.Path:
-    """curves.png in `output`: the reward as reported (results' reward_history) and the trainer's curves."""
+def plot_version_curves(
+    output: pathlib.Path, history: Any, results: dict[str, Any], title: str, target_kl: float | None = None
+) -> pathlib.Path:
+    """curves.png in `output`: the reward as reported (results' reward_history) with its ±1 std band, the
+    trainer's curves, and `target_kl` (PPO's adaptive KL target) as a line on the KL panel."""
+    reward_name = "reward (0..1 feedback scale)" if history.rating else "reward"
     curves = {
-        "reward (0..1 feedback scale)" if history.rating else "reward": results["reward_history"],
+        reward_name: results["reward_history"],
         "reward-model score": history.reward if history.rating else [],
         "KL to reference": history.kl,
         "loss": history.loss,
@@ -69,7 +73,14 @@ def plot_version_curves(output: pathlib.Path, history: Any, results: dict[str, A
         "value loss": history.value_loss,
         "kl_coef": history.kl_coef,
     }
-    return plot_curves(curves, output / CURVES_FILE, title)
+    # Per-step spread across the batch, where the trainer recorded it (a band of another length is skipped).
+    reward_std = getattr(history, "reward_std", [])
+    bands = {
+        reward_name: getattr(history, "rating_std", []) if history.rating else reward_std,
+        "reward-model score": reward_std,
+    }
+    targets = {"KL to reference": target_kl} if target_kl is not None else {}
+    return plot_curves(curves, output / CURVES_FILE, title, bands=bands, targets=targets)
 
 
 def write_results(output: pathlib.Path, results: dict[str, Any]) -> pathlib.Path:
