@@ -11,14 +11,23 @@ import signal
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 from sqlalchemy import MetaData, text
 from sqlalchemy.exc import IntegrityError
 
+from feedback_service.app import start as start_feedback
+from feedback_service.config import FeedbackServiceConfig
+from rlhf.reward.v1 import reward_service_pb2 as rw
+from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
 from rlhf.runtime.db import make_engine
 from rlhf.runtime.errors import FailedPrecondition
 from rlhf.runtime.jobs import FAILED, JobManager, JobStore, jobs_table, utcnow
+from tests.helpers import rated_answers, server_config, submit_ratings
+from tests.servers import ServerThread
+from tests.stack import reward_server
 
 THREADS = 8
 
@@ -210,3 +219,37 @@ def test_a_cancel_ends_the_waits_between_score_retries_at_once(tmp_path):
     final, took = asyncio.run(scenario())
     assert final.state == "CANCELLED", (final.state, final.error)
     assert took < 3.0, f"the cancel took {took:.1f} s"
+
+
+def test_six_simultaneous_create_training_job_calls_start_one_job(tmp_path, tiny_model):
+    """Over the RPC, as the review did it: every call passes the checks, the database lets one job in."""
+    config = FeedbackServiceConfig.from_env(server=server_config("feedback", tmp_path))
+    with ServerThread(start_feedback, config) as feedback:
+        reward = reward_server(tmp_path, feedback.address)
+        try:
+            with feedback.channel() as channel:
+                submit_ratings(channel, "agent", rated_answers(12))
+            with reward.channel() as channel:
+                stub = rw_grpc.RewardServiceStub(channel)
+                create = rw.CreateTrainingJobRequest(agent_id="agent", config=rw.RewardModelConfig(num_epochs=1))
+                barrier = threading.Barrier(6)
+
+                def one(_: int):
+                    barrier.wait()
+                    try:
+                        return stub.CreateTrainingJob(create, timeout=60).job
+                    except grpc.RpcError as error:
+                        return error
+
+                with ThreadPoolExecutor(6) as pool:
+                    results = list(pool.map(one, range(6)))
+                started = [r for r in results if not isinstance(r, grpc.RpcError)]
+                refused = [r for r in results if isinstance(r, grpc.RpcError)]
+                assert len(started) == 1, results
+                assert {r.code() for r in refused} == {grpc.StatusCode.FAILED_PRECONDITION}
+                assert "already has an active training job" in refused[0].details()
+                stub.CancelTrainingJob(rw.CancelTrainingJobRequest(job_id=started[0].job_id), timeout=30)
+                jobs = stub.ListTrainingJobs(rw.ListTrainingJobsRequest(agent_id="agent"), timeout=30).jobs
+                assert [j.job_id for j in jobs] == [started[0].job_id]
+        finally:
+            reward.stop()
