@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,19 +13,10 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.test_cli import _free_ports
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVICES = ["feedback", "reward"]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:  # all bound at once, so they are distinct
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def serving(port: int, timeout: float = 1.0) -> bool:
@@ -64,7 +54,7 @@ def child(parent: int, module: str) -> int | None:
 
 def test_a_killed_service_comes_back_and_a_crash_loop_is_given_up_loudly(tmp_path):
     # Every service of the stack has a port (each is told where the others are); two of them run.
-    ports = dict(zip(["feedback", "reward", "policy", "inference"], free_ports(4), strict=True))
+    ports = dict(zip(["feedback", "reward", "policy", "inference"], _free_ports(4), strict=True))
     script = (
         "import pathlib, sys\n"
         "from rlhf.sdk.supervisor import RestartPolicy, Stack, serve\n"
