@@ -327,3 +327,29 @@ def test_client_commands_import_no_training_stack(stack):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stderr
+
+
+def test_the_readme_command_lines_parse_and_its_config_file_is_a_training_config(tmp_path):
+    """Every `rlhf ...` line of the README's command-line example is a valid command line, and the config
+    file it writes is read as a TrainingConfig (the commands themselves run in the tests above)."""
+    import pathlib
+    import shlex
+
+    from rlhf.policy.v1 import policy_service_pb2 as pol
+    from rlhf.sdk.cli.common import read_config
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("The command line covers the everyday workflow")
+    block = readme[start:].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("rlhf ")]
+    assert len(commands) >= 15
+    parser = build_parser()
+    for command in commands:
+        args = parser.parse_args(shlex.split(command.replace("JOB_ID", "0123abcd"))[1:])
+        assert callable(args.func), command
+    config = block.split("cat > my_training_config.json <<'EOF'\n", 1)[1].split("\nEOF", 1)[0]
+    (tmp_path / "config.json").write_text(config)
+    parsed = read_config(str(tmp_path / "config.json"), pol.TrainingConfig())
+    assert parsed.HasField("use_lora") and parsed.batch_size == 8
+    rows = block.split("cat > feedback.jsonl <<'EOF'\n", 1)[1].split("\nEOF", 1)[0].splitlines()
+    assert len(rows) >= 10 and all(json.loads(row)["prompt"] for row in rows)  # enough to train on

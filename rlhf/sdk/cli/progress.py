@@ -39,11 +39,17 @@ class _Bars:
             self.current = name
         return self.tasks[name]
 
-    def finish(self) -> None:
+    def finish(self, complete: bool = True) -> None:
+        """End the current phase's bar: full when the phase completed (a later one began, or the job succeeded),
+        else left where it stopped."""
         if self.current:
             task = self.tasks[self.current]
-            total = self.progress.tasks[task].total or 1
-            self.progress.update(task, total=total, completed=total)
+            if complete:
+                total = self.progress.tasks[task].total or 1
+                counted = self.progress.tasks[task].fields.get("count")
+                self.progress.update(
+                    task, total=total, completed=total, count=f"{total:.0f}/{total:.0f}" if counted else ""
+                )
             self.current = ""
 
     def count(self, name: str, description: str, step: int, total: int, info: str) -> None:
@@ -86,7 +92,7 @@ class RewardJobView:
             self.exporting_since = self.exporting_since or time.monotonic()
             info = "queued" if phase == "queued" else "exporting feedback"
             if time.monotonic() - self.exporting_since > SLOW_PREPARE_SECONDS:
-                info = "preparing the base model (a first run builds the tiny default model: about a minute)"
+                info = "preparing the base model (a first run builds the tiny default model: a minute or more)"
             self.bars.progress.update(task, info=info)
         elif phase == "loading":
             task = self.bars.phase(f"{self.prefix}load", f"{self.prefix}load")
@@ -109,7 +115,7 @@ def watch_reward_job(client: Any, job_id: str, disable: bool = False) -> Any:
         view = RewardJobView(bars)
         for job in client.watch(job_id):
             view.show(job)
-        bars.finish()
+        bars.finish(complete=job is not None and state_name(job) == "SUCCEEDED")
     return job
 
 
@@ -121,9 +127,11 @@ def watch_policy_job(client: Any, job_id: str, reward_client: Any | None, disabl
         bars = _Bars(progress)
         reward_view = RewardJobView(bars, prefix="reward model ")
         announced: set[str] = set()
+        saw_reward_phase = False  # a job watched after its reward phase has nothing to announce about it
         for job in client.watch(job_id):
             p = job.progress
             if p.phase == "reward_model":
+                saw_reward_phase = True
                 reward_job = _reward_job(reward_client, job.reward_job_id)
                 if reward_job is not None:
                     reward_view.show(reward_job)
@@ -131,7 +139,7 @@ def watch_policy_job(client: Any, job_id: str, reward_client: Any | None, disabl
                     task = bars.phase("reward", "reward model")
                     progress.update(task, info=p.message)
                 continue
-            if job.reward_job_id and "reward" not in announced and job.reward_model_version:
+            if saw_reward_phase and "reward" not in announced and job.reward_model_version:
                 announced.add("reward")
                 bars.finish()
                 bars.note(f"reward model {job.reward_model_version} trained (reward job {job.reward_job_id})")
@@ -147,7 +155,7 @@ def watch_policy_job(client: Any, job_id: str, reward_client: Any | None, disabl
                 bars.count("train", f"train ({_algorithm(job)})", p.step, p.total_steps, info)
             elif p.phase == "saving":
                 bars.phase("save", "save")
-        bars.finish()
+        bars.finish(complete=job is not None and state_name(job) == "SUCCEEDED")
     return job
 
 

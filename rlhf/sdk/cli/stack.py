@@ -28,8 +28,8 @@ def _prebuild_tiny_model(data_dir: pathlib.Path) -> threading.Thread | None:
 
     def build() -> None:
         output.note(
-            "rlhf: building the tiny default model once (about a minute on 2 CPU cores; "
-            "training and generation wait for it)"
+            "rlhf: building the tiny default model once (about a minute on 2 idle CPU cores, longer on a busy "
+            "machine; training and generation wait for it)"
         )
         try:
             ensure_tiny_model(data_dir, progress=lambda line: output.note(f"rlhf: {line}"))
