@@ -25,7 +25,7 @@ example --config file (a TrainingConfig: any of its fields, proto names; unset f
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rlhf.policy.v1 import policy_service_pb2 as pol
-    from rlhf.sdk.clients import PolicyClient, RewardClient
+    from rlhf.sdk.clients import PolicyClient
 
     request = pol.TrainPolicyRequest(
         agent_id=args.agent_id,
@@ -47,13 +47,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             _show_estimate(response, args.agent_id, args.json)
             return 0
         job = response.job
-        if args.no_watch:
-            _queued(job, args.json)
-            return 0
-        output.note(f"job {job.job_id} started ({args.algorithm.upper()}); Ctrl-C stops watching, not the job")
-        with RewardClient(args.reward_addr) as reward:
-            job = _watch(lambda: watch_policy_job(client, job.job_id, reward), job.job_id)
-        return _policy_outcome(client, job, args.json)
+        return _follow_policy_job(client, job, args, f"job {job.job_id} started ({args.algorithm.upper()})")
+
+
+def _follow_policy_job(client: Any, job: Any, args: argparse.Namespace, what: str) -> int:
+    """A policy job just queued: its id (--no-watch), or its progress until it ends and then its outcome."""
+    from rlhf.sdk.clients import RewardClient
+
+    if getattr(args, "no_watch", False):
+        _queued(job, args.json)
+        return 0
+    output.note(f"{what}; Ctrl-C stops watching, not the job")
+    with RewardClient(args.reward_addr) as reward:
+        job = _watch(lambda: watch_policy_job(client, job.job_id, reward), job.job_id)
+    return _policy_outcome(client, job, args.json)
 
 
 def _watch(follow: Any, job_id: str) -> Any:
@@ -117,30 +124,40 @@ def _failure(job: Any, kind: str) -> CliError:
     return CliError(f"{kind} job {job.job_id} {state}: {reason}{hint}", FAILED)
 
 
-def _policy_outcome(client: Any, job: Any, as_json: bool) -> int:
-    from rlhf.policy.v1 import policy_service_pb2 as pol
-
-    if job.state != pol.JOB_STATE_SUCCEEDED:
+def _outcome(job: Any, kind: str, as_json: bool, key: str, fetch: Any, summary: Any) -> int:
+    """How a watched job ended: its result (`fetch()`, under `key` in --json) summarised in lines, or its
+    failure raised with the reason first."""
+    if state_name(job) != "SUCCEEDED":
         if as_json:
             output.print_json({"job": job})
-        raise _failure(job, "policy")
-    policy = client.get_policy(job.agent_id, job.policy_version)
+        raise _failure(job, kind)
+    result = fetch()
     if as_json:
-        output.print_json({"job": job, "policy": policy})
+        output.print_json({"job": job, key: result})
         return 0
-    m = policy.metrics
     console = output.stdout()
-    for line in (
-        f"trained {policy.agent_id} {policy.version} (job {job.job_id}: {m.training_steps} steps{_duration(job)})",
-        f"  reward (0..1 feedback scale)  {m.initial_reward_mean:.3f} -> {m.reward_mean:.3f} (std {m.reward_std:.3f})",
-        f"  KL to the base model          {m.kl:.3f}",
-        f"  reward model                  {policy.reward_model_version}",
-        f"  policy model                  {policy.model_path}",
-        f"  curves                        {policy.artifact_path}/curves.png",
-        f"  serve it                      rlhf deploy {policy.agent_id} {policy.version}=1",
-    ):
+    for line in summary(result):
         console.print(line, markup=False)
     return 0
+
+
+def _policy_outcome(client: Any, job: Any, as_json: bool) -> int:
+    def summary(policy: Any) -> list[str]:
+        m = policy.metrics
+        return [
+            f"trained {policy.agent_id} {policy.version} (job {job.job_id}: {m.training_steps} steps{_duration(job)})",
+            f"  reward (0..1 feedback scale)  {m.initial_reward_mean:.3f} -> {m.reward_mean:.3f} "
+            f"(std {m.reward_std:.3f})",
+            f"  KL to the base model          {m.kl:.3f}",
+            f"  reward model                  {policy.reward_model_version}",
+            f"  policy model                  {policy.model_path}",
+            f"  curves                        {policy.artifact_path}/curves.png",
+            f"  serve it                      rlhf deploy {policy.agent_id} {policy.version}=1",
+        ]
+
+    return _outcome(
+        job, "policy", as_json, "policy", lambda: client.get_policy(job.agent_id, job.policy_version), summary
+    )
 
 
 # --- jobs ------------------------------------------------------------------------------------------------
@@ -235,17 +252,13 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_watch(args: argparse.Namespace) -> int:
-    from rlhf.sdk.clients import RewardClient
-
     service, client, job = _find_job(args)
-    output.note(f"watching {_kind(service)} job {job.job_id} (Ctrl-C stops watching, not the job)")
     with connected(client):
-        if service == "reward":
-            job = _watch(lambda: watch_reward_job(client, job.job_id), job.job_id)
-            return _reward_outcome(client, job, args.json)
-        with RewardClient(args.reward_addr) as reward:
-            job = _watch(lambda: watch_policy_job(client, job.job_id, reward), job.job_id)
-        return _policy_outcome(client, job, args.json)
+        if service == "policy":
+            return _follow_policy_job(client, job, args, f"watching policy job {job.job_id}")
+        output.note(f"watching reward-model job {job.job_id}; Ctrl-C stops watching, not the job")
+        job = _watch(lambda: watch_reward_job(client, job.job_id), job.job_id)
+        return _reward_outcome(client, job, args.json)
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
@@ -263,17 +276,11 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_resume(args: argparse.Namespace) -> int:
-    from rlhf.sdk.clients import PolicyClient, RewardClient
+    from rlhf.sdk.clients import PolicyClient
 
     with connected(PolicyClient(args.policy_addr)) as client:
         job = client.resume_job(args.job_id)
-        if args.no_watch:
-            _queued(job, args.json)
-            return 0
-        output.note(f"job {job.job_id} resumed; Ctrl-C stops watching, not the job")
-        with RewardClient(args.reward_addr) as reward:
-            job = _watch(lambda: watch_policy_job(client, job.job_id, reward), job.job_id)
-        return _policy_outcome(client, job, args.json)
+        return _follow_policy_job(client, job, args, f"job {job.job_id} resumed")
 
 
 # --- reward models ---------------------------------------------------------------------------------------
@@ -335,27 +342,24 @@ def cmd_reward_models_train(args: argparse.Namespace) -> int:
 
 
 def _reward_outcome(client: Any, job: Any, as_json: bool) -> int:
-    from rlhf.reward.v1 import reward_service_pb2 as rw
+    def summary(model: Any) -> list[str]:
+        return [
+            f"trained reward model {model.agent_id} {model.version} (job {job.job_id}{_duration(job)})",
+            f"  feedback      {model.feedback_count} items ({model.rating_count} ratings, "
+            f"{model.comparison_count} comparisons)",
+            f"  validation    {_metrics(model.metrics) or 'none (too little feedback to hold some out)'}",
+            f"  model         {model.model_path}",
+            f"  use it        rlhf train {model.agent_id} --reward-model-version {model.version}",
+        ]
 
-    if job.state != rw.JOB_STATE_SUCCEEDED:
-        if as_json:
-            output.print_json({"job": job})
-        raise _failure(job, "reward-model")
-    model = client.get_model(job.agent_id, job.reward_model_version)
-    if as_json:
-        output.print_json({"job": job, "reward_model": model})
-        return 0
-    console = output.stdout()
-    for line in (
-        f"trained reward model {model.agent_id} {model.version} (job {job.job_id}{_duration(job)})",
-        f"  feedback      {model.feedback_count} items ({model.rating_count} ratings, "
-        f"{model.comparison_count} comparisons)",
-        f"  validation    {_metrics(model.metrics) or 'none (too little feedback to hold some out)'}",
-        f"  model         {model.model_path}",
-        f"  use it        rlhf train {model.agent_id} --reward-model-version {model.version}",
-    ):
-        console.print(line, markup=False)
-    return 0
+    return _outcome(
+        job,
+        "reward-model",
+        as_json,
+        "reward_model",
+        lambda: client.get_model(job.agent_id, job.reward_model_version),
+        summary,
+    )
 
 
 # --- parsers ---------------------------------------------------------------------------------------------
