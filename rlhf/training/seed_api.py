@@ -21,6 +21,7 @@ from typing import Any
 
 from rlhf.runtime.config import data_dir_default
 from rlhf.training.config import RewardModelConfig, TrainingConfig
+from rlhf.training.progress import LoggedProgress
 from rlhf.training.reward_functions import RewardFn, RewardFunctionRegistry
 from rlhf.training.reward_training import Comparison, Rating, split
 from rlhf.training.reward_training import train_reward_model as train_reward_folder
@@ -147,20 +148,6 @@ def train_reward_model(train_dataset: Any, val_dataset: Any, config: RewardModel
             items_of(train_dataset), config, base_path, output, LoggedProgress("reward model"), items_of(val_dataset)
         )
         return RewardModel.from_pretrained(output)
-
-
-class LoggedProgress:
-    """Progress of a library run to the `rlhf` logger (a service's worker reports to its job instead)."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def progress(self, **fields: Any) -> None:
-        if fields.get("phase") == "training" and fields.get("step"):
-            log.info("%s: step %s/%s", self.what, fields["step"], fields.get("total_steps", "?"))
-
-    def check_cancelled(self) -> None:
-        pass
 
 
 def reward_config_for(config: TrainingConfig) -> RewardModelConfig:
