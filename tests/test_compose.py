@@ -680,3 +680,28 @@ def test_gateway_health_check_passes_only_while_the_services_behind_it_serve():
         gateway.stop()
         server.stop(None)
     assert check() != 0  # nothing listens
+
+
+def test_the_build_generates_code_that_the_declared_grpcio_and_protobuf_can_run():
+    # A client install generates the gRPC code at build time with [build-system]'s grpcio-tools; that code
+    # refuses to import under an older grpcio or protobuf than it was generated for, so the build's pin must
+    # be the locked grpcio-tools and the runtime floors must be what it generates for.
+    import re
+
+    from packaging.requirements import Requirement
+
+    lock = dict(
+        line.split("==", 1) for line in LOCK_FILE.read_text().splitlines() if "==" in line and not line.startswith("#")
+    )
+    build = [Requirement(r) for r in PYPROJECT["build-system"]["requires"]]
+    tools = next(r for r in build if r.name == "grpcio-tools")
+    assert str(tools.specifier) == f"=={lock['grpcio-tools'].strip()}"
+    generated = (ROOT / "rlhf" / "feedback" / "v1" / "feedback_service_pb2.py").read_text()
+    major, minor, patch = re.search(r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+)", generated).groups()
+    grpc_generated = re.search(
+        r"GRPC_GENERATED_VERSION = '([\d.]+)'",
+        (ROOT / "rlhf" / "feedback" / "v1" / "feedback_service_pb2_grpc.py").read_text(),
+    ).group(1)
+    floors = {Requirement(d).name: Requirement(d).specifier for d in PYPROJECT["project"]["dependencies"]}
+    assert str(floors["protobuf"]) == f">={major}.{minor}.{patch}"
+    assert str(floors["grpcio"]) == f">={grpc_generated}"
