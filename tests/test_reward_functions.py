@@ -19,7 +19,12 @@ from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
 from rlhf.runtime.errors import field_violation
 from rlhf.sdk.clients import PolicyClient, RewardClient
-from rlhf.training.reward_functions import InvalidRewardFunction, RewardFunctionRegistry, parse_registrations
+from rlhf.training.reward_functions import (
+    InvalidRewardFunction,
+    RewardFunctionFailed,
+    RewardFunctionRegistry,
+    parse_registrations,
+)
 from tests import operator_reward_functions
 from tests.helpers import rated_answers, server_config, submit_ratings
 from tests.servers import ServerThread
@@ -299,3 +304,9 @@ def test_grpo_and_rloo_runs_send_their_reward_functions_too(servers, reward_mode
         assert len(calls) == 1 and calls[0]["bonus"] == 0.25 and 1 <= len(calls[0]["responses"]) <= 4
     finally:
         policy.stop()
+
+
+def test_a_catastrophic_regex_stops_at_its_time_limit():
+    combination = RewardFunctionRegistry().combination([{"name": "regex", "params": {"pattern": "(a|aa)+$"}}], "f")
+    with pytest.raises(RewardFunctionFailed, match="took over 0.05s on one response"):
+        combination(["q"], ["a" * 5000 + "!"], [0.0])
