@@ -431,3 +431,30 @@ def test_the_readme_library_example_runs_as_written(tmp_path, monkeypatch, capsy
     assert printed[0] == str(tmp_path / "models" / "my_agent" / "v1" / "policy")
     assert printed[1] == str(tmp_path / "models" / "my_agent" / "v1" / "reward_model")
     assert printed[2].startswith("11 4 ") and printed[3] == "2 2"
+
+
+def test_feedback_in_every_form_the_seed_and_the_sdk_give_it():
+    from rlhf import FeedbackDataset, PPODataset
+    from rlhf.feedback.v1 import feedback_service_pb2 as fb
+    from rlhf.training.reward_training import Comparison, Rating
+
+    feedbacks = [
+        {"prompt": "Q1?", "response": "A.", "score": 0.9, "runId": "execution_1", "notes": "seed's shape"},
+        {"prompt": "Q2?", "chosen": "Good.", "rejected": "Bad.", "margin": 0.5},
+        fb.Feedback(kind=fb.FEEDBACK_KIND_RATING, prompt="Q1?", response="B.", score=0.2),  # the SDK's records
+        fb.Feedback(kind=fb.FEEDBACK_KIND_COMPARISON, prompt="Q3?", chosen="Yes.", rejected="No."),
+    ]
+    dataset = FeedbackDataset(feedbacks)
+    assert dataset.items == [
+        Rating("Q1?", "A.", 0.9),
+        Comparison("Q2?", "Good.", "Bad.", 0.5),
+        Rating("Q1?", "B.", 0.2),
+        Comparison("Q3?", "Yes.", "No.", 0.0),
+    ]
+    assert dataset.score_mean == pytest.approx(0.55) and dataset.score_std == pytest.approx(0.35)
+    assert PPODataset(feedbacks).prompts == ["Q1?", "Q2?", "Q3?"]
+    assert list(PPODataset(["Hi?", "Hi?", "Bye?"])) == ["Hi?", "Bye?"]
+    with pytest.raises(ValueError, match=r"feedbacks\[1\]\.rejected"):
+        FeedbackDataset([feedbacks[0], {"prompt": "Q?", "chosen": "Good."}])
+    with pytest.raises(ValueError, match=r"feedbacks\[0\]\.response"):
+        FeedbackDataset([{"prompt": "Q?", "score": 0.5}])
