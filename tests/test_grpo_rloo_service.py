@@ -26,7 +26,7 @@ KNOBS = {
 ALGORITHM = {"grpo": pol.ALGORITHM_GRPO, "rloo": pol.ALGORITHM_RLOO}
 JOB_AGENTS = [f"{name}-{algorithm}" for name in ("e2e", "resume") for algorithm in ALGORITHM]
 # A cancelled job must not be able to finish first (a step here takes a fraction of a second).
-RESUMABLE_STEPS = 40
+RESUMABLE_STEPS = 20
 ACTIVE = (pol.JOB_STATE_QUEUED, pol.JOB_STATE_RUNNING)
 OUTAGE = "outage-grpo"  # its own reward and policy servers
 

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import pathlib
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -65,8 +66,8 @@ def fit_prompt(tokenizer: Any, prompt: str, room: int | None) -> tuple[str, bool
     ids = sequences.encode_prompt(tokenizer, prompt)
     if len(ids) <= room:
         return prompt, False
-    overhead = len(ids) - len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     own = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    overhead = len(ids) - len(own)  # the chat template's tokens
     return tokenizer.decode(sequences.keep_end(own, room - overhead)), True
 
 
@@ -155,6 +156,11 @@ class GroupPolicyTrainer:
         self.trainer = None  # TRL's, built by train()
 
     @property
+    def prompt_room(self) -> int | None:
+        """Tokens a prompt may take beside max_new_tokens (None: the model does not say its context)."""
+        return self.n_ctx - self.config.max_new_tokens if self.n_ctx is not None else None
+
+    @property
     def step(self) -> int:
         return self.trainer.state.global_step if self.trainer is not None else 0
 
@@ -163,10 +169,9 @@ class GroupPolicyTrainer:
         as serving does), and `query`: the prompt text the reward service scores answers against."""
         from datasets import Dataset
 
-        room = self.n_ctx - self.config.max_new_tokens if self.n_ctx is not None else None
         fitted = []
         for prompt in prompts:
-            text, cut = fit_prompt(self.tokenizer, prompt, room)
+            text, cut = fit_prompt(self.tokenizer, prompt, self.prompt_room)
             self.truncated_prompts += cut
             fitted.append(text)
         if getattr(self.tokenizer, "chat_template", None):
@@ -178,7 +183,7 @@ class GroupPolicyTrainer:
     def _reward_function(self, score_fn: ScoreFn):
         """TRL's reward function: one call per generated batch; logs the feedback-scale ratings, the prompt
         width and the seconds the scores took beside TRL's own metrics."""
-        tokenizer = self.tokenizer
+        tokenizer, room = self.tokenizer, self.prompt_room
 
         def reward_model(prompts, completions, query, log_metric=None, **_: Any) -> list[float]:
             answers = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
@@ -198,9 +203,9 @@ class GroupPolicyTrainer:
                 if ratings:
                     mean = sum(ratings) / len(ratings)
                     log_metric("ratings/mean", mean)
-                    log_metric("ratings/std", _std(ratings, mean))
-                widths = [len(sequences.encode_prompt(tokenizer, p) if isinstance(p, str) else p) for p in query]
-                log_metric("tokens/query_width", float(max(widths)))
+                    log_metric("ratings/std", statistics.stdev(ratings) if len(ratings) > 1 else 0.0)
+                widest = max(len(sequences.encode_prompt(tokenizer, p)) for p in query)
+                log_metric("tokens/query_width", float(min(widest, room) if room is not None else widest))
                 log_metric("time/score_s", waited)
             return [float(s) for s in scores]
 
@@ -310,9 +315,3 @@ class GroupPolicyTrainer:
         policy_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(policy_dir)
         self.tokenizer.save_pretrained(policy_dir)
-
-
-def _std(values: list[float], mean: float) -> float:
-    if len(values) < 2:
-        return 0.0
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
