@@ -244,9 +244,19 @@ def test_import_streams_jsonl_and_csv_and_counts_every_row(env, capsys, tmp_path
     assert out.strip() == "imported 3 rows into import-agent: 2 accepted, 0 duplicate, 1 rejected"
     assert "rejected line 4: response" in err
     stats = json.loads(rlhf(capsys, "feedback", "stats", "import-agent", "--json")[1])["stats"]
-    assert (stats["rating_count"], stats["comparison_count"]) == (4, 1)
+    assert (stats["rating_count"], stats["comparison_count"]) == (4, 1)  # before the piped one below
     rows = json.loads(rlhf(capsys, "feedback", "list", "import-agent", "--json")[1])
     assert {r["prompt"]: r["metadata"] for r in rows}["Bye?"] == {"user": "u1"}
+    piped = subprocess.run(  # standard input, as in `producer | rlhf feedback import AGENT - --format csv`
+        [f"{BIN}/rlhf", "feedback", "import", "import-agent", "-", "--format", "csv"],
+        input="prompt,chosen,rejected\nWhich?,sea,sand\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.strip() == "imported 1 row into import-agent: 1 accepted, 0 duplicate, 0 rejected"
     code, _, err = rlhf(capsys, "feedback", "import", "import-agent", str(tmp_path / "none.jsonl"))
     assert code == 2 and one_error_line(err) == f"rlhf: error: file {tmp_path / 'none.jsonl'} not found"
 

@@ -272,7 +272,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         output.print_json({**counts, "rejections": [{"line": n, "reason": r} for n, r in rejections]})
     else:
         read = sum(counts.values())
-        output.stdout().print(f"imported {read} rows into {args.agent_id}: {_summary(counts)}", markup=False)
+        rows = "1 row" if read == 1 else f"{read} rows"
+        output.stdout().print(f"imported {rows} into {args.agent_id}: {_summary(counts)}", markup=False)
         for line, reason in rejections[:10]:
             output.note(f"  rejected line {line}: {reason}")
         if len(rejections) > 10:
