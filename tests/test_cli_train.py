@@ -88,9 +88,37 @@ def test_train_shows_each_phase_and_ends_with_a_summary(env, capsys, tmp_path, c
     code, out, err = rlhf(capsys, "jobs", "watch", reward_job)
     assert code == 0, err
     assert f"note: {reward_job} is a reward-model job (the reward service; --reward next time)" in err
-    assert out.splitlines()[0] == f"trained reward model train-agent v2 (job {reward_job}" + out.splitlines()[0][-7:]
+    assert out.splitlines()[0].startswith(f"trained reward model train-agent v2 (job {reward_job}, ")
     assert out.splitlines()[1].split()[:3] == ["feedback", "12", "items"]
     shown = json.loads(rlhf(capsys, "reward-models", "show", "train-agent", "--json")[1])
     assert shown["version"] == "v2" and shown["feedback_count"] == 12
     code, _, err = rlhf(capsys, "jobs", "watch", "no-such-job")
     assert code == 2 and one_error_line(err).endswith("NOT_FOUND: no policy or reward-model training job no-such-job")
+
+
+def test_ctrl_c_stops_watching_not_the_job(env, capsys, configs):  # noqa: F811
+    """Runs after the test above (its agent has feedback and a reward model)."""
+    import signal
+    import subprocess
+
+    from tests.test_cli_commands import BIN
+
+    process = subprocess.Popen(
+        [f"{BIN}/rlhf", "train", "train-agent", "--max-steps", "200", "--config", configs[0]]
+        + ["--reward-model-version", "latest"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    first = process.stderr.readline()  # "job ID started (PPO); Ctrl-C stops watching, not the job"
+    job_id = first.split()[1]
+    assert first.startswith(f"job {job_id} started (PPO)"), first
+    process.send_signal(signal.SIGINT)
+    assert process.wait(60) == 130
+    last = process.stderr.read().strip().splitlines()[-1]
+    assert last == (
+        f"rlhf: error: stopped watching; job {job_id} goes on (rlhf jobs watch {job_id}; rlhf jobs cancel {job_id})"
+    )
+    code, out, _ = rlhf(capsys, "jobs", "cancel", job_id)  # it was still there to cancel
+    assert code == 0 and out.startswith(f"cancel requested: policy job {job_id} is ")

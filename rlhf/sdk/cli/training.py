@@ -57,14 +57,19 @@ def _follow_policy_job(client: Any, job: Any, args: argparse.Namespace, what: st
     if getattr(args, "no_watch", False):
         _queued(job, args.json)
         return 0
-    output.note(f"{what}; Ctrl-C stops watching, not the job")
-    with RewardClient(args.reward_addr) as reward:
-        job = _watch(lambda: watch_policy_job(client, job.job_id, reward), job.job_id)
-    return _policy_outcome(client, job, args.json)
+
+    def follow() -> Any:
+        with RewardClient(args.reward_addr) as reward:
+            return watch_policy_job(client, job.job_id, reward)
+
+    return _policy_outcome(client, _watch(follow, job.job_id, what), args.json)
 
 
-def _watch(follow: Any, job_id: str) -> Any:
+def _watch(follow: Any, job_id: str, what: str) -> Any:
+    """`follow()` (a job's progress until it ends), announced as `what`; Ctrl-C from the announcement on
+    stops the watching only, and says so."""
     try:
+        output.note(f"{what}; Ctrl-C stops watching, not the job")
         return follow()
     except KeyboardInterrupt:
         raise CliError(
@@ -256,8 +261,9 @@ def cmd_jobs_watch(args: argparse.Namespace) -> int:
     with connected(client):
         if service == "policy":
             return _follow_policy_job(client, job, args, f"watching policy job {job.job_id}")
-        output.note(f"watching reward-model job {job.job_id}; Ctrl-C stops watching, not the job")
-        job = _watch(lambda: watch_reward_job(client, job.job_id), job.job_id)
+        job = _watch(
+            lambda: watch_reward_job(client, job.job_id), job.job_id, f"watching reward-model job {job.job_id}"
+        )
         return _reward_outcome(client, job, args.json)
 
 
@@ -336,8 +342,7 @@ def cmd_reward_models_train(args: argparse.Namespace) -> int:
         if args.no_watch:
             _queued(job, args.json)
             return 0
-        output.note(f"reward-model job {job.job_id} started; Ctrl-C stops watching, not the job")
-        job = _watch(lambda: watch_reward_job(client, job.job_id), job.job_id)
+        job = _watch(lambda: watch_reward_job(client, job.job_id), job.job_id, f"reward-model job {job.job_id} started")
         return _reward_outcome(client, job, args.json)
 
 
