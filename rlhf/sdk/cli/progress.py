@@ -34,6 +34,8 @@ class _Bars:
 
     def phase(self, name: str, description: str, total: float | None = None) -> Any:
         if name not in self.tasks:
+            if not self.progress.live.is_started:  # started with the first bar: nothing shown before
+                self.progress.start()
             self.finish()
             self.tasks[name] = self.progress.add_task(description, total=total, info="", count="")
             self.current = name
@@ -110,12 +112,15 @@ class RewardJobView:
 def watch_reward_job(client: Any, job_id: str, disable: bool = False) -> Any:
     """Follow a reward-model job until it ends; the last state."""
     job = None
-    with _progress(disable) as progress:
+    progress = _progress(disable)
+    try:
         bars = _Bars(progress)
         view = RewardJobView(bars)
         for job in client.watch(job_id):
             view.show(job)
         bars.finish(complete=job is not None and state_name(job) == "SUCCEEDED")
+    finally:
+        progress.stop()
     return job
 
 
@@ -123,7 +128,8 @@ def watch_policy_job(client: Any, job_id: str, reward_client: Any | None, disabl
     """Follow a policy job until it ends; the last state. `reward_client` reads the progress of the reward
     model it trains first (without it, the policy job's own message is shown)."""
     job = None
-    with _progress(disable) as progress:
+    progress = _progress(disable)
+    try:
         bars = _Bars(progress)
         reward_view = RewardJobView(bars, prefix="reward model ")
         announced: set[str] = set()
@@ -156,6 +162,8 @@ def watch_policy_job(client: Any, job_id: str, reward_client: Any | None, disabl
             elif p.phase == "saving":
                 bars.phase("save", "save")
         bars.finish(complete=job is not None and state_name(job) == "SUCCEEDED")
+    finally:
+        progress.stop()
     return job
 
 
