@@ -225,18 +225,20 @@ def test_import_streams_jsonl_and_csv_and_counts_every_row(env, capsys, tmp_path
                 json.dumps({"prompt": "Hi?", "response": "Hey.", "score": "high"}),
                 "",
                 json.dumps({"prompt": "Bye?", "response": "Bye!", "score": 0.1, "metadata": {"user": "u1"}}),
+                json.dumps({"agent_id": "someone-else", "prompt": "Hi?", "response": "Hello!", "score": 0.5}),
             ]
         )
         + "\n"
     )
     code, out, err = rlhf(capsys, "feedback", "import", "import-agent", str(jsonl))
     assert code == 1  # some rows were rejected
-    assert out.strip() == "imported 6 rows into import-agent: 3 accepted, 0 duplicate, 3 rejected"
+    assert out.strip() == "imported 7 rows into import-agent: 3 accepted, 0 duplicate, 4 rejected"
+    assert "rejected line 8: agent_id: the row is for 'someone-else', the import for 'import-agent'" in err
     assert "rejected line 3: not valid JSON" in err and "rejected line 5: score: not a number ('high')" in err
     assert "rejected line 4: score: must be a finite number in [0.0, 1.0], got 2.0" in err
     code, out, _ = rlhf(capsys, "feedback", "import", "import-agent", str(jsonl), "--json")
     again = json.loads(out)
-    assert (again["accepted"], again["duplicate"], again["rejected"]) == (0, 3, 3)  # the same rows: nothing twice
+    assert (again["accepted"], again["duplicate"], again["rejected"]) == (0, 3, 4)  # the same rows: nothing twice
 
     table = tmp_path / "more.csv"
     table.write_text("prompt,response,score,notes\nA?,a,0.5,fine\nB?,b,0.25,\nC?,,0.5,no response\n")

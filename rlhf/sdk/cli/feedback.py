@@ -204,6 +204,8 @@ def _request(agent_id: str, row: dict[str, Any]):
     unknown = sorted(set(row) - set(TEXT_FIELDS) - set(NUMBER_FIELDS) - {"metadata", "request_id", "agent_id"})
     if unknown:
         raise BadRow(f"unknown column {', '.join(unknown)}")
+    if row.get("agent_id") not in (None, "", agent_id):
+        raise BadRow(f"agent_id: the row is for {row['agent_id']!r}, the import for {agent_id!r}")
     request_id = str(row.get("request_id") or "")
     if not request_id:
         digest = hashlib.sha256(json.dumps([agent_id, fields, metadata], sort_keys=True).encode()).hexdigest()
