@@ -9,8 +9,9 @@ new tokens, TRL 1.16's GRPO defaults otherwise:
     function: one `RewardClient.score` (ScoreBatch) call per generated batch;
   * baseline, same run: TRL's own `GRPOTrainer`, built with the same TRL arguments, with a local reward
     function: the same reward model loaded in this process (`rlhf.training.scoring.reward_function`), so both
-    sides optimise the same scores.
-Rounds are interleaved (ours, TRL, then TRL, ours, ...), each a fresh trainer with the same seed: one warm-up
+    sides optimise the same scores;
+  * and, to split the overhead in two, our trainer with that local reward function.
+Rounds are interleaved (the sides' order rotates each round), each a fresh trainer with the same seed: one warm-up
 step, then --steps timed steps (wall time from TRL's on_step_begin to on_step_end: generation, scoring, loss,
 backward, optimiser). Reported: min and median seconds per step of each side, the overhead (median ours /
 median TRL - 1) and the share of our step spent in ScoreBatch. Roadmap goal: overhead <= 10%.
@@ -28,6 +29,9 @@ import warnings
 import _common as common  # noqa: E402  (sets sys.path and the environment)
 
 GOAL_OVERHEAD = 0.10
+OURS = "ours (gRPC rewards)"
+WRAPPER = "ours (local rewards)"
+TRL = "TRL (local rewards)"
 warnings.filterwarnings("ignore", category=UserWarning)  # peft's fan_in_fan_out note, TRL's CPU notes
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -59,7 +63,9 @@ def run_ours(config, model_path: str, prompts: list[str], score, work: pathlib.P
     return timer.seconds
 
 
-def run_trl(config, model_path: str, prompts: list[str], local, work: pathlib.Path) -> list[float]:
+def run_trl(
+    config, model_path: str, prompts: list[str], local, work: pathlib.Path, local_seconds: list[float]
+) -> list[float]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
@@ -73,7 +79,10 @@ def run_trl(config, model_path: str, prompts: list[str], local, work: pathlib.Pa
     use_cpu_threads(model, config.cpu_threads, "cpu")  # the threads ours runs with (one for the tiny model)
 
     def reward_model(prompts, completions, **_):
-        return local(prompts, completions).scores
+        started = time.perf_counter()
+        scores = local(prompts, completions).scores
+        local_seconds.append(time.perf_counter() - started)
+        return scores
 
     trainer = GRPOTrainer(
         model=model,
@@ -121,8 +130,9 @@ def main() -> None:
         seed=0,
     )
     prompts = list(corpus.QUESTIONS)
-    sides: dict[str, list[float]] = {"ours (gRPC rewards)": [], "TRL (local rewards)": []}
-    score_seconds: list[float] = []
+    sides: dict[str, list[float]] = {OURS: [], WRAPPER: [], TRL: []}
+    score_seconds: list[float] = []  # our ScoreBatch calls
+    local_seconds: list[float] = []  # TRL's side: the same reward model in-process
     with (
         common.reward_stack("grpo") as (reward_server, version, reward_path, train_s),
         common.scratch_dir("grpo") as work,
@@ -146,27 +156,36 @@ def main() -> None:
                     fill_unscorable([s.rating if s.ok else None for s in answer.scores]),
                 )
 
+            runners = {
+                OURS: lambda folder: run_ours(config, str(model_path), prompts, grpc_score, folder),
+                WRAPPER: lambda folder: run_ours(config, str(model_path), prompts, local, folder),
+                TRL: lambda folder: run_trl(config, str(model_path), prompts, local, folder, local_seconds),
+            }
+            names = list(runners)
             for round_ in range(args.rounds):
-                order = ["ours", "trl"] if round_ % 2 == 0 else ["trl", "ours"]
-                for side in order:
-                    folder = work / f"{side}-{round_}"
-                    if side == "ours":
-                        seconds = run_ours(config, str(model_path), prompts, grpc_score, folder)
-                        sides["ours (gRPC rewards)"] += seconds[1:]  # the first step warms up
-                    else:
-                        seconds = run_trl(config, str(model_path), prompts, local, folder)
-                        sides["TRL (local rewards)"] += seconds[1:]
-                    print(f"round {round_ + 1} {side:4s}: " + " ".join(f"{s:.3f}" for s in seconds[1:]), flush=True)
+                shift = round_ % len(names)  # each side runs first, second and last in turn
+                for name in names[shift:] + names[:shift]:
+                    seconds = runners[name](work / f"{len(sides[name])}-{name.split()[0]}-{round_}")
+                    sides[name] += seconds[1:]  # the first step warms up
+                    print(f"round {round_ + 1} {name:28s}: " + " ".join(f"{s:.3f}" for s in seconds[1:]), flush=True)
 
-    ours, trl = sides["ours (gRPC rewards)"], sides["TRL (local rewards)"]
+    ours, wrapper, trl = sides[OURS], sides[WRAPPER], sides[TRL]
     overhead = common.median(ours) / common.median(trl) - 1
     overhead_min = min(ours) / min(trl) - 1
+    # The parts: our wrapper around TRL (same local rewards), then the service boundary (same wrapper).
+    wrapper_share = common.median(wrapper) / common.median(trl) - 1
+    transport_share = common.median(ours) / common.median(wrapper) - 1
     score_share = common.median(score_seconds) / common.median(ours)
     rows = [[name, min(values), common.median(values), len(values)] for name, values in sides.items()]
     common.print_table(["side", "min s/step", "median s/step", "steps"], rows)
     print(
         f"overhead: median {100 * overhead:+.1f}%, min {100 * overhead_min:+.1f}%; ScoreBatch "
-        f"{1000 * common.median(score_seconds):.1f} ms = {100 * score_share:.1f}% of our median step"
+        f"{1000 * common.median(score_seconds):.1f} ms = {100 * score_share:.1f}% of our median step; the "
+        f"local reward function {1000 * common.median(local_seconds):.1f} ms"
+    )
+    print(
+        f"of which: our wrapper (local rewards both) {100 * wrapper_share:+.1f}%, rewards over gRPC "
+        f"(our wrapper both) {100 * transport_share:+.1f}%"
     )
     met = overhead <= GOAL_OVERHEAD
     print(f"goal: overhead <= {100 * GOAL_OVERHEAD:.0f}%: {'met' if met else 'NOT met'}")
@@ -177,8 +196,11 @@ def main() -> None:
             "settings": {**vars(args), "lora": True, "model": "rlhf-tiny", "trl": __import__("trl").__version__},
             "seconds_per_step": sides,
             "score_batch_seconds": score_seconds,
+            "local_reward_seconds": local_seconds,
             "median_overhead": overhead,
             "min_overhead": overhead_min,
+            "wrapper_overhead": wrapper_share,
+            "transport_overhead": transport_share,
             "score_share_of_step": score_share,
             "goal_overhead": GOAL_OVERHEAD,
             "goal_met": met,

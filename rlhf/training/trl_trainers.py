@@ -204,7 +204,7 @@ class GroupPolicyTrainer:
                     mean = sum(ratings) / len(ratings)
                     log_metric("ratings/mean", mean)
                     log_metric("ratings/std", statistics.stdev(ratings) if len(ratings) > 1 else 0.0)
-                widest = max(len(sequences.encode_prompt(tokenizer, p)) for p in query)
+                widest = max(len(sequences.encode_prompt(tokenizer, p)) for p in set(query))
                 log_metric("tokens/query_width", float(min(widest, room) if room is not None else widest))
                 log_metric("time/score_s", waited)
             return [float(s) for s in scores]
