@@ -17,13 +17,22 @@ import grpc
 from feedback_service.models import NewFeedback
 from rlhf.inference.v1 import inference_service_pb2 as inf
 from rlhf.inference.v1 import inference_service_pb2_grpc as inf_grpc
+from rlhf.runtime.config import SecurityConfig
+from rlhf.runtime.tls import open_aio_channel
 
 log = logging.getLogger(__name__)
 
 
 class Attributor:
-    def __init__(self, inference_address: str, timeout_seconds: float = 2.0, cache_size: int = 10_000) -> None:
-        self._channel = grpc.aio.insecure_channel(inference_address) if inference_address else None
+    def __init__(
+        self,
+        inference_address: str,
+        timeout_seconds: float = 2.0,
+        cache_size: int = 10_000,
+        security: SecurityConfig | None = None,
+    ) -> None:
+        # TLS and the service's own token (security) as every other service-to-service call.
+        self._channel = open_aio_channel(inference_address, [], security) if inference_address else None
         self._stub = inf_grpc.InferenceServiceStub(self._channel) if self._channel else None
         self._timeout = timeout_seconds
         self._cache_size = cache_size

@@ -49,7 +49,7 @@ class FeedbackDomain:
         self._store = store
         self._config = config
         self._validator = FeedbackValidator(config)
-        self._attributor = Attributor(config.inference_address)
+        self._attributor = Attributor(config.inference_address, security=config.server.security)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="feedback-writer")
 
     async def close(self) -> None:

@@ -27,7 +27,9 @@ async def start(config: InferenceServiceConfig) -> RunningServer:
     engine = make_engine(config.server.resolved_database_url())
     store = InferenceStore(engine)
     await asyncio.to_thread(store.create_schema)
-    policies = PolicyClient(config.policy_addr, config.policy_timeout_seconds, config.server.grpc_options())
+    policies = PolicyClient(
+        config.policy_addr, config.policy_timeout_seconds, config.server.grpc_options(), config.server.security
+    )
     models = ModelCache(config.model_cache_size, config.device, config.model_cache_max_bytes)
     domain = InferenceDomain(config, store, policies, models)
     servicer = InferenceServicer(domain)

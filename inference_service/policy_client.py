@@ -12,7 +12,9 @@ import dataclasses
 import grpc
 
 from rlhf.policy.v1 import policy_service_pb2, policy_service_pb2_grpc
+from rlhf.runtime.config import SecurityConfig
 from rlhf.runtime.errors import FailedPrecondition, NotFound, Unavailable, from_rpc_error
+from rlhf.runtime.tls import open_aio_channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +26,16 @@ class PolicyRef:
 
 
 class PolicyClient:
-    def __init__(self, address: str, timeout_seconds: float = 10.0, options: list | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_seconds: float = 10.0,
+        options: list | None = None,
+        security: SecurityConfig | None = None,
+    ) -> None:
         self.address = address
         self._timeout = timeout_seconds
-        self._channel = grpc.aio.insecure_channel(address, options=options or [])
+        self._channel = open_aio_channel(address, options or [], security)
         self._stub = policy_service_pb2_grpc.PolicyServiceStub(self._channel)
         # Registered versions are immutable, so a pinned version's folder is looked up once.
         self._pinned: dict[tuple[str, str], PolicyRef] = {}

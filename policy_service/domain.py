@@ -25,6 +25,7 @@ from rlhf.runtime.jobs import SUCCEEDED, Job, JobManager
 from rlhf.runtime.model_checks import ModelChecker
 from rlhf.runtime.protoconfig import from_message
 from rlhf.runtime.registry import Catalog
+from rlhf.runtime.tls import open_aio_channel
 from rlhf.runtime.training_store import TrainingStore
 from rlhf.training.config import (
     GROUP_CONFIGS,
@@ -167,8 +168,8 @@ class PolicyDomain:
         self.policies = Catalog(store.registry)
         self.jobs = JobManager(store.jobs, self.root / ".jobs", "policy_service.worker", self._register, resumable=True)
         self._channels = [
-            grpc.aio.insecure_channel(config.feedback_address),
-            grpc.aio.insecure_channel(config.reward_address),
+            open_aio_channel(config.feedback_address, [], config.server.security),
+            open_aio_channel(config.reward_address, [], config.server.security),
         ]
         self.feedback = fb_grpc.FeedbackServiceStub(self._channels[0])
         self.reward = rw_grpc.RewardServiceStub(self._channels[1])

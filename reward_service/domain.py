@@ -20,6 +20,7 @@ from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, from_rpc_er
 from rlhf.runtime.jobs import Job, JobManager
 from rlhf.runtime.model_checks import ModelChecker
 from rlhf.runtime.registry import Catalog
+from rlhf.runtime.tls import open_aio_channel
 from rlhf.runtime.training_store import TrainingStore
 from rlhf.training.config import RewardModelConfig
 from rlhf.training.reward_functions import (
@@ -49,7 +50,7 @@ class RewardDomain:
         self.scorer = Scorer(config.device, config.score_micro_batch, config.model_cache_size)
         # Imported now: a registration that does not import stops the service at start, saying which.
         self.reward_functions = RewardFunctionRegistry.of(config.reward_functions)
-        self._feedback_channel = grpc.aio.insecure_channel(config.feedback_address)
+        self._feedback_channel = open_aio_channel(config.feedback_address, [], config.server.security)
         self.feedback = fb_grpc.FeedbackServiceStub(self._feedback_channel)
 
     async def start(self) -> None:

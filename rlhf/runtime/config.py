@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+from collections.abc import Callable
 
 # The four gRPC services, and the REST gateway (gateway/: the seed's HTTP API over them).
 DEFAULT_PORTS = {"feedback": 50051, "reward": 50052, "policy": 50053, "inference": 50054, "gateway": 8000}
@@ -33,6 +34,51 @@ def service_address(service: str) -> str:
     return env_str(f"RLHF_{service.upper()}_ADDR", f"127.0.0.1:{port}")
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """A yes/no environment variable: 1, true, yes or on (any case) is yes; unset is `default`."""
+    raw = os.environ.get(name, "").strip().lower()
+    return raw in ("1", "true", "yes", "on") if raw else default
+
+
+def _env_factory(name: str) -> Callable[[], str]:
+    return lambda: env_str(name, "")
+
+
+@dataclasses.dataclass
+class SecurityConfig:
+    """Tokens and TLS, for servers and clients alike (README "Security"). Every field defaults to its
+    environment variable, so each process of a deployment (service, worker, CLI, gateway) reads the same."""
+
+    # JSON file listing the accepted tokens, hashed (RLHF_AUTH_TOKENS_FILE): [{"sha256": "<hex>", "role":
+    # "admin" | "agent", "agents": [...]}]. Empty: no tokens are checked and every call is allowed.
+    tokens_file: str = dataclasses.field(default_factory=_env_factory("RLHF_AUTH_TOKENS_FILE"))
+    # The bearer token this process sends (RLHF_TOKEN): a user's, or a service's own for its calls to others.
+    token: str = dataclasses.field(default_factory=_env_factory("RLHF_TOKEN"))
+    # PEM certificate chain and private key (RLHF_TLS_CERT_FILE, RLHF_TLS_KEY_FILE): a server serves TLS with
+    # them; a client presents them as its client certificate when a CA is set too.
+    cert_file: str = dataclasses.field(default_factory=_env_factory("RLHF_TLS_CERT_FILE"))
+    key_file: str = dataclasses.field(default_factory=_env_factory("RLHF_TLS_KEY_FILE"))
+    # PEM CA bundle (RLHF_TLS_CA_FILE): clients use TLS and trust it; servers check client certificates by it.
+    ca_file: str = dataclasses.field(default_factory=_env_factory("RLHF_TLS_CA_FILE"))
+    # Servers refuse clients without a certificate signed by ca_file (RLHF_TLS_REQUIRE_CLIENT_CERT=1).
+    require_client_cert: bool = dataclasses.field(
+        default_factory=lambda: env_flag("RLHF_TLS_REQUIRE_CLIENT_CERT", False)
+    )
+    # The name clients check the server's certificate against, when it differs from the address's host
+    # (RLHF_TLS_SERVER_NAME).
+    server_name: str = dataclasses.field(default_factory=_env_factory("RLHF_TLS_SERVER_NAME"))
+    # Servers offer gRPC server reflection (RLHF_REFLECTION, default on; 0 switches it off).
+    reflection: bool = dataclasses.field(default_factory=lambda: env_flag("RLHF_REFLECTION", True))
+
+    @property
+    def server_tls(self) -> bool:
+        return bool(self.cert_file and self.key_file)
+
+    @property
+    def client_tls(self) -> bool:
+        return bool(self.ca_file)
+
+
 @dataclasses.dataclass
 class ServerConfig:
     """How one service's gRPC server runs; every service's config holds one."""
@@ -51,6 +97,8 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     # Seconds in-flight calls get to finish on shutdown.
     grace_seconds: float = 5.0
+    # Tokens, TLS and reflection (RLHF_AUTH_TOKENS_FILE, RLHF_TLS_*, RLHF_TOKEN, RLHF_REFLECTION).
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
 
     @classmethod
     def from_env(cls, service: str, **overrides) -> ServerConfig:

@@ -12,8 +12,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rlhf.runtime.auth import Authorization, TokenStore
 from rlhf.runtime.config import ServerConfig
 from rlhf.runtime.decoding import LenientDecoding
+from rlhf.runtime.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +59,25 @@ class RunningServer:
 async def start_server(config: ServerConfig, bindings: list[ServiceBinding]) -> RunningServer:
     """Start serving `bindings` on config.host:config.port (0 picks a free port) with health and reflection."""
     # Undecodable request bytes: INVALID_ARGUMENT naming the field, not UNKNOWN (rlhf.runtime.decoding).
-    server = grpc.aio.server(options=config.grpc_options(), interceptors=[LenientDecoding()])
+    # Tokens first (rlhf.runtime.auth), when configured: an unauthenticated call learns nothing else.
+    security = config.security
+    interceptors: list[grpc.aio.ServerInterceptor] = [LenientDecoding()]
+    if security.tokens_file:
+        interceptors.insert(0, Authorization(TokenStore.load(security.tokens_file)))
+    credentials = server_credentials(security)  # None: plaintext
+    server = grpc.aio.server(options=config.grpc_options(), interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
     names = [b.full_name for b in bindings]
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if security.reflection:
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if credentials is None:
+            port = server.add_insecure_port(f"{config.host}:{config.port}")
+        else:
+            port = server.add_secure_port(f"{config.host}:{config.port}", credentials)
     except RuntimeError:
         port = 0  # some grpc versions raise instead of returning 0
     if port == 0:
@@ -77,6 +89,13 @@ async def start_server(config: ServerConfig, bindings: list[ServiceBinding]) -> 
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if credentials is not None or security.tokens_file:
+        log.info(
+            "%s service security: %s, %s",
+            config.service,
+            "TLS" if credentials is not None else "plaintext",
+            "bearer tokens required" if security.tokens_file else "no tokens",
+        )
     log.info("%s service listening on %s:%d", config.service, config.host, port)
     return RunningServer(server=server, port=port, health=health_servicer, bindings=bindings)
 

@@ -35,7 +35,8 @@ from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.policy.v1 import policy_service_pb2_grpc as pol_grpc
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
-from rlhf.runtime.config import service_address
+from rlhf.runtime.config import SecurityConfig, service_address
+from rlhf.runtime.tls import open_aio_channel, open_channel
 
 log = logging.getLogger(__name__)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -46,13 +47,18 @@ CHANNEL_OPTIONS = [
 T = TypeVar("T")
 
 
-def channel(address: str, options: list[tuple[str, Any]] | None = None) -> grpc.Channel:
-    """A channel to `address` with the project's message size limits (and `options` beside them)."""
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS + (options or []))
+def channel(
+    address: str, options: list[tuple[str, Any]] | None = None, security: SecurityConfig | None = None
+) -> grpc.Channel:
+    """A channel to `address` with the project's message size limits (and `options` beside them); TLS and the
+    bearer token as configured (`security`, default RLHF_TLS_* and RLHF_TOKEN: rlhf.runtime.tls)."""
+    return open_channel(address, CHANNEL_OPTIONS + (options or []), security)
 
 
-def aio_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def aio_channel(
+    address: str, options: list[tuple[str, Any]] | None = None, security: SecurityConfig | None = None
+) -> grpc.aio.Channel:
+    return open_aio_channel(address, CHANNEL_OPTIONS + (options or []), security)
 
 
 def new_request_id() -> str:
@@ -151,13 +157,26 @@ class _Client:
     # The default deadline of unary calls, in seconds.
     default_timeout = 30.0
 
-    def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        timeout: float | None = None,
+        *,
+        token: str | None = None,
+        security: SecurityConfig | None = None,
+        forwards: bool = False,
+    ) -> None:
+        """`token`: the bearer token to send (default RLHF_TOKEN); `security`: TLS files and token (default
+        from RLHF_TLS_*); `forwards`: calls inside `rlhf.runtime.tls.forwarding(token)` send that token."""
         self.address = address or service_address(self.service)
         self.timeout = self.default_timeout if timeout is None else timeout
-        self.channel = self._open(self.address)
+        security = security or SecurityConfig()
+        if token is not None:
+            security = dataclasses.replace(security, token=token)
+        self.channel = self._open(self.address, security, forwards)
         self.stub = self.stub_class(self.channel)
 
-    def _open(self, address: str) -> Any:
+    def _open(self, address: str, security: SecurityConfig, forwards: bool) -> Any:
         raise NotImplementedError
 
     def _invoke(self, call: Call[Any]) -> Any:
@@ -169,8 +188,8 @@ class _Blocking(_Client):
     # stops the wait at once instead of after the whole backoff.
     sleep: Callable[[float], None] = staticmethod(time.sleep)
 
-    def _open(self, address: str) -> grpc.Channel:
-        return channel(address)
+    def _open(self, address: str, security: SecurityConfig, forwards: bool) -> grpc.Channel:
+        return open_channel(address, CHANNEL_OPTIONS, security, forwards)
 
     def close(self) -> None:
         self.channel.close()
@@ -209,8 +228,8 @@ def _iterate(answers: Any, convert: Callable[[Any], Any]) -> Iterator[Any]:
 class _Async(_Client):
     """Create it inside the event loop that uses it (grpc.aio channels belong to one loop)."""
 
-    def _open(self, address: str) -> grpc.aio.Channel:
-        return aio_channel(address)
+    def _open(self, address: str, security: SecurityConfig, forwards: bool) -> grpc.aio.Channel:
+        return open_aio_channel(address, CHANNEL_OPTIONS, security, forwards)
 
     async def close(self) -> None:
         await self.channel.close()

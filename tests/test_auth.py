@@ -1,0 +1,145 @@
+"""Bearer tokens over real servers (issue 9, "Who may do what"): no token or a bad one is UNAUTHENTICATED, an
+agent token outside its agents is PERMISSION_DENIED, admin may do everything, health stays open, and the
+services' calls to each other carry the service's own token."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rlhf.runtime import auth
+from rlhf.runtime.config import SecurityConfig
+from rlhf.sdk.clients import FeedbackClient, InferenceClient, PolicyClient, RewardClient, channel, feedback_request
+from tests.stack import start_stack
+
+ADMIN, AGENT, OTHER = "admin-secret-token", "agent-a1-token", "agent-a2-token"
+
+
+def write_tokens(path: pathlib.Path) -> pathlib.Path:
+    path.write_text(
+        json.dumps(
+            [
+                {"sha256": auth.digest(ADMIN), "role": "admin"},
+                {"sha256": auth.digest(AGENT), "role": "agent", "agents": ["a1"]},
+                {"sha256": auth.digest(OTHER), "role": "agent", "agents": ["a2"]},
+            ]
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    data_dir = tmp_path_factory.mktemp("auth")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RLHF_AUTH_TOKENS_FILE", str(write_tokens(data_dir / "tokens.json")))
+        env.setenv("RLHF_TOKEN", ADMIN)  # the services' own token, for their calls to each other
+        env.setenv("RLHF_REFLECTION", "0")
+        running = start_stack(data_dir)
+        yield running
+        running.stop()
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code()
+
+
+def test_token_store_compares_digests_and_rejects_malformed_files(tmp_path: pathlib.Path) -> None:
+    store = auth.TokenStore.load(str(write_tokens(tmp_path / "tokens.json")))
+    assert store.authenticate(ADMIN) == auth.Caller("admin")
+    assert store.authenticate(AGENT) == auth.Caller("agent", frozenset({"a1"}))
+    assert store.authenticate("nope") is None and store.authenticate("") is None
+    for bad, says in [
+        ("{}", "JSON list"),
+        ('[{"sha256": "abc", "role": "admin"}]', "64 hex"),
+        (json.dumps([{"sha256": auth.digest("x"), "role": "root"}]), "role"),
+        (json.dumps([{"sha256": auth.digest("x"), "role": "agent"}]), "at least one agent"),
+    ]:
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(auth.TokensFileError, match=says):
+            auth.TokenStore.load(str(tmp_path / "bad.json"))
+
+
+def test_no_token_or_a_bad_one_is_unauthenticated_and_health_stays_open(stack) -> None:
+    for token in ("", "wrong-token"):
+        with FeedbackClient(stack.feedback.address, token=token) as client:
+            assert code_of(lambda: client.stats("a1")) == grpc.StatusCode.UNAUTHENTICATED
+            error = pytest.raises(grpc.RpcError, client.submit, "a1", prompt="p", response="r", score=0.5, retries=0)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "RLHF_TOKEN" in error.value.details()
+    with channel(stack.policy.address, security=SecurityConfig(token="")) as ch:
+        answer = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_can_be_switched_off(stack) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(stack.feedback.address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        answers = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        assert code_of(lambda: list(answers)) == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_an_agent_token_acts_for_its_own_agent_only(stack) -> None:
+    with FeedbackClient(stack.feedback.address, token=AGENT) as client:
+        assert client.submit("a1", prompt="p", response="r", score=0.5).id
+        assert client.stats("a1").stats.feedback_count == 1
+        assert client.list_feedback("a1")
+        denied = pytest.raises(grpc.RpcError, client.submit, "a2", prompt="p", response="r", score=0.5, retries=0)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED and "'a2'" in denied.value.details()
+        assert code_of(lambda: client.list_feedback("a2")) == grpc.StatusCode.PERMISSION_DENIED
+        # A stream stops at the first item of another agent.
+        items = [
+            feedback_request("a1", prompt="q", response="r", score=0.1),
+            feedback_request("a2", prompt="q", response="r", score=0.1),
+        ]
+        assert code_of(lambda: list(client.stream(iter(items)))) == grpc.StatusCode.PERMISSION_DENIED
+        # Export and deleting a whole agent are an admin's; its own rows by id are its own.
+        assert code_of(lambda: client.export("a1")) == grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(lambda: client.delete_feedback("a1", all=True)) == grpc.StatusCode.PERMISSION_DENIED
+    with (
+        PolicyClient(stack.policy.address, token=AGENT) as policy,
+        RewardClient(stack.reward.address, token=AGENT) as reward,
+    ):
+        for client in (policy, reward):
+            assert client.list_jobs("a1") == ([], "")
+            assert code_of(lambda c=client: c.list_jobs()) == grpc.StatusCode.PERMISSION_DENIED
+            assert code_of(lambda c=client: c.list_jobs("a2")) == grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(lambda: policy.train_policy("a1", dry_run=True)) == grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(lambda: reward.create_job("a1")) == grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(lambda: policy.list_policies("a2")) == grpc.StatusCode.PERMISSION_DENIED
+    with InferenceClient(stack.inference.address, token=AGENT) as inference:
+        assert code_of(lambda: inference.set_deployment("a1", {"base": 1.0})) == grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(lambda: inference.generate("a2", "hello")) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_admin_may_do_everything_and_services_call_each_other_with_their_token(stack) -> None:
+    with FeedbackClient(stack.feedback.address, token=ADMIN) as client:
+        client.submit("a2", prompt="p", response="r", score=0.5)
+        rows, _ = client.export("a2")
+        assert len(rows) == 1
+        assert client.delete_feedback("a2", all=True) == 1
+    with PolicyClient(stack.policy.address, token=ADMIN) as policy:
+        policy.list_jobs()
+        # The dry run asks the feedback service for the agent's count with the policy service's own token:
+        # it gets an answer (too few items), not UNAUTHENTICATED.
+        error = pytest.raises(grpc.RpcError, policy.train_policy, "a2", dry_run=True)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
+        assert "feedback items" in error.value.details()
+
+
+def test_get_generation_is_scoped_to_the_generations_agent(stack, tiny_model) -> None:
+    with InferenceClient(stack.inference.address, token=OTHER) as other:
+        made = other.generate("a2", "hello", version="base", max_new_tokens=2)
+        assert other.get_generation(made.generation_id).agent_id == "a2"
+    with InferenceClient(stack.inference.address, token=AGENT) as agent:
+        assert code_of(lambda: agent.get_generation(made.generation_id)) == grpc.StatusCode.PERMISSION_DENIED
+    with InferenceClient(stack.inference.address, token=ADMIN) as admin:
+        assert admin.get_generation(made.generation_id).agent_id == "a2"
