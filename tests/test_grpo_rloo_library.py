@@ -94,3 +94,30 @@ def test_stopped_run_leaves_a_checkpoint_and_resumes_where_it_stopped(tiny_model
     # The schedule continues where it stopped (linear decay over 6 steps).
     lrs = [m["learning_rate"] for _, m in resumed_steps]
     assert lrs == pytest.approx([m["learning_rate"] for m in whole_steps[3:]])
+
+
+@pytest.mark.slow
+def test_the_library_runs_grpo_without_grpc_or_the_services(tiny_model, tmp_path):
+    """In a fresh interpreter: one GRPO step with a local reward function imports no transport (grpc), no
+    runtime and no SDK, as the rest of the training library."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, pathlib
+        from rlhf.training.config import GRPOTrainingConfig
+        from rlhf.training.trl_trainers import GroupPolicyTrainer
+        config = GRPOTrainingConfig(max_steps=1, batch_size=2, num_generations=2, max_new_tokens=4)
+        trainer = GroupPolicyTrainer("grpo", config, {str(tiny_model)!r}, pathlib.Path({str(tmp_path)!r}), "cpu")
+        trainer.train(["Hello?", "How are you?"], lambda p, a: [float(len(x)) for x in a], lambda s, m: None)
+        trainer.save(pathlib.Path({str(tmp_path)!r}))
+        bad = sorted(m for m in sys.modules if m.split(".")[0] == "grpc" or m.startswith(("rlhf.runtime", "rlhf.sdk")))
+        print("IMPORTED", bad)
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "IMPORTED []" in done.stdout, done.stdout
+    assert (tmp_path / "policy" / "config.json").is_file()
