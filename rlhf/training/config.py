@@ -138,6 +138,8 @@ class GroupPolicyConfig(ModelTrainingConfig):
     epsilon_high: float = 0.0
     # Leave answers cut at max_new_tokens out of the loss (DAPO's advice).
     mask_truncated_completions: bool = False
+    # Reward functions combined into the reward by the reward service, as for PPO (TrainingConfig's).
+    reward_functions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
