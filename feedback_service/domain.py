@@ -64,24 +64,35 @@ class FeedbackDomain:
 
     async def submit(self, raw: FeedbackInput) -> tuple[NewFeedback, Stored]:
         """Store one item (its own transaction). A replayed request_id returns the original row."""
-        item = await self._attributor.attribute(self._validator.item(raw))
+        (item,) = await self._attributor.attribute_many([self._validator.item(raw)])
         (stored,) = await self._write(self._store.insert_many, [item])
         return item, stored
 
     async def ingest(self, items: AsyncIterator[FeedbackInput]) -> AsyncIterator[list[Ack]]:
-        """Acknowledge a stream of items, one Ack per item in order, in lists (one per committed group).
+        """ingest_batches() for a stream of single items."""
+
+        async def singles() -> AsyncIterator[list[FeedbackInput]]:
+            async for item in items:
+                yield [item]
+
+        async for acks in self.ingest_batches(singles()):
+            yield acks
+
+    async def ingest_batches(self, batches: AsyncIterator[list[FeedbackInput]]) -> AsyncIterator[list[Ack]]:
+        """Acknowledge a stream of items arriving in batches (a batch is what one message carried), one Ack
+        per item in stream order (`index` counts items across batches), in lists (one per committed group).
 
         Three stages run concurrently: reading+validating into a bounded buffer, committing groups (up
-        to stream_group_size items, or what arrived within stream_group_wait_ms) in the writer thread,
-        and handing acks to the caller. A group's acks are released only after its transaction
-        committed. A rejected item gets its ack in order with its group and does not affect the others.
-        Back pressure: when the buffer is full (the database or the caller taking acks falls behind),
-        reading pauses, and HTTP/2 flow control then slows the client.
+        to stream_group_size items, or what arrived within stream_group_wait_ms; attribution lookups of
+        the group first, batched) in the writer thread, and handing acks to the caller. A group's acks are
+        released only after its transaction committed. A rejected item gets its ack in order with its
+        group and does not affect the others. Back pressure: when the buffer is full (the database or the
+        caller taking acks falls behind), reading pauses, and HTTP/2 flow control then slows the client.
         """
         cfg = self._config
         buffer = GroupBuffer(cfg.stream_group_size, cfg.stream_max_buffered)
         outbox: asyncio.Queue[list[Ack] | None | BaseException] = asyncio.Queue(2)
-        reader = asyncio.create_task(self._read(items, buffer))
+        reader = asyncio.create_task(self._read(batches, buffer))
         committer = asyncio.create_task(self._commit_groups(buffer, outbox))
         counts = collections.Counter[str]()
         try:
@@ -104,17 +115,20 @@ class FeedbackDomain:
             counts["rejected"],
         )
 
-    async def _read(self, items: AsyncIterator[FeedbackInput], buffer: GroupBuffer) -> None:
+    async def _read(self, batches: AsyncIterator[list[FeedbackInput]], buffer: GroupBuffer) -> None:
         index = 0
+        validate = self._validator.item
         try:
-            async for raw in items:
-                try:
-                    item = await self._attributor.attribute(self._validator.item(raw))
-                    pending = Pending(index, item.request_id, item, None)
-                except InvalidArgument as error:
-                    pending = Pending(index, raw.request_id or new_request_id(), None, error)
-                await buffer.put(pending)
-                index += 1
+            async for batch in batches:
+                pendings: list[Pending] = []
+                for raw in batch:
+                    try:
+                        item = validate(raw)
+                        pendings.append(Pending(index, item.request_id, item, None))
+                    except InvalidArgument as error:
+                        pendings.append(Pending(index, raw.request_id or new_request_id(), None, error))
+                    index += 1
+                await buffer.put_many(pendings)
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # noqa: BLE001 - handed to the caller through the pipeline
@@ -139,6 +153,9 @@ class FeedbackDomain:
 
     async def _commit(self, group: list[Pending]) -> list[Ack]:
         valid = [p.item for p in group if p.item is not None]
+        # Attribution here, not on the read path: one batch of concurrent lookups per group, while reading
+        # goes on; the rows are stored with their versions, so an ack still means "attributed and committed".
+        valid = await self._attributor.attribute_many(valid)
         stored = iter(await self._write(self._store.insert_many, valid) if valid else [])
         acks: list[Ack] = []
         for pending in group:

@@ -39,10 +39,15 @@ class GroupBuffer:
         self._room.set()
 
     async def put(self, item: Pending) -> None:
+        await self.put_many([item])
+
+    async def put_many(self, items: list[Pending]) -> None:
+        """Add one message's items at once (waiting while the buffer is at capacity), so the buffer holds
+        at most capacity + one message's items."""
         while len(self._items) >= self._capacity:
             self._room.clear()
             await self._room.wait()
-        self._items.append(item)
+        self._items.extend(items)
         self._nonempty.set()
         if len(self._items) >= self._group_size:
             self._full.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,7 +12,7 @@ from feedback_service.domain import FeedbackDomain
 from feedback_service.models import COMPARISON, RATING, FeedbackInput, FeedbackRecord, ListFilters, Stats
 from rlhf.feedback.v1 import feedback_service_pb2 as pb
 from rlhf.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
-from rlhf.runtime.decoding import Undecodable, per_item
+from rlhf.runtime.decoding import Undecodable, bad_string_field, per_item, wire_fields
 from rlhf.runtime.errors import InvalidArgument, translate_errors
 
 _KIND_FROM_PB: dict[int, str] = {
@@ -103,6 +104,73 @@ def _stats(stats: Stats) -> pb.FeedbackStats:
     )
 
 
+def _stream_input(request: pb.SubmitFeedbackRequest) -> FeedbackInput:
+    try:
+        return _input(request)
+    except InvalidArgument as error:
+        # An unknown kind: let the domain reject this item alone, naming the field.
+        return FeedbackInput(agent_id=request.agent_id, request_id=request.request_id, invalid=error)
+
+
+def _inputs(request: pb.StreamFeedbackRequest) -> tuple[list[FeedbackInput], int]:
+    """The items of one stream message (`feedback` when set or alone, then `items`), and how many of them
+    came in `items` (those are acknowledged in results)."""
+    items = request.items
+    if not items:
+        return [_stream_input(request.feedback)], 0
+    inputs = [_stream_input(item) for item in items]
+    if request.HasField("feedback"):
+        inputs.insert(0, _stream_input(request.feedback))
+    return inputs, len(items)
+
+
+def _split_undecodable(request: Undecodable) -> tuple[list[FeedbackInput], int]:
+    """A stream message that did not parse: when it is a batch, parse its items one by one, so that only the
+    undecodable ones are rejected (each naming its field); otherwise the message is one rejected item."""
+    parts = wire_fields(request.data)
+    if not parts or not any(number == _ITEMS_FIELD for number, _ in parts):
+        field = request.error.field.removeprefix("feedback.")
+        return [FeedbackInput(agent_id="", invalid=InvalidArgument(field, request.error.description))], 0
+    head = b"".join(chunk for number, chunk in parts if number == _FEEDBACK_FIELD)
+    chunks = [chunk for number, chunk in parts if number == _ITEMS_FIELD]
+    inputs = [_decoded_input(chunk) for chunk in ([head] if head else []) + chunks]
+    return inputs, len(chunks)
+
+
+_FEEDBACK_FIELD = pb.StreamFeedbackRequest.DESCRIPTOR.fields_by_name["feedback"].number
+_ITEMS_FIELD = pb.StreamFeedbackRequest.DESCRIPTOR.fields_by_name["items"].number
+
+
+def _decoded_input(data: bytes) -> FeedbackInput:
+    try:
+        return _stream_input(pb.SubmitFeedbackRequest.FromString(data))
+    except Exception:  # noqa: BLE001 - DecodeError, and whatever else a parser may raise on garbage
+        field = bad_string_field(data, pb.SubmitFeedbackRequest.DESCRIPTOR)
+        error = (
+            InvalidArgument(field, "is not valid UTF-8")
+            if field
+            else InvalidArgument("feedback", "is not a valid rlhf.feedback.v1.SubmitFeedbackRequest message")
+        )
+        return FeedbackInput(agent_id="", invalid=error)
+
+
+class _BatchedIndexes:
+    """Which stream indexes came in `items` (their acks go in `results`): ranges, dropped once passed, since
+    acks are asked for in index order."""
+
+    def __init__(self) -> None:
+        self._ranges: collections.deque[tuple[int, int]] = collections.deque()
+
+    def add(self, start: int, end: int) -> None:
+        self._ranges.append((start, end))
+
+    def holds(self, index: int) -> bool:
+        ranges = self._ranges
+        while ranges and ranges[0][1] <= index:
+            ranges.popleft()
+        return bool(ranges) and ranges[0][0] <= index
+
+
 @translate_errors
 class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     def __init__(self, domain: FeedbackDomain) -> None:
@@ -127,24 +195,22 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     async def StreamFeedback(
         self, request_iterator: AsyncIterator[pb.StreamFeedbackRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamFeedbackResponse]:
-        async def items() -> AsyncIterator[FeedbackInput]:
-            async for request in request_iterator:
-                if isinstance(request, Undecodable):  # bytes that did not parse: this item alone is rejected
-                    field = request.error.field.removeprefix("feedback.")
-                    yield FeedbackInput(agent_id="", invalid=InvalidArgument(field, request.error.description))
-                    continue
-                try:
-                    yield _input(request.feedback)
-                except InvalidArgument as error:
-                    # An unknown kind: let the domain reject this item alone, naming the field.
-                    yield FeedbackInput(
-                        agent_id=request.feedback.agent_id, request_id=request.feedback.request_id, invalid=error
-                    )
+        batched = _BatchedIndexes()
 
-        Response = pb.StreamFeedbackResponse
-        async for acks in self._domain.ingest(items()):
+        async def batches() -> AsyncIterator[list[FeedbackInput]]:
+            index = 0
+            async for request in request_iterator:
+                inputs, in_items = _split_undecodable(request) if isinstance(request, Undecodable) else _inputs(request)
+                index += len(inputs)
+                if in_items:
+                    batched.add(index - in_items, index)
+                yield inputs
+
+        Response, Result = pb.StreamFeedbackResponse, pb.FeedbackAck
+        async for acks in self._domain.ingest_batches(batches()):
+            results: list[pb.FeedbackAck] = []
             for ack in acks:
-                yield Response(
+                fields = dict(
                     request_id=ack.request_id,
                     id=str(ack.sequence) if ack.accepted else "",
                     accepted=ack.accepted,
@@ -153,6 +219,15 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                     field=ack.field,
                     index=ack.index,
                 )
+                if batched.holds(ack.index):
+                    results.append(Result(**fields))
+                    continue
+                if results:  # keep acks in index order across the two forms
+                    yield Response(results=results)
+                    results = []
+                yield Response(**fields)
+            if results:
+                yield Response(results=results)
 
     async def ListFeedback(
         self, request: pb.ListFeedbackRequest, context: grpc.aio.ServicerContext

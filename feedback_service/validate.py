@@ -10,36 +10,51 @@ from feedback_service.models import COMPARISON, KINDS, RATING, FeedbackInput, Li
 from rlhf.runtime import validation
 from rlhf.runtime.errors import InvalidArgument
 
+_METADATA_CACHE_ENTRIES = 4096  # distinct small metadata maps remembered (agents repeat the same few)
+_METADATA_CACHE_CHARS = 512  # ... each at most this long as JSON, so the cache stays within ~2 MB
+_AGENT_CACHE_ENTRIES = 4096  # agent ids known to be valid
+
 
 class FeedbackValidator:
-    """Checks items against the configured caps (texts, ids, metadata) and the kinds' rules."""
+    """Checks items against the configured caps (texts, ids, metadata) and the kinds' rules.
+
+    This runs once per streamed item, so the common case is kept cheap: valid texts pass one combined check
+    (validation.text is called only to word a failure), and agent ids and small metadata maps seen before
+    are not checked or serialised again.
+    """
 
     def __init__(self, config: FeedbackServiceConfig) -> None:
         self._config = config
+        self._metadata: dict[tuple[tuple[str, str], ...], str] = {}
+        self._agents: set[str] = set()
 
     def item(self, raw: FeedbackInput) -> NewFeedback:
         """A storable item, or InvalidArgument naming the first offending field. Fills in request_id."""
         cfg = self._config
         if raw.invalid is not None:
             raise raw.invalid
-        validation.agent_id(raw.agent_id)
+        if raw.agent_id not in self._agents:
+            validation.agent_id(raw.agent_id)
+            if len(self._agents) >= _AGENT_CACHE_ENTRIES:
+                self._agents.clear()
+            self._agents.add(raw.agent_id)
         kind = raw.kind or (COMPARISON if raw.chosen or raw.rejected else RATING)
         if kind not in KINDS:
             raise InvalidArgument("kind", f"must be one of {list(KINDS)}")
-        validation.text(raw.prompt, "prompt", cfg.max_text_chars)
+        limit = cfg.max_text_chars
+        _text(raw.prompt, "prompt", limit)
         if kind == RATING:
-            validation.text(raw.response, "response", cfg.max_text_chars)
+            _text(raw.response, "response", limit)
             if raw.score is None:
                 raise InvalidArgument("score", "is required for a rating")
             validation.number_in(raw.score, "score", 0.0, 1.0)
-            for name in ("chosen", "rejected"):
-                if getattr(raw, name):
-                    raise InvalidArgument(name, "only applies to comparisons")
+            if raw.chosen or raw.rejected:
+                raise InvalidArgument("chosen" if raw.chosen else "rejected", "only applies to comparisons")
             if raw.margin is not None:
                 raise InvalidArgument("margin", "only applies to comparisons")
         else:
-            validation.text(raw.chosen, "chosen", cfg.max_text_chars)
-            validation.text(raw.rejected, "rejected", cfg.max_text_chars)
+            _text(raw.chosen, "chosen", limit)
+            _text(raw.rejected, "rejected", limit)
             if raw.chosen == raw.rejected:
                 raise InvalidArgument("rejected", "must differ from chosen")
             if raw.margin is not None:
@@ -48,9 +63,17 @@ class FeedbackValidator:
                 raise InvalidArgument("score", "only applies to ratings")
             if raw.response:
                 raise InvalidArgument("response", "only applies to ratings; use chosen and rejected")
-        validation.text(raw.notes, "notes", cfg.max_text_chars, required=False)
-        for name in ("run_id", "generation_id", "policy_version", "request_id"):
-            validation.text(getattr(raw, name), name, cfg.max_id_chars, required=False)
+        if raw.notes:
+            _text(raw.notes, "notes", limit, required=False)
+        ids = cfg.max_id_chars
+        for name, value in (
+            ("run_id", raw.run_id),
+            ("generation_id", raw.generation_id),
+            ("policy_version", raw.policy_version),
+            ("request_id", raw.request_id),
+        ):
+            if value:
+                _text(value, name, ids, required=False)
         return NewFeedback(
             agent_id=raw.agent_id,
             kind=kind,
@@ -64,13 +87,15 @@ class FeedbackValidator:
             notes=raw.notes,
             generation_id=raw.generation_id,
             policy_version=raw.policy_version,
-            metadata_json=self._metadata_json(raw.metadata),
+            metadata_json=self._metadata_json(raw.metadata) if raw.metadata else "{}",
             request_id=raw.request_id or new_request_id(),
         )
 
     def _metadata_json(self, metadata: dict[str, str]) -> str:
-        if not metadata:
-            return "{}"
+        key = tuple(metadata.items())
+        known = self._metadata.get(key)
+        if known is not None:
+            return known
         cfg = self._config
         if len(metadata) > cfg.max_metadata_entries:
             raise InvalidArgument(
@@ -81,7 +106,12 @@ class FeedbackValidator:
             raise InvalidArgument("metadata", f"is {size} bytes; at most {cfg.max_metadata_bytes} are allowed")
         if any(not key for key in metadata):
             raise InvalidArgument("metadata", "keys must not be empty")
-        return json.dumps(metadata, ensure_ascii=False, sort_keys=True)
+        encoded = json.dumps(metadata, ensure_ascii=False, sort_keys=True)
+        if len(encoded) <= _METADATA_CACHE_CHARS:
+            if len(self._metadata) >= _METADATA_CACHE_ENTRIES:
+                self._metadata.clear()
+            self._metadata[key] = encoded
+        return encoded
 
     @staticmethod
     def check_filters(filters: ListFilters) -> None:
@@ -94,6 +124,12 @@ class FeedbackValidator:
         if filters.min_score is not None and filters.max_score is not None and filters.min_score > filters.max_score:
             raise InvalidArgument("max_score", "must not be below min_score")
         check_window(filters.start_us, filters.end_us)
+
+
+def _text(value: str, field: str, max_chars: int, required: bool = True) -> None:
+    """validation.text, with the common case (a valid text) in one expression."""
+    if len(value) > max_chars or "\x00" in value or (required and (not value or value.isspace())):
+        validation.text(value, field, max_chars, required)  # raises, naming the field
 
 
 def check_window(start_us: int | None, end_us: int | None) -> None:

@@ -24,8 +24,9 @@ _PER_ITEM = "_rlhf_undecodable_per_item"
 class Undecodable:
     """A request message whose bytes did not parse; `error` names the field (InvalidArgument)."""
 
-    def __init__(self, error: InvalidArgument) -> None:
+    def __init__(self, error: InvalidArgument, data: bytes = b"") -> None:
         self.error = error
+        self.data = data  # the raw bytes, for servicers that split a batch and reject only its bad items
 
 
 def per_item(method: Callable) -> Callable:
@@ -43,6 +44,34 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         if not byte & 0x80:
             return value, pos
         shift += 7
+
+
+def wire_fields(data: bytes) -> list[tuple[int, bytes]] | None:
+    """The top-level length-delimited fields of a message's bytes as (number, bytes), in order; None when the
+    bytes are not even well-formed wire format. Lets a servicer split a batch that did not parse as a whole."""
+    fields: list[tuple[int, bytes]] = []
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                length, pos = _varint(data, pos)
+                if pos + length > len(data):
+                    return None
+                fields.append((number, data[pos : pos + length]))
+                pos += length
+            else:
+                return None
+    except IndexError:
+        return None
+    return fields if pos == len(data) else None
 
 
 def bad_string_field(data: bytes, descriptor: Descriptor, prefix: str = "") -> str | None:
@@ -96,8 +125,8 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
         except Exception:  # noqa: BLE001 - DecodeError, and whatever else a parser may raise on garbage
             field = bad_string_field(data, descriptor)
             if field:
-                return Undecodable(InvalidArgument(field, "is not valid UTF-8"))
-            return Undecodable(InvalidArgument("request", f"is not a valid {descriptor.full_name} message"))
+                return Undecodable(InvalidArgument(field, "is not valid UTF-8"), data)
+            return Undecodable(InvalidArgument("request", f"is not a valid {descriptor.full_name} message"), data)
 
     return parse
 

@@ -37,6 +37,7 @@ from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
 from rlhf.runtime.config import SecurityConfig, service_address
 from rlhf.runtime.tls import open_aio_channel, open_channel
+from rlhf.sdk import batching
 
 log = logging.getLogger(__name__)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -111,8 +112,15 @@ class Call(Generic[T]):
     shape: Shape = Shape.UNARY
     # How the answer (UNARY), the list of answers (COLLECT) or each answer (STREAM, BIDI) becomes the result.
     convert: Callable[[Any], Any] = _same
-    # Shape.BIDI: turns each item of `request` into the message sent.
+    # Shape.BIDI: turns each item of `request` into the message sent (or, with `batch`, into a batch's item).
     prepare: Callable[[Any], Any] = _same
+    # Shape.BIDI: when set, items go out in batches (rlhf.sdk.batching: whatever is ready, up to batch_items
+    # and batch_bytes per message), each message built by batch(list of prepared items).
+    batch: Callable[[list[Any]], Any] | None = None
+    batch_items: int = 512
+    batch_bytes: int = 1024 * 1024
+    # Shape.STREAM, BIDI: when set, each answer stands for several results (expand(answer)), each converted.
+    expand: Callable[[Any], Iterable[Any]] | None = None
     # UNARY only: how often to retry a RETRYABLE failure, waiting backoff * 2**attempt seconds before each.
     retries: int = 0
     backoff: float = 0.5
@@ -213,14 +221,21 @@ class _Blocking(_Client):
         if call.shape is Shape.COLLECT:
             return call.convert(list(method(call.request, timeout=call.timeout)))
         request = call.request if call.shape is Shape.STREAM else map(call.prepare, call.request)
-        return _iterate(method(request, timeout=call.timeout), call.convert)
+        if call.shape is Shape.BIDI and call.batch is not None:
+            request = batching.batches(call.request, call.prepare, call.batch, call.batch_items, call.batch_bytes)
+        return _iterate(method(request, timeout=call.timeout), call.convert, call.expand)
 
 
-def _iterate(answers: Any, convert: Callable[[Any], Any]) -> Iterator[Any]:
-    """Each answer as it arrives; leaving the loop early cancels the call."""
+def _iterate(
+    answers: Any, convert: Callable[[Any], Any], expand: Callable[[Any], Iterable[Any]] | None = None
+) -> Iterator[Any]:
+    """Each answer (or each of what expand(answer) holds) as it arrives; leaving the loop early cancels the call."""
     try:
         for answer in answers:
-            yield convert(answer)
+            if expand is None:
+                yield convert(answer)
+            else:
+                yield from map(convert, expand(answer))
     finally:
         answers.cancel()
 
@@ -260,10 +275,16 @@ class _Async(_Client):
     async def _answers(self, call: Call[Any]) -> AsyncIterator[Any]:
         method = getattr(self.stub, call.rpc)
         request = call.request if call.shape is Shape.STREAM else _amap(call.prepare, call.request)
+        if call.shape is Shape.BIDI and call.batch is not None:
+            request = batching.abatches(call.request, call.prepare, call.batch, call.batch_items, call.batch_bytes)
         answers = method(request, timeout=call.timeout)
         try:
             async for answer in answers:
-                yield call.convert(answer)
+                if call.expand is None:
+                    yield call.convert(answer)
+                    continue
+                for result in call.expand(answer):
+                    yield call.convert(result)
         finally:
             answers.cancel()
 
@@ -280,8 +301,13 @@ async def _amap(function: Callable[[Any], Any], items: Iterable[Any] | AsyncIter
 # -- the services' methods, written once -----------------------------------------------------------------
 
 
-def _stream_item(item: fb.SubmitFeedbackRequest) -> fb.StreamFeedbackRequest:
-    return fb.StreamFeedbackRequest(feedback=with_request_id(item))
+def _stream_message(items: list[fb.SubmitFeedbackRequest]) -> fb.StreamFeedbackRequest:
+    # One item alone goes in the original single form (acknowledged the original way).
+    return fb.StreamFeedbackRequest(feedback=items[0]) if len(items) == 1 else fb.StreamFeedbackRequest(items=items)
+
+
+def _stream_acks(answer: fb.StreamFeedbackResponse) -> Iterable[Any]:
+    return answer.results or (answer,)
 
 
 def _export_result(chunks: list[fb.ExportFeedbackResponse]) -> tuple[list[fb.Feedback], int]:
@@ -305,11 +331,23 @@ class _FeedbackCalls(_Client):
         self,
         requests: Iterable[fb.SubmitFeedbackRequest] | AsyncIterable[fb.SubmitFeedbackRequest],
         timeout: float | None = 600.0,
-    ) -> Call[Iterator[fb.StreamFeedbackResponse]]:
+        batch_items: int = 512,
+    ) -> Call[Iterator[fb.StreamFeedbackResponse | fb.FeedbackAck]]:
         """Stream items on one StreamFeedback call; yields each acknowledgement as the server commits it
-        (in order; `index` is the item's position). Items without a request_id get one. For a long-lived
-        stream that survives restarts, use rlhf.sdk.sender.FeedbackSender."""
-        return Call("StreamFeedback", requests, timeout, Shape.BIDI, prepare=_stream_item)
+        (in order; `index` is the item's position; a FeedbackAck, with the same fields, for items that went
+        in a batch). Whatever `requests` has ready goes in one message, up to `batch_items` (1: one message
+        per item). Items without a request_id get one. For a long-lived stream that survives restarts, use
+        rlhf.sdk.sender.FeedbackSender."""
+        return Call(
+            "StreamFeedback",
+            requests,
+            timeout,
+            Shape.BIDI,
+            prepare=with_request_id,
+            batch=_stream_message,
+            batch_items=batch_items,
+            expand=_stream_acks,
+        )
 
     @rpc
     def stats(self, agent_id: str, group_by_policy_version: bool = False) -> Call[fb.GetFeedbackStatsResponse]:

@@ -39,6 +39,7 @@ from rlhf.sdk.clients import channel, feedback_request, with_request_id
 
 log = logging.getLogger(__name__)
 _POLL = 0.05  # how often a waiting stream checks whether it should end (seconds)
+_CONNECT_WAIT = 1.0  # how long one attempt waits for the connection before backing off (seconds)
 
 
 @dataclasses.dataclass
@@ -59,7 +60,13 @@ class SenderConfig:
     # "block" mode: the longest submit() waits for room, in seconds; None waits as long as it takes.
     block_timeout: float | None = None
     # Items sent on the stream and not yet acknowledged, at most; the stream waits for acks beyond it.
-    max_in_flight: int = 1_000
+    max_in_flight: int = 4_096
+    # Items per stream message, at most: the sender sends whatever is queued (up to this many, and up to
+    # max_batch_bytes) as one message, so a busy agent pays one message per batch, not per item, and a quiet
+    # one still sends each item at once.
+    max_batch_items: int = 512
+    # Serialised item bytes per stream message, at most (one larger item still goes, alone).
+    max_batch_bytes: int = 1024 * 1024
     # Reconnection backoff: the first wait, the factor per failed attempt, and the longest wait (seconds);
     # each wait is jittered by +-jitter (a fraction). A stream that got an acknowledgement resets it.
     initial_backoff: float = 0.1
@@ -75,8 +82,8 @@ class SenderConfig:
     def __post_init__(self) -> None:
         if self.when_full not in ("block", "drop"):
             raise ValueError(f"when_full must be 'block' or 'drop', not {self.when_full!r}")
-        if self.max_queue < 1 or self.max_in_flight < 1:
-            raise ValueError("max_queue and max_in_flight must be at least 1")
+        if self.max_queue < 1 or self.max_in_flight < 1 or self.max_batch_items < 1:
+            raise ValueError("max_queue, max_in_flight and max_batch_items must be at least 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +117,12 @@ class SenderStats:
     abandoned: int
     # Items queued or sent and not yet acknowledged or rejected.
     pending: int
-    # Streams opened after the first one (reconnections).
+    # Connection attempts after the first one (reconnections).
     reconnects: int
     # The newest rejections (at most config.keep_rejections).
     rejections: tuple[Rejection, ...]
+    # Stream messages sent: a batch of items is one message (sent / messages is the mean batch size).
+    messages: int = 0
 
 
 class SenderClosed(RuntimeError):
@@ -218,6 +227,7 @@ class FeedbackSender:
                 pending=c["pending"],
                 reconnects=max(0, c["streams"] - 1),
                 rejections=tuple(self._rejections),
+                messages=c["messages"],
             )
 
     def __enter__(self) -> FeedbackSender:
@@ -279,14 +289,19 @@ class FeedbackSender:
         try:
             stub = self._connect()
             with self._lock:
+                self._counts["streams"] += 1  # attempts count, connected or not
+            if not self._wait_ready():
+                return acknowledged, "UNAVAILABLE: the feedback service is not reachable"
+            with self._lock:
                 self._stream += 1
-                self._counts["streams"] += 1
                 stream = self._stream
                 self._resend = collections.deque(self._unacked)
             sent: list[int] = []  # the number of the item at each index of this stream
             call = self._call = stub.StreamFeedback(self._requests(stream, sent))
-            for ack in call:
-                self._acknowledge(ack, sent)
+            for response in call:
+                # A batch's acks come in `results`; a single item's in the response itself.
+                for ack in response.results or (response,):
+                    self._acknowledge(ack, sent)
                 acknowledged = True
             return acknowledged, ""
         except grpc.RpcError as error:
@@ -302,23 +317,82 @@ class FeedbackSender:
                 call.cancel()
             self._call = None
 
+    def _wait_ready(self) -> bool:
+        """Wait (up to _CONNECT_WAIT seconds, or until stopped) for the channel to connect. Opening a stream on
+        a dead connection would hand grpc a whole batch of re-sends just to fail again."""
+        ready = grpc.channel_ready_future(self._channel)
+        deadline = time.monotonic() + _CONNECT_WAIT
+        try:
+            while not self._stop.is_set():
+                try:
+                    ready.result(timeout=_POLL)
+                    return True
+                except grpc.FutureTimeoutError:
+                    if time.monotonic() >= deadline:
+                        return False
+            return False
+        finally:
+            ready.cancel()
+
     def _requests(self, stream: int, sent: list[int]) -> Iterator[fb.StreamFeedbackRequest]:
-        """The items of one stream (runs in grpc's thread). Every item is put among the unacknowledged
-        before it is handed to grpc, so one lost with a broken stream is re-sent by the next."""
+        """The messages of one stream (runs in grpc's thread): whatever is queued, up to a batch, per message.
+        Every item is put among the unacknowledged before it is handed to grpc, so one lost with a broken
+        stream is re-sent by the next."""
         while True:
-            number = self._next_item(stream)
-            if number is None:
+            numbers = self._next_batch(stream)
+            if numbers is None:
                 return
             with self._lock:
+                if stream != self._stream:
+                    continue  # the next _next_batch ends this stream; the items stay unacknowledged
+                items = [self._unacked[n] for n in numbers if n in self._unacked]
+                sent.extend(n for n in numbers if n in self._unacked)
+                self._counts["sent"] += len(items)
+                self._counts["messages"] += bool(items)
+                resent = self._transmitted.intersection(numbers)
+                self._counts["resent"] += len(resent)
+                self._transmitted.update(numbers)
+            if len(items) == 1:
+                yield fb.StreamFeedbackRequest(feedback=items[0])  # one item: the original single form
+            elif items:
+                yield fb.StreamFeedbackRequest(items=items)
+
+    def _next_batch(self, stream: int) -> list[int] | None:
+        """The numbers of the next message's items: waits for one, then takes whatever else is ready (re-sends
+        first, then the queue) up to a batch and within max_in_flight. None when the stream should end."""
+        first = self._next_item(stream)
+        if first is None:
+            return None
+        c = self.config
+        numbers = [first]
+        with self._lock:
+            size = self._unacked[first].ByteSize() if first in self._unacked else 0
+            while len(numbers) < c.max_batch_items and size < c.max_batch_bytes and self._resend:
+                number = self._resend[0]
                 item = self._unacked.get(number)
-                if item is None or stream != self._stream:
-                    continue
-                sent.append(number)
-                self._counts["sent"] += 1
-                if number in self._transmitted:
-                    self._counts["resent"] += 1
-                self._transmitted.add(number)
-            yield fb.StreamFeedbackRequest(feedback=item)
+                if item is not None and numbers and size + item.ByteSize() > c.max_batch_bytes:
+                    break
+                self._resend.popleft()
+                numbers.append(number)
+                size += item.ByteSize() if item is not None else 0
+            if self._resend:
+                return numbers  # re-sends first: new items wait for the next message
+            room = min(c.max_batch_items - len(numbers), c.max_in_flight - len(self._unacked))
+        while room > 0 and size < c.max_batch_bytes:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            with self._lock:
+                number = next(self._numbers)
+                self._unacked[number] = item
+                if stream != self._stream:
+                    self._resend.append(number)  # this stream ended meanwhile: the current one sends it
+                    break
+            numbers.append(number)
+            size += item.ByteSize()
+            room -= 1
+        return numbers
 
     def _next_item(self, stream: int) -> int | None:
         """The number of the next item to send on `stream`, or None when the stream should end."""
