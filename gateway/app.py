@@ -7,8 +7,10 @@ import contextlib
 import errno
 import logging
 import socket
+import ssl
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import uvicorn
@@ -22,6 +24,7 @@ from gateway.errors import ApiError, from_rpc_error
 from gateway.routes import Backends, router
 from gateway.schemas import TrainIn, train_request
 from rlhf.runtime.logs import setup_logging
+from rlhf.runtime.tls import forwarding
 
 log = logging.getLogger(__name__)
 DESCRIPTION = """The seed's REST API over the platform's gRPC services: submit feedback, train a policy (or
@@ -59,6 +62,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     app = FastAPI(title="RLHF platform REST API", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.include_router(router)
+    app.add_middleware(ForwardToken)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError) -> JSONResponse:
@@ -105,6 +109,23 @@ def _violation(item: dict) -> dict[str, str]:
     return {"field": ".".join(location) or "body", "description": str(item.get("msg", "is invalid"))}
 
 
+class ForwardToken:
+    """ASGI middleware: the services' calls made for a request carry that request's bearer token (or none),
+    so the services' rules decide, and answer 401 or 403 (UNAUTHENTICATED, PERMISSION_DENIED) through here."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.strip().partition(" ")
+        with forwarding(token.strip() if scheme.lower() == "bearer" else ""):
+            await self.app(scope, receive, send)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket (bound here, so that port 0 is known before serving and logged like the services)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -131,8 +152,16 @@ def serve(config: GatewayConfig) -> None:
         raise SystemExit(f"error: {error}") from None
     sock = bind(config.host, config.port)
     log.info("gateway service listening on %s:%d", config.host, sock.getsockname()[1])
+    security = config.security
+    tls: dict[str, Any] = {}
+    if security.server_tls:  # HTTPS with the services' certificate settings (README "Security")
+        tls = dict(
+            ssl_certfile=security.cert_file, ssl_keyfile=security.key_file, ssl_ca_certs=security.ca_file or None
+        )
+        if security.require_client_cert:
+            tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
     server = uvicorn.Server(
-        uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, server_header=False, access_log=False)
+        uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, server_header=False, access_log=False, **tls)
     )
     server.run(sockets=[sock])
 

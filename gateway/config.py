@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import Any
 
-from rlhf.runtime.config import DEFAULT_PORTS, env_int, env_str, service_address
+from rlhf.runtime.config import DEFAULT_PORTS, SecurityConfig, env_int, env_str, service_address
 
 
 def env_json(name: str) -> dict[str, Any]:
@@ -60,6 +60,9 @@ class GatewayConfig:
     # RewardModelConfig fields of the reward model a run trains first when the request names none
     # (RLHF_GATEWAY_REWARD_MODEL_CONFIG, a JSON object, e.g. {"num_epochs": 2}).
     reward_model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # TLS of the gateway's own port and of its calls to the services (RLHF_TLS_*: README "Security"). Callers'
+    # bearer tokens are forwarded to the services, which decide; the gateway never sends its own RLHF_TOKEN.
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> GatewayConfig:

@@ -52,10 +52,12 @@ class Backends:
     def open(cls, config: GatewayConfig) -> Backends:
         """Call inside the event loop that serves (grpc.aio channels belong to one loop)."""
         timeout = config.call_timeout_seconds
+        # Each call carries its caller's token (ForwardToken in gateway.app), none of the gateway's own.
+        security = dataclasses.replace(config.security, token="")
         return cls(
             config,
-            AsyncFeedbackClient(config.feedback_address, timeout=timeout),
-            AsyncPolicyClient(config.policy_address, timeout=timeout),
+            AsyncFeedbackClient(config.feedback_address, timeout=timeout, security=security, forwards=True),
+            AsyncPolicyClient(config.policy_address, timeout=timeout, security=security, forwards=True),
         )
 
     async def close(self) -> None:

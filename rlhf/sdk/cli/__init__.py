@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from rlhf.sdk.cli.common import HelpFormatter
+from rlhf.sdk.cli.common import HelpFormatter, apply_security_flags
 from rlhf.sdk.cli.errors import CliError
 
 EXAMPLES = """\
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse, run, and turn every error into one line on stderr and an exit code (errors.py lists them)."""
     args = build_parser().parse_args(argv)
     try:
+        apply_security_flags(args)
         code = args.func(args)
         sys.stdout.flush()
     except CliError as error:

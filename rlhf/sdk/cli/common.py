@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -50,8 +51,38 @@ def client_parser(
             metavar="HOST:PORT",
             help=f"{service} service address (env RLHF_{service.upper()}_ADDR)",
         )
+    security = parser.add_argument_group("security (off unless set; README: Security)")
+    security.add_argument("--token", help="bearer token sent on every call (env RLHF_TOKEN)")
+    security.add_argument("--tls-ca", metavar="PEM", help="use TLS, trusting this CA (env RLHF_TLS_CA_FILE)")
+    security.add_argument("--tls-cert", metavar="PEM", help="client certificate for TLS (env RLHF_TLS_CERT_FILE)")
+    security.add_argument("--tls-key", metavar="PEM", help="its private key (env RLHF_TLS_KEY_FILE)")
     parser.set_defaults(func=func, parser=parser)
     return parser
+
+
+# The security flags and the environment variables every client reads (rlhf.runtime.config.SecurityConfig).
+_SECURITY_FLAGS = {
+    "token": "RLHF_TOKEN",
+    "tls_ca": "RLHF_TLS_CA_FILE",
+    "tls_cert": "RLHF_TLS_CERT_FILE",
+    "tls_key": "RLHF_TLS_KEY_FILE",
+}
+
+
+def apply_security_flags(args: argparse.Namespace) -> None:
+    """Security flags given on the command line win over the environment for this process's clients; a TLS
+    file that cannot be read is a CliError naming it."""
+    from rlhf.runtime.config import SecurityConfig
+    from rlhf.runtime.tls import TlsConfigError, channel_credentials
+
+    for flag, variable in _SECURITY_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            os.environ[variable] = value
+    try:
+        channel_credentials(SecurityConfig())
+    except TlsConfigError as error:
+        raise CliError(str(error)) from None
 
 
 def read_config(path: str, message: Message) -> Message:
