@@ -22,7 +22,7 @@ from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
 from rlhf.runtime import checks, validation
 from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, Unimplemented, field_violation, from_rpc_error
 from rlhf.runtime.jobs import SUCCEEDED, Job, JobManager
-from rlhf.runtime.model_checks import ModelChecker
+from rlhf.runtime.model_checks import ModelAccess, ModelChecker
 from rlhf.runtime.protoconfig import from_message
 from rlhf.runtime.registry import Catalog
 from rlhf.runtime.tls import open_aio_channel
@@ -174,7 +174,9 @@ class PolicyDomain:
         self.feedback = fb_grpc.FeedbackServiceStub(self._channels[0])
         self.reward = rw_grpc.RewardServiceStub(self._channels[1])
         # Shapes of hub ids that answered (a local folder is looked at again each time: it may change).
-        self.base_models = ModelChecker(config.server.data_dir, config.model_check_timeout_seconds)
+        self.base_models = ModelChecker(
+            config.server.data_dir, config.model_check_timeout_seconds, ModelAccess.of(config.server)
+        )
 
     async def start(self) -> None:
         await self.jobs.recover()
@@ -206,12 +208,14 @@ class PolicyDomain:
         if reward_config is not None:
             checks.reward_model_config(reward_config, "reward_model_config")
         # Models and devices a run cannot have fail here, in a moment, not in the worker a minute later.
-        shape = await self.base_models.shape(config.base_model, "config.base_model")
+        shape = await self.base_models.shape(config.base_model, "config.base_model", agent_id)
         checks.leaves_room_for_a_prompt(config.max_new_tokens, shape.context, "config.max_new_tokens")
         kind = await self._device_kind(config.device, "config.device")
         reward_shape, reward_kind = None, ""
         if reward_config is not None:
-            reward_shape = await self.base_models.shape(reward_config.base_model, "reward_model_config.base_model")
+            reward_shape = await self.base_models.shape(
+                reward_config.base_model, "reward_model_config.base_model", agent_id
+            )
             checks.within_context(reward_config.max_length, reward_shape.context, "reward_model_config.max_length")
             # The reward service may run elsewhere: its device is its business (here it only labels timings).
             reward_kind = await self._device_kind(reward_config.device, "", required=False)

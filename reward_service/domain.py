@@ -18,7 +18,7 @@ from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
 from rlhf.runtime import checks, validation
 from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, from_rpc_error
 from rlhf.runtime.jobs import Job, JobManager
-from rlhf.runtime.model_checks import ModelChecker
+from rlhf.runtime.model_checks import ModelAccess, ModelChecker
 from rlhf.runtime.registry import Catalog
 from rlhf.runtime.tls import open_aio_channel
 from rlhf.runtime.training_store import TrainingStore
@@ -45,7 +45,9 @@ class RewardDomain:
         self.store = store
         self.root = config.server.artifact_root / "reward_models"
         self.models = Catalog(store.registry)
-        self.base_models = ModelChecker(config.server.data_dir, config.model_check_timeout_seconds)
+        self.base_models = ModelChecker(
+            config.server.data_dir, config.model_check_timeout_seconds, ModelAccess.of(config.server)
+        )
         self.jobs = JobManager(store.jobs, self.root / ".jobs", "reward_service.worker", self._register)
         self.scorer = Scorer(config.device, config.score_micro_batch, config.model_cache_size)
         # Imported now: a registration that does not import stops the service at start, saying which.
@@ -64,7 +66,9 @@ class RewardDomain:
     async def create_job(self, agent_id: str, config: RewardModelConfig) -> Job:
         validation.agent_id(agent_id)
         validate_config(config)
-        shape = await self.base_models.shape(config.base_model, "config.base_model")  # loadable, before anything
+        shape = await self.base_models.shape(
+            config.base_model, "config.base_model", agent_id
+        )  # loadable, before anything
         checks.within_context(config.max_length, shape.context, "config.max_length")
         try:
             stats = await self.feedback.GetFeedbackStats(fb.GetFeedbackStatsRequest(agent_id=agent_id), timeout=10)

@@ -11,8 +11,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.runtime import auth
-from rlhf.runtime.config import SecurityConfig
+from rlhf.runtime.config import SecurityConfig, ServerConfig
+from rlhf.runtime.errors import FailedPrecondition
+from rlhf.runtime.model_checks import ModelAccess
 from rlhf.sdk.clients import FeedbackClient, InferenceClient, PolicyClient, RewardClient, channel, feedback_request
 from tests.stack import start_stack
 
@@ -143,3 +146,53 @@ def test_get_generation_is_scoped_to_the_generations_agent(stack, tiny_model) ->
         assert code_of(lambda: agent.get_generation(made.generation_id)) == grpc.StatusCode.PERMISSION_DENIED
     with InferenceClient(stack.inference.address, token=ADMIN) as admin:
         assert admin.get_generation(made.generation_id).agent_id == "a2"
+
+
+def test_base_model_is_restricted_to_model_roots_own_artifacts_and_no_hub(stack) -> None:
+    """With tokens configured: "not allowed" outside the roots (another agent's versions, any other folder, a
+    hub id), "not found" for an allowed place without a model, and nothing else about the server's disk."""
+    artifacts = stack.data_dir / "artifacts"
+    (stack.data_dir / "models" / "empty").mkdir(parents=True)
+    cases = {
+        "/etc": "not allowed",
+        "/nonexistent/folder": "not allowed",
+        str(stack.data_dir / "models" / ".." / "reward.db"): "not allowed",
+        str(artifacts / "policies" / "a2" / "v1"): "not allowed",
+        "gpt2": "not allowed",
+        "someorg/some-model": "not allowed",
+        "~root": "not allowed",
+        str(stack.data_dir / "models" / "empty"): "not found",
+        str(stack.data_dir / "models" / "missing"): "not found",
+        str(artifacts / "policies" / "a1" / "v9"): "not found",
+    }
+    with PolicyClient(stack.policy.address, token=ADMIN) as policy:
+        for name, says in cases.items():
+            error = pytest.raises(grpc.RpcError, policy.train_policy, "a1", dry_run=True, config={"base_model": name})
+            assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (name, error.value.details())
+            assert error.value.details() in (
+                f"config.base_model: model '{name}' not found",
+                f"config.base_model: model '{name}' is not allowed on this server (use 'rlhf-tiny', a folder "
+                "under the server's model roots, or one of the agent's own versions)",
+            ), name
+            assert says in error.value.details(), (name, error.value.details())
+    with RewardClient(stack.reward.address, token=ADMIN) as reward:
+        error = pytest.raises(grpc.RpcError, reward.create_job, "a1", rw.RewardModelConfig(base_model="/etc"))
+        assert "not allowed" in error.value.details()
+
+
+def test_model_access_unrestricted_without_tokens_or_roots(tmp_path: pathlib.Path, monkeypatch) -> None:
+    for variable in ("RLHF_AUTH_TOKENS_FILE", "RLHF_MODEL_ROOTS", "RLHF_MODEL_HUB"):
+        monkeypatch.delenv(variable, raising=False)
+    open_access = ModelAccess.of(ServerConfig(service="policy", data_dir=tmp_path))
+    assert not open_access.restricted and open_access.hub
+    open_access.check("/anywhere", "a1", "f")  # a single user's machine: as before
+    monkeypatch.setenv("RLHF_MODEL_ROOTS", str(tmp_path / "mine"))
+    monkeypatch.setenv("RLHF_MODEL_HUB", "1")
+    access = ModelAccess.of(ServerConfig(service="policy", data_dir=tmp_path))
+    assert access.restricted and access.hub
+    access.check(str(tmp_path / "mine" / "model"), "a1", "f")
+    access.check("gpt2", "a1", "f")
+    (tmp_path / "mine" / "link").parent.mkdir()
+    (tmp_path / "mine" / "link").symlink_to("/etc")  # a link out of a root is judged by where it leads
+    with pytest.raises(FailedPrecondition, match="not allowed"):
+        access.check(str(tmp_path / "mine" / "link"), "a1", "f")
