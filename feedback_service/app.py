@@ -9,11 +9,13 @@ from collections.abc import Sequence
 
 from feedback_service.config import FeedbackServiceConfig
 from feedback_service.domain import FeedbackDomain
+from feedback_service.migrations import schema
 from feedback_service.servicer import FeedbackServicer
 from feedback_service.store import FeedbackStore
 from rlhf.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
 from rlhf.runtime.app import run_service, server_flags, server_overrides
 from rlhf.runtime.db import make_engine
+from rlhf.runtime.migrations import prepare_database
 from rlhf.runtime.server import RunningServer, ServiceBinding, start_server
 
 SERVICE_NAME = "rlhf.feedback.v1.FeedbackService"
@@ -25,7 +27,7 @@ async def start(config: FeedbackServiceConfig) -> RunningServer:
     """Open the database (creating tables), then serve until the returned server is stopped."""
     engine = make_engine(config.server.resolved_database_url())
     store = FeedbackStore(engine)
-    await asyncio.to_thread(store.create_tables)
+    await asyncio.to_thread(prepare_database, engine, schema())  # created, or upgraded as RLHF_DB_MIGRATE allows
     domain = FeedbackDomain(store, config)
     servicer = FeedbackServicer(domain)
     try:

@@ -8,6 +8,7 @@ import logging
 
 from inference_service.config import InferenceServiceConfig
 from inference_service.domain import InferenceDomain
+from inference_service.migrations import schema
 from inference_service.models import ModelCache
 from inference_service.policy_client import PolicyClient
 from inference_service.servicer import InferenceServicer
@@ -15,6 +16,7 @@ from inference_service.store import InferenceStore
 from rlhf.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from rlhf.runtime.app import run_service, server_flags, server_overrides
 from rlhf.runtime.db import make_engine
+from rlhf.runtime.migrations import prepare_database
 from rlhf.runtime.server import RunningServer, ServiceBinding, start_server
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ async def start(config: InferenceServiceConfig) -> RunningServer:
     """Start the inference server; `running.stop()` shuts it down and releases what it holds."""
     engine = make_engine(config.server.resolved_database_url())
     store = InferenceStore(engine)
-    await asyncio.to_thread(store.create_schema)
+    await asyncio.to_thread(prepare_database, engine, schema())  # created, or upgraded as RLHF_DB_MIGRATE allows
     policies = PolicyClient(
         config.policy_addr, config.policy_timeout_seconds, config.server.grpc_options(), config.server.security
     )

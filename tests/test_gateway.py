@@ -429,32 +429,6 @@ def test_registry_names_versions_sequentially_or_after_the_feedback_count(tmp_pa
         TrainingStore(seed.registry.engine, "policies", "policy", "alphabetical")
 
 
-def test_a_registry_from_before_version_names_keeps_its_versions(tmp_path):
-    """A database written by the earlier registry (no version_name column) gets the column, and its rows keep
-    the names they had."""
-    import sqlalchemy as sa
-
-    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
-    with engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "CREATE TABLE policies (id VARCHAR(64) PRIMARY KEY, agent_id VARCHAR(64) NOT NULL, "
-                "version_number INTEGER NOT NULL, path TEXT NOT NULL, job_id VARCHAR(64) NOT NULL, info TEXT NOT "
-                "NULL, created_at DATETIME NOT NULL, UNIQUE (agent_id, version_number))"
-            )
-        )
-        for number in (1, 2):
-            conn.execute(
-                sa.text(f"INSERT INTO policies VALUES ('id{number}', 'a', {number}, 'p', 'j', '{{}}', '2024-01-01')")
-            )
-    store = TrainingStore(engine, "policies", "policy", FEEDBACK_COUNT)
-    assert [v.version for v in store.registry.list("a")] == ["v2", "v1"]
-    assert store.registry.get("a", "v1").id == "id1"
-    placed = store.registry.register_named("a", lambda _n, name: name, "j", {"feedback_count": 2})
-    assert (placed.version, placed.version_number) == ("v2.2", 3)
-    TrainingStore(engine, "policies", "policy")  # a second start finds everything in place
-
-
 def test_the_policy_list_has_every_version_past_a_page(http, stack):
     """More versions than one ListPolicies page (500): registered the way the policy service does, in its database."""
     _, _, policy = stack

@@ -132,23 +132,6 @@ def test_concurrent_creates_for_many_agents_get_unique_numbers_and_page_complete
     assert sorted(seen) == sorted(job.job_id for job in results) and len(seen) == THREADS
 
 
-def test_a_table_from_before_the_constraints_gets_them_and_loses_duplicate_numbers(database):
-    jobs = store(database)
-    with jobs.engine.begin() as conn:
-        for index in jobs.table.indexes:
-            if index.unique:
-                index.drop(conn)
-        row = dict(spec="{}", progress="{}", result="{}", error="", version="", state=FAILED)
-        for job_id, seq in [("a", 1), ("b", 2), ("c", 2), ("d", 3)]:
-            values = dict(job_id=job_id, agent_id="agent", seq=seq, created_at=utcnow(), **row)
-            conn.execute(jobs.table.insert().values(**values))
-    jobs.ensure_constraints()
-    assert [(j.job_id, j.seq) for j in reversed(jobs.list(limit=10))] == [("a", 1), ("b", 2), ("c", 3), ("d", 4)]
-    jobs.create("agent", {})
-    with pytest.raises(FailedPrecondition):
-        jobs.create("agent", {})
-
-
 # Defect 11: what a job's error says after its worker died or the server stopped. ------------------------
 
 

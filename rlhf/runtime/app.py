@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from rlhf.runtime.config import ServerConfig
 from rlhf.runtime.logs import setup_logging
+from rlhf.runtime.migrations import SchemaError
 from rlhf.runtime.server import PortInUse, RunningServer, ServiceBinding, serve_until_signal, start_server
 
 
@@ -38,7 +39,7 @@ def run_service(
 
     try:
         asyncio.run(serve())
-    except PortInUse as error:
+    except (PortInUse, SchemaError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -141,24 +141,6 @@ class JobStore:
                 subject=active.job_id,
             )
 
-    def ensure_constraints(self) -> None:
-        """Add the unique indexes to a table created before they existed (create_all skips existing tables)."""
-        t = self.table
-        for index in sorted(t.indexes, key=lambda i: i.name or ""):
-            if not index.unique:
-                continue
-            try:
-                index.create(self.engine, checkfirst=True)
-            except IntegrityError:
-                if index.columns.keys() == ["seq"]:  # an older version handed out duplicates: renumber
-                    with self.engine.begin() as conn:
-                        rows = conn.execute(select(t.c.job_id).order_by(t.c.seq, t.c.created_at)).scalars().all()
-                        for number, job_id in enumerate(rows, start=1):
-                            conn.execute(update(t).where(t.c.job_id == job_id).values(seq=number))
-                    index.create(self.engine, checkfirst=True)
-                else:  # several active jobs of one agent: recover() interrupts them, the next start adds it
-                    log.warning("jobs table: could not add %s yet (an agent has several active jobs)", index.name)
-
     def create(self, agent_id: str, spec: dict[str, Any]) -> Job:
         """Insert a QUEUED job unless the agent has an active one. The check runs in the same transaction, and
         the database's unique indexes settle races: a lost race for the agent's active slot is refused, one

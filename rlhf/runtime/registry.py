@@ -32,15 +32,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    cast,
     func,
-    inspect,
-    literal,
     or_,
     select,
-    text,
 )
-from sqlalchemy.exc import DBAPIError
 
 from rlhf.runtime import validation
 from rlhf.runtime.errors import NotFound
@@ -63,33 +58,11 @@ def registry_table(metadata: MetaData, name: str) -> Table:
         Column("job_id", String(64), nullable=False),
         Column("info", Text, nullable=False),  # JSON: lineage, config, metrics
         Column("created_at", DateTime(timezone=True), nullable=False),
-        # "v3", "v15", "v15.2"; empty only in rows written before names existed (filled in by ensure_names).
+        # "v3", "v15", "v15.2"; empty only in rows written before names existed (named by migration t0002).
         Column("version_name", String(32)),
         UniqueConstraint("agent_id", "version_number", name=f"uq_{name}_version"),
         Index(f"uq_{name}_version_name", "agent_id", "version_name", unique=True),
     )
-
-
-def ensure_names(engine: Engine, table: Table) -> None:
-    """Bring a table created before version names existed up to date: add the column and its unique index,
-    and name the old rows "v<number>" (what they were called). Safe to run by several replicas at once."""
-    columns = {c["name"] for c in inspect(engine).get_columns(table.name)}
-    if "version_name" not in columns:
-        try:
-            with engine.begin() as conn:
-                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN version_name VARCHAR(32)"))
-        except DBAPIError:  # another replica added it meanwhile
-            if "version_name" not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
-                raise
-    t = table
-    with engine.begin() as conn:
-        conn.execute(
-            t.update()
-            .where(t.c.version_name.is_(None))
-            .values(version_name=literal("v") + cast(t.c.version_number, String))
-        )
-    for index in t.indexes:
-        index.create(engine, checkfirst=True)
 
 
 def natural_name(naming: str, number: int, info: dict[str, Any]) -> str:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, MetaData
+from sqlalchemy import Engine
 
-from rlhf.runtime.jobs import JobStore, jobs_table
-from rlhf.runtime.registry import SEQUENTIAL, Registry, ensure_names, registry_table
+from rlhf.runtime.jobs import JobStore
+from rlhf.runtime.migrations import prepare_database
+from rlhf.runtime.registry import SEQUENTIAL, Registry
+from rlhf.runtime.training_migrations import training_schema
 
 
 class TrainingStore:
     def __init__(self, engine: Engine, registry_name: str, noun: str, naming: str = SEQUENTIAL) -> None:
         """`registry_name` names the versions table ("policies"); `noun` names a version in errors ("policy");
-        `naming` is how versions are named (rlhf.runtime.registry)."""
-        metadata = MetaData()
-        self.jobs = JobStore(engine, jobs_table(metadata))
-        self.registry = Registry(engine, registry_table(metadata, registry_name), noun, naming)
-        metadata.create_all(engine)
-        self.jobs.ensure_constraints()
-        ensure_names(engine, self.registry.table)
+        `naming` is how versions are named (rlhf.runtime.registry). The database is created, or upgraded to
+        the schema this code needs, as RLHF_DB_MIGRATE allows (rlhf.runtime.migrations)."""
+        schema = training_schema(registry_name)
+        self.jobs = JobStore(engine, schema.metadata.tables["jobs"])
+        self.registry = Registry(engine, schema.metadata.tables[registry_name], noun, naming)
+        prepare_database(engine, schema)
