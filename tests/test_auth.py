@@ -196,3 +196,30 @@ def test_model_access_unrestricted_without_tokens_or_roots(tmp_path: pathlib.Pat
     (tmp_path / "mine" / "link").symlink_to("/etc")  # a link out of a root is judged by where it leads
     with pytest.raises(FailedPrecondition, match="not allowed"):
         access.check(str(tmp_path / "mine" / "link"), "a1", "f")
+
+
+def test_agent_tokens_see_paths_relative_to_the_artifact_root() -> None:
+    from rlhf.policy.v1 import policy_service_pb2 as pol
+
+    paths = auth.Paths("/srv/rlhf/artifacts")
+    policy = pol.Policy(
+        model_path="/srv/rlhf/artifacts/policies/a1/v3/policy",
+        reward_model_path="/srv/rlhf/artifacts/reward_models/a1/v2",
+        artifact_path="/srv/rlhf/artifacts/policies/a1/v3",
+    )
+    answer = pol.GetPolicyResponse(policy=policy)
+    shown = auth._shown(answer, auth.rule_for("/rlhf.policy.v1.PolicyService/GetPolicy"), paths)
+    assert (shown.policy.model_path, shown.policy.reward_model_path, shown.policy.artifact_path) == (
+        "policies/a1/v3/policy",
+        "reward_models/a1/v2",
+        "policies/a1/v3",
+    )
+    assert answer.policy.model_path.startswith("/srv")  # the servicer's message is left as it was
+    job = pol.GetTrainingJobResponse(
+        job=pol.TrainingJob(error="could not save /srv/rlhf/artifacts/policies/.jobs/j1/checkpoint-3: disk full")
+    )
+    shown_job = auth._shown(job, auth.rule_for("/rlhf.policy.v1.PolicyService/GetTrainingJob"), paths)
+    assert shown_job.job.error == "could not save policies/.jobs/j1/checkpoint-3: disk full"
+    models = rw.ListRewardModelsResponse(reward_models=[rw.RewardModel(model_path="/elsewhere/model")])
+    shown_models = auth._shown(models, auth.rule_for("/rlhf.reward.v1.RewardService/ListRewardModels"), paths)
+    assert shown_models.reward_models[0].model_path == "model"

@@ -8,8 +8,10 @@ Roles: an admin may call everything; an agent token may submit and read its own 
 them and read their deployments, models and jobs. Training, deployment, deletion of a whole agent, export,
 scoring and listing across agents need an admin. The health service stays open; reflection is open when it is
 switched on (RLHF_REFLECTION). A call without a valid token is UNAUTHENTICATED; a valid agent token outside
-its agents is PERMISSION_DENIED. Servicers know nothing of this: `RULES` says, for each RPC, which role it
-needs and where the agent id is, in the request or (for lookups by id, such as GetGeneration) in the answer.
+its agents is PERMISSION_DENIED. An agent token sees server paths (model folders, paths in job errors)
+relative to the artifact root, as the seed shows them (policies/<agent>/v3/policy). Servicers know nothing
+of this: `RULES` says, for each RPC, which role it needs, where the agent id is, in the request or (for
+lookups by id, such as GetGeneration) in the answer, and which paths of the answer to show relative.
 """
 
 from __future__ import annotations
@@ -113,6 +115,40 @@ class Rule:
     role: str
     request_agents: Callable[[Any], Iterable[str]] | None = None
     answer_agents: Callable[[Any], Iterable[str]] | None = None
+    # Rewrites the server paths of a copy of the answer for an agent token: `shown(path)` or `shown_text`.
+    answer_paths: Callable[[Any, Paths], None] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """How an agent token sees server paths: relative to the artifact root (policies/<agent>/v3/policy),
+    as the seed shows them; anything else by its last component only."""
+
+    artifact_root: str
+
+    def shown(self, path: str) -> str:
+        if not path:
+            return path
+        root = self.artifact_root.rstrip("/") + "/"
+        return path[len(root) :] if path.startswith(root) else path.rstrip("/").rsplit("/", 1)[-1]
+
+    def shown_text(self, text: str) -> str:
+        """A message (a job's error) with the artifact root's prefix taken off every path in it."""
+        return text.replace(self.artifact_root.rstrip("/") + "/", "")
+
+
+def _policy_paths(policy: Any, paths: Paths) -> None:
+    policy.model_path = paths.shown(policy.model_path)
+    policy.reward_model_path = paths.shown(policy.reward_model_path)
+    policy.artifact_path = paths.shown(policy.artifact_path)
+
+
+def _model_paths(model: Any, paths: Paths) -> None:
+    model.model_path = paths.shown(model.model_path)
+
+
+def _job_paths(answer: Any, paths: Paths) -> None:
+    answer.job.error = paths.shown_text(answer.job.error)
 
 
 def _field(path: str) -> Callable[[Any], list[str]]:
@@ -158,19 +194,21 @@ RULES: dict[str, Rule] = {
     _RW + "CancelTrainingJob": Rule(ADMIN),
     _RW + "ScoreBatch": Rule(ADMIN),
     _RW + "ListRewardFunctions": Rule(AGENT),
-    _RW + "ListRewardModels": Rule(AGENT, _AGENT_ID),
-    _RW + "GetRewardModel": Rule(AGENT, _AGENT_ID),
+    _RW + "ListRewardModels": Rule(
+        AGENT, _AGENT_ID, answer_paths=lambda a, p: [_model_paths(m, p) for m in a.reward_models]
+    ),
+    _RW + "GetRewardModel": Rule(AGENT, _AGENT_ID, answer_paths=lambda a, p: _model_paths(a.reward_model, p)),
     _POL + "TrainPolicy": Rule(ADMIN),
     _POL + "ResumeTrainingJob": Rule(ADMIN),
     _POL + "CancelTrainingJob": Rule(ADMIN),
-    _POL + "ListPolicies": Rule(AGENT, _AGENT_ID),
-    _POL + "GetPolicy": Rule(AGENT, _AGENT_ID),
+    _POL + "ListPolicies": Rule(AGENT, _AGENT_ID, answer_paths=lambda a, p: [_policy_paths(x, p) for x in a.policies]),
+    _POL + "GetPolicy": Rule(AGENT, _AGENT_ID, answer_paths=lambda a, p: _policy_paths(a.policy, p)),
 }
 for _service in (_RW, _POL):
     # Listing without an agent filter ("" is nobody's agent) is an admin's.
     RULES[_service + "ListTrainingJobs"] = Rule(AGENT, _AGENT_ID)
-    RULES[_service + "GetTrainingJob"] = Rule(AGENT, answer_agents=_JOB)
-    RULES[_service + "WatchTrainingJob"] = Rule(AGENT, answer_agents=_JOB)
+    RULES[_service + "GetTrainingJob"] = Rule(AGENT, answer_agents=_JOB, answer_paths=_job_paths)
+    RULES[_service + "WatchTrainingJob"] = Rule(AGENT, answer_agents=_JOB, answer_paths=_job_paths)
 _OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 _REFLECTION = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 # An RPC missing from RULES (one added later) is an admin's until a rule says otherwise.
@@ -242,7 +280,17 @@ def _kind(handler: grpc.RpcMethodHandler) -> str:
     raise ValueError("handler without a behavior")
 
 
-def _scoped(handler: grpc.RpcMethodHandler, caller: Caller, rule: Rule) -> grpc.RpcMethodHandler:
+def _shown(answer: Any, rule: Rule, paths: Paths) -> Any:
+    """A copy of `answer` with its server paths as an agent token sees them (the servicer's may be cached)."""
+    if rule.answer_paths is None:
+        return answer
+    copy = type(answer)()
+    copy.CopyFrom(answer)
+    rule.answer_paths(copy, paths)
+    return copy
+
+
+def _scoped(handler: grpc.RpcMethodHandler, caller: Caller, rule: Rule, paths: Paths) -> grpc.RpcMethodHandler:
     """`handler`, checking the agent ids of its requests and answers against the caller's agents."""
     kind = _kind(handler)
     behavior = getattr(handler, kind)
@@ -268,7 +316,7 @@ def _scoped(handler: grpc.RpcMethodHandler, caller: Caller, rule: Rule) -> grpc.
                 request = checked_requests(request, context)
             answer = await behavior(request, context)
             await check(rule.answer_agents, answer, context)
-            return answer
+            return _shown(answer, rule, paths)
 
         new_behavior: Callable = unary
     else:
@@ -280,7 +328,7 @@ def _scoped(handler: grpc.RpcMethodHandler, caller: Caller, rule: Rule) -> grpc.
                 request = checked_requests(request, context)
             async for answer in behavior(request, context):
                 await check(rule.answer_agents, answer, context)
-                yield answer
+                yield _shown(answer, rule, paths)
 
         new_behavior = stream
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
@@ -290,8 +338,9 @@ def _scoped(handler: grpc.RpcMethodHandler, caller: Caller, rule: Rule) -> grpc.
 class Authorization(grpc.aio.ServerInterceptor):
     """Server interceptor: authenticates the bearer token and applies `RULES` (see module doc)."""
 
-    def __init__(self, store: TokenStore) -> None:
+    def __init__(self, store: TokenStore, artifact_root: str = "") -> None:
         self._store = store
+        self._paths = Paths(artifact_root)
 
     async def intercept_service(
         self,
@@ -311,4 +360,4 @@ class Authorization(grpc.aio.ServerInterceptor):
             return handler
         if rule.role == ADMIN:
             return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED, _denied(None))
-        return _scoped(handler, caller, rule)
+        return _scoped(handler, caller, rule, self._paths)

@@ -63,7 +63,7 @@ async def start_server(config: ServerConfig, bindings: list[ServiceBinding]) -> 
     security = config.security
     interceptors: list[grpc.aio.ServerInterceptor] = [LenientDecoding()]
     if security.tokens_file:
-        interceptors.insert(0, Authorization(TokenStore.load(security.tokens_file)))
+        interceptors.insert(0, Authorization(TokenStore.load(security.tokens_file), str(config.artifact_root)))
     credentials = server_credentials(security)  # None: plaintext
     server = grpc.aio.server(options=config.grpc_options(), interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
