@@ -62,13 +62,14 @@ def engine(database):
 
 
 def make_378f50b_database(engine: Engine, service: str) -> None:
-    """The tables the code of 378f50b created, from the DDL it ran."""
-    ddl = (FIXTURES / f"{service}_378f50b.{engine.dialect.name}.sql").read_text()
+    """The tables the code of 378f50b created, from the DDL it ran (reward and policy: the training tables)."""
+    registry = {"reward": "reward_models", "policy": "policies"}.get(service)
+    ddl = (FIXTURES / f"{'training' if registry else service}_378f50b.{engine.dialect.name}.sql").read_text()
+    ddl = ddl.replace("{registry}", registry or "")
+    ddl = "\n".join(line for line in ddl.splitlines() if not line.startswith("--"))
     with engine.begin() as conn:
-        for statement in ddl.split(";"):
-            body = "\n".join(line for line in statement.splitlines() if not line.startswith("--")).strip()
-            if body:
-                conn.exec_driver_sql(body)
+        for statement in filter(None, (part.strip() for part in ddl.split(";"))):
+            conn.exec_driver_sql(statement)
 
 
 def rows_378f50b(service: str) -> dict[str, list[dict]]:
