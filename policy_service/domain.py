@@ -25,7 +25,7 @@ from rlhf.runtime.jobs import SUCCEEDED, Job, JobManager
 from rlhf.runtime.model_checks import ModelAccess, ModelChecker
 from rlhf.runtime.protoconfig import from_message
 from rlhf.runtime.registry import Catalog
-from rlhf.runtime.tls import open_aio_channel
+from rlhf.runtime.tls import client_environment, open_aio_channel
 from rlhf.runtime.training_store import TrainingStore
 from rlhf.training.config import (
     GROUP_CONFIGS,
@@ -166,7 +166,15 @@ class PolicyDomain:
         self.store = store
         self.root = config.server.artifact_root / "policies"
         self.policies = Catalog(store.registry)
-        self.jobs = JobManager(store.jobs, self.root / ".jobs", "policy_service.worker", self._register, resumable=True)
+        # The worker calls the reward service (ScoreBatch) with the service's own token and TLS.
+        self.jobs = JobManager(
+            store.jobs,
+            self.root / ".jobs",
+            "policy_service.worker",
+            self._register,
+            worker_env=client_environment(config.server.security),
+            resumable=True,
+        )
         self._channels = [
             open_aio_channel(config.feedback_address, [], config.server.security),
             open_aio_channel(config.reward_address, [], config.server.security),

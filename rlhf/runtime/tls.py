@@ -63,6 +63,18 @@ def channel_credentials(security: SecurityConfig) -> grpc.ChannelCredentials | N
     return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=cert)
 
 
+def client_environment(security: SecurityConfig) -> dict[str, str]:
+    """The environment variables that give a child process (a training worker) this process's client
+    settings: its calls to the other services then carry the same token and TLS."""
+    return {
+        "RLHF_TOKEN": security.token,
+        "RLHF_TLS_CA_FILE": security.ca_file,
+        "RLHF_TLS_CERT_FILE": security.cert_file,
+        "RLHF_TLS_KEY_FILE": security.key_file,
+        "RLHF_TLS_SERVER_NAME": security.server_name,
+    }
+
+
 @contextlib.contextmanager
 def forwarding(token: str) -> Iterator[None]:
     """Calls made inside send `token` (or none when it is "") instead of the process's own token."""
