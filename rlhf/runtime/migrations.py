@@ -33,6 +33,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
 
 log = logging.getLogger(__name__)
+# Alembic announces its context on every start; the lines below say what was done to the database.
+logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 # What a service does on meeting an older schema (ServerConfig.database_migrate, RLHF_DB_MIGRATE).
 AUTO, CHECK = "auto", "check"
