@@ -42,6 +42,12 @@ class InferenceServiceConfig:
     max_stop_chars: int = 256
     # Deadline of each call to the policy service, in seconds (RLHF_INFERENCE_POLICY_TIMEOUT).
     policy_timeout_seconds: float = 10.0
+    # Concurrent requests to one model version share forward passes (continuous batching); false runs each
+    # request alone in its own thread, as before (RLHF_INFERENCE_BATCHING=0).
+    batching: bool = True
+    # Most sequences decoded together per model version; more requests wait for a free row
+    # (RLHF_INFERENCE_MAX_BATCH_SIZE). 1 is the same as batching off.
+    max_batch_size: int = 32
 
     @classmethod
     def from_env(cls, **overrides: Any) -> InferenceServiceConfig:
@@ -64,6 +70,8 @@ class InferenceServiceConfig:
             model_cache_max_bytes=env_int("RLHF_INFERENCE_MODEL_CACHE_BYTES", 0),
             max_prompt_chars=env_int("RLHF_INFERENCE_MAX_PROMPT_CHARS", 32_000),
             policy_timeout_seconds=_env_float("RLHF_INFERENCE_POLICY_TIMEOUT", 10.0),
+            batching=env_str("RLHF_INFERENCE_BATCHING", "1").lower() not in ("0", "false", "no", "off"),
+            max_batch_size=env_int("RLHF_INFERENCE_MAX_BATCH_SIZE", 32),
         )
         values.update(own)
         return cls(**values)

@@ -1,7 +1,8 @@
 """The inference service's logic, transport-neutral: deployments, routing, generation and its log.
 
-Blocking work never runs on the event loop: the store's calls and generation go through
-asyncio.to_thread, model loading through the model cache (also a thread).
+Blocking work never runs on the event loop: the store's calls go through asyncio.to_thread, model loading
+through the model cache (also a thread), generation through each model's engine (inference_service.engine:
+a decode thread shared by concurrent requests, or one thread per request with batching off).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import AsyncIterator
 
 from inference_service import checks
 from inference_service.config import InferenceServiceConfig
-from inference_service.generation import GenerationResult, SamplingParams, TokenLoop
+from inference_service.engine import GenerationEngine, engine_for
+from inference_service.generation import GenerationResult, SamplingParams
 from inference_service.models import LoadedModel, ModelCache
 from inference_service.policy_client import PolicyClient
 from inference_service.records import Deployment, GenerateInput, GenerationRecord, StreamChunk, Target
@@ -25,8 +27,6 @@ from rlhf.runtime.errors import NotFound
 from rlhf.training.modeling import resolve_model
 
 log = logging.getLogger(__name__)
-
-_END = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,31 +81,25 @@ class InferenceDomain:
 
     async def generate(self, request: GenerateInput) -> GenerationRecord:
         prepared = await self._prepare(request)
-        loop = TokenLoop(prepared.loaded, request.prompt, prepared.params)
+        generation = self._engine(prepared).submit(request.prompt, prepared.params)
         try:
-            result = await asyncio.to_thread(_drain, loop)
-        except asyncio.CancelledError:  # caller gone or deadline passed: stop at the next token
-            loop.cancel()
-            raise
+            result = await generation.result()
+        finally:  # no-op when finished; the caller gone or its deadline passed: leave the batch at once
+            generation.cancel()
         return await self._log(str(uuid.uuid4()), prepared, result)
 
     async def generate_stream(self, request: GenerateInput) -> AsyncIterator[StreamChunk]:
         """Text pieces as they are produced, then a done chunk with the logged record."""
         prepared = await self._prepare(request)
         generation_id = str(uuid.uuid4())
-        loop = TokenLoop(prepared.loaded, request.prompt, prepared.params)
-        pieces = iter(loop)
+        generation = self._engine(prepared).submit(request.prompt, prepared.params)
         try:
-            while True:
-                # One token per hop to a thread: the loop stays responsive and the client sees text early.
-                piece = await asyncio.to_thread(next, pieces, _END)
-                if piece is _END:
-                    break
+            async for piece in generation:
                 yield StreamChunk(text=piece, generation_id=generation_id, policy_version=prepared.version)
+            result = await generation.result()
         finally:
-            loop.cancel()  # no-op when finished; stops the loop if the client went away
-        assert loop.result is not None
-        record = await self._log(generation_id, prepared, loop.result)
+            generation.cancel()  # no-op when finished; stops it if the client went away
+        record = await self._log(generation_id, prepared, result)
         yield StreamChunk(
             text="", generation_id=generation_id, policy_version=prepared.version, done=True, record=record
         )
@@ -118,6 +112,9 @@ class InferenceDomain:
         return record
 
     # --- helpers -----------------------------------------------------------------------------------
+
+    def _engine(self, prepared: _Prepared) -> GenerationEngine:
+        return engine_for(prepared.loaded, self.config.batching, self.config.max_batch_size)
 
     async def _prepare(self, request: GenerateInput) -> _Prepared:
         validation.agent_id(request.agent_id)
@@ -165,11 +162,3 @@ class InferenceDomain:
         )
         await asyncio.to_thread(self.store.add_generation, record)
         return record
-
-
-def _drain(loop: TokenLoop) -> GenerationResult:
-    for _ in loop:
-        pass
-    if loop.result is None:
-        raise asyncio.CancelledError()
-    return loop.result

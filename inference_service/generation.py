@@ -26,6 +26,7 @@ import dataclasses
 import random
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from inference_service.models import LoadedModel
 from inference_service.records import FinishReason
@@ -80,8 +81,90 @@ def safe_prefix_length(text: str, stops: tuple[str, ...]) -> int:
     return limit
 
 
+@dataclasses.dataclass
+class Plan:
+    """A prompt made ready for decoding: its ids (fitted to the context), the budget, EOS ids, a generator."""
+
+    prompt_ids: list[int]
+    budget: int
+    truncated: bool
+    eos_ids: set[int]
+    generator: Any  # torch.Generator seeded with the request's seed
+
+
+def plan(loaded: LoadedModel, prompt: str, params: SamplingParams) -> Plan:
+    """Encode the prompt (sequences.encode_prompt), fit it to the context, seed the request's generator."""
+    import torch
+
+    all_ids = sequences.encode_prompt(loaded.tokenizer, prompt)
+    prompt_ids, budget = fit_to_context(all_ids, params.max_new_tokens, sequences.context_length(loaded.model))
+    seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
+    return Plan(
+        prompt_ids=prompt_ids,
+        budget=budget,
+        truncated=len(prompt_ids) < len(all_ids),
+        eos_ids=sequences.eos_token_ids(loaded.model, loaded.tokenizer),
+        generator=torch.Generator(device=loaded.device).manual_seed(seed),
+    )
+
+
+class TextTracker:
+    """Sampled tokens in, text pieces out: applies the stop rules (EOS, budget, stop sequences) and holds back
+    text that may still begin a stop sequence. Shared by the one-at-a-time loop and the batching engine, so
+    both end a response at exactly the same place."""
+
+    def __init__(self, tokenizer: Any, params: SamplingParams, plan: Plan) -> None:
+        self._tokenizer = tokenizer
+        self._stops = params.stop
+        self._plan = plan
+        self.generated: list[int] = []
+        self.finish = FinishReason.LENGTH
+        self.finished = plan.budget <= 0
+        self._text = ""
+        self._emitted = ""
+
+    def add(self, token: int) -> str:
+        """Take one sampled token; return the text that can be shown now ('' if none)."""
+        if token in self._plan.eos_ids:
+            self.finish, self.finished = FinishReason.STOP, True
+            return ""
+        self.generated.append(token)
+        text = self._tokenizer.decode(self.generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        cut = _first_stop(text, self._stops)
+        if cut is not None:
+            self._text = text[:cut]
+            self.finish, self.finished = FinishReason.STOP_SEQUENCE, True
+            return ""
+        self._text = text
+        self.finished = len(self.generated) >= self._plan.budget
+        safe = safe_prefix_length(text, self._stops)
+        if safe > len(self._emitted) and text.startswith(self._emitted):
+            piece = text[len(self._emitted) : safe]
+            self._emitted += piece
+            return piece
+        return ""
+
+    def close(self) -> str:
+        """The text not shown yet (call once, at the end)."""
+        text = self._text
+        # The result is what was shown plus the rest, so streaming and non-streaming always agree.
+        tail = text[len(self._emitted) :] if text.startswith(self._emitted) else ""
+        self._emitted += tail
+        return tail
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self._emitted,
+            prompt_tokens=len(self._plan.prompt_ids),
+            completion_tokens=len(self.generated),
+            finish_reason=self.finish,
+            prompt_truncated=self._plan.truncated,
+        )
+
+
 class TokenLoop:
-    """Iterate to get text pieces as tokens are produced; `result` is set once iteration ends.
+    """One request, one sequence at a time (the path without batching). Iterate to get text pieces as
+    tokens are produced; `result` is set once iteration ends.
 
     Each step may run in a different thread (the streaming path awaits one step at a time), so no
     thread-local torch state is held across steps.
@@ -101,58 +184,30 @@ class TokenLoop:
     def __iter__(self) -> Iterator[str]:
         import torch
 
-        tokenizer, model, device = self._loaded.tokenizer, self._loaded.model, self._loaded.device
-        params = self.params
-        all_ids = sequences.encode_prompt(tokenizer, self._prompt)
-        prompt_ids, budget = fit_to_context(all_ids, params.max_new_tokens, sequences.context_length(model))
-        eos_ids = sequences.eos_token_ids(model, tokenizer)
-        seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
-        generator = torch.Generator(device=device).manual_seed(seed)
-
-        inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        model, device = self._loaded.model, self._loaded.device
+        steps = plan(self._loaded, self._prompt, self.params)
+        tracker = TextTracker(self._loaded.tokenizer, self.params, steps)
+        inputs = torch.tensor([steps.prompt_ids], dtype=torch.long, device=device)
         # One sequence, no padding: the mask is all ones, passed because models warn without it.
         mask = torch.ones_like(inputs)
         cache_kw, extra = sequences.forward_keywords(model)
         past = None
-        generated: list[int] = []
-        emitted = ""
-        finish = FinishReason.LENGTH
-        text = ""
-        for _ in range(budget):
+        while not tracker.finished:
             if self._cancelled.is_set():
                 return
             with torch.inference_mode():
                 out = model(input_ids=inputs, attention_mask=mask, use_cache=True, **{cache_kw: past}, **extra)
                 past = out["cache"] if cache_kw == "cache" else out.past_key_values
-                token = _sample(out.logits[0, -1].float(), params, generator)
-            if token in eos_ids:
-                finish = FinishReason.STOP
-                break
-            generated.append(token)
-            text = tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            cut = _first_stop(text, params.stop)
-            if cut is not None:
-                text = text[:cut]
-                finish = FinishReason.STOP_SEQUENCE
-                break
-            safe = safe_prefix_length(text, params.stop)
-            if safe > len(emitted) and text.startswith(emitted):
-                piece = text[len(emitted) : safe]
-                emitted += piece
+                token = sample_token(out.logits[0, -1], self.params, steps.generator)
+            piece = tracker.add(token)
+            if piece:
                 yield piece
             inputs = torch.tensor([[token]], dtype=torch.long, device=device)
             mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
-        # The result is what was streamed plus the rest, so streaming and non-streaming always agree.
-        tail = text[len(emitted) :] if text.startswith(emitted) else ""
+        tail = tracker.close()
         if tail:
             yield tail
-        self.result = GenerationResult(
-            text=emitted + tail,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=len(generated),
-            finish_reason=finish,
-            prompt_truncated=len(prompt_ids) < len(all_ids),
-        )
+        self.result = tracker.result()
 
 
 def generate(loaded: LoadedModel, prompt: str, params: SamplingParams) -> GenerationResult:
@@ -169,8 +224,12 @@ def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     return min(found) if found else None
 
 
-def _sample(logits, params: SamplingParams, generator) -> int:
+def sample_token(logits, params: SamplingParams, generator) -> int:
+    """One token from one row of logits with this request's settings and generator (per row, so a request
+    draws the same tokens whatever else shares its batch)."""
     import torch
+
+    logits = logits.float()
 
     if params.temperature == 0:
         return int(torch.argmax(logits))

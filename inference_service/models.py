@@ -18,6 +18,8 @@ class LoadedModel:
     device: str
     # Parameter and buffer bytes, for the cache's optional byte limit.
     nbytes: int
+    # Its generation engine (inference_service.engine.engine_for), made on first use.
+    engine: Any = None
 
 
 def load_for_inference(path: str, device: str) -> LoadedModel:
