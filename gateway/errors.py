@@ -45,6 +45,9 @@ REST_NAMES = {
     "learning_rate": "learningRate",
     "reward_model_version": "rewardModelVersion",
     "job_id": "jobId",
+    "grpo_config": "algorithmConfig",
+    "rloo_config": "algorithmConfig",
+    "algorithm_config": "algorithmConfig",
 }
 
 

@@ -5,7 +5,7 @@ Numbers are JSON numbers (int64 counts too), times are RFC 3339 in UTC, absent v
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
@@ -64,6 +64,12 @@ class TrainIn(BaseModel):
     )
     reward_model_version: str = Field(
         "", description="Reuse this reward-model version ('latest' for the newest); default: train a new one."
+    )
+    algorithm: Literal["ppo", "grpo", "rloo"] = Field(
+        "ppo", description="The RL algorithm: PPO (ours), or GRPO / RLOO (TRL's trainers)."
+    )
+    algorithm_config: dict[str, Any] | None = Field(
+        None, description="GRPO's or RLOO's own knobs (GRPOConfig / RLOOConfig fields; unset: TRL's defaults)."
     )
 
 
@@ -149,7 +155,20 @@ def dry_run_json(answer: pol.TrainPolicyResponse) -> dict[str, Any]:
         "estimatedSavingMinutes": answer.estimated_saving_minutes,
         "estimatedPeakMemoryBytes": answer.estimated_peak_memory_bytes,
         "estimatedResponseTokens": answer.estimated_response_tokens,
+        "algorithm": pol.Algorithm.Name(answer.algorithm).removeprefix("ALGORITHM_").lower(),
+        **_algorithm_config_json(answer),
     }
+
+
+def _algorithm_config_json(answer: pol.TrainPolicyResponse) -> dict[str, Any]:
+    """GRPO's or RLOO's knobs as the run would use them, snake_case like modelConfig (nothing for PPO)."""
+    for field in ("grpo_config", "rloo_config"):
+        if answer.HasField(field):
+            knobs = json_format.MessageToDict(
+                getattr(answer, field), preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+            return {"algorithmConfig": knobs}
+    return {}
 
 
 def trained_json(policy: pol.Policy) -> dict[str, Any]:
@@ -239,8 +258,16 @@ def train_request(
     config_message({k: v for k, v in top.items() if v is not None}, training, "")
     config_message(overrides, training, "training_overrides")
     request = pol.TrainPolicyRequest(
-        agent_id=agent_id, dry_run=body.dry_run, config=training, reward_model_version=body.reward_model_version
+        agent_id=agent_id,
+        dry_run=body.dry_run,
+        config=training,
+        reward_model_version=body.reward_model_version,
+        algorithm=pol.Algorithm.Value(f"ALGORITHM_{body.algorithm.upper()}"),
     )
+    if body.algorithm_config:
+        if body.algorithm == "ppo":
+            raise invalid("algorithmConfig", "is for GRPO and RLOO; PPO takes its knobs in config")
+        config_message(body.algorithm_config, getattr(request, f"{body.algorithm}_config"), "algorithm_config")
     if not body.reward_model_version and reward_model_config:
         config_message(reward_model_config, request.reward_model_config, "reward_model_config")
     return request

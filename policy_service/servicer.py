@@ -146,6 +146,8 @@ class PolicyServicer(JobRpcs, pb_grpc.PolicyServiceServicer):
                 estimated_saving_minutes=guess.saving_minutes,
                 estimated_peak_memory_bytes=guess.peak_memory_bytes,
                 estimated_response_tokens=guess.response_tokens,
+                algorithm=request.algorithm,
+                **algorithm_fields(algorithm, dataclasses.asdict(knobs) if knobs is not None else None),
             )
         job = await self.domain.start_job(
             request.agent_id, config, algorithm, request.reward_model_version, reward_config, knobs

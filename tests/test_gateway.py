@@ -207,10 +207,31 @@ def test_dry_run_has_the_seed_fields_numbers_and_snake_case_model_config(http):
         ({"dryRun": True, "config": {"batch_size": 2.5}}, "config.batch_size"),
         ({"dryRun": True, "config": {"use_lora": 1}}, "config.use_lora"),
         ({"dryRun": True, "rewardModelVersion": "seven"}, "rewardModelVersion"),
+        ({"dryRun": True, "algorithm": "dpo"}, "algorithm"),
+        ({"dryRun": True, "algorithmConfig": {"beta": 0.1}}, "algorithmConfig"),
+        ({"dryRun": True, "algorithm": "grpo", "algorithmConfig": {"colour": 1}}, "algorithmConfig.colour"),
+        (
+            {"dryRun": True, "algorithm": "rloo", "algorithmConfig": {"num_generations": 1}},
+            "algorithmConfig.num_generations",
+        ),
     ],
 )
 def test_invalid_training_requests_are_400_naming_the_field(http, body, field):
     assert_error(http.post(f"/api/policies/train_policy/{AGENT}", json=body), 400, "invalid_argument", field)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_the_algorithm_is_chosen_by_name_and_the_dry_run_shows_its_knobs(http, algorithm):
+    body = {"dryRun": True, "maxSteps": 20, "algorithm": algorithm, "algorithmConfig": {"num_generations": 4}}
+    answer = http.post(f"/api/policies/train_policy/{AGENT}", json=body)
+    assert answer.status_code == 200, answer.text
+    estimate = answer.json()
+    assert estimate["algorithm"] == algorithm and estimate["estimatedSteps"] == 20
+    knobs = estimate["algorithmConfig"]
+    assert knobs["num_generations"] == 4 and type(knobs["num_generations"]) is int  # the request's
+    assert type(knobs["beta"]) is float and knobs["beta"] == (0.0 if algorithm == "grpo" else 0.05)  # TRL's default
+    ppo = http.post(f"/api/policies/train_policy/{AGENT}", json={"dryRun": True, "maxSteps": 20}).json()
+    assert ppo["algorithm"] == "ppo" and "algorithmConfig" not in ppo
 
 
 def test_fewer_than_ten_items_is_422(http):
