@@ -7,11 +7,12 @@ database stack load only in the commands that run services (serve, demo).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 from rlhf.sdk.cli.common import HelpFormatter, apply_security_flags
-from rlhf.sdk.cli.errors import CliError
+from rlhf.sdk.cli.errors import CliError, exit_on_interrupt
 
 EXAMPLES = """\
 start the stack in one terminal, then use it from another:
@@ -57,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Parse, run, and turn every error into one line on stderr and an exit code (errors.py lists them)."""
     args = build_parser().parse_args(argv)
+    # serve and demo stop their services on Ctrl-C (KeyboardInterrupt unwinds them); a client command ends at once
+    interrupts = contextlib.nullcontext() if args.command in ("serve", "demo") else exit_on_interrupt()
     try:
-        apply_security_flags(args)
-        code = args.func(args)
-        sys.stdout.flush()
+        with interrupts:
+            apply_security_flags(args)
+            code = args.func(args)
+            sys.stdout.flush()
     except CliError as error:
         sys.stdout.flush()
         print(f"rlhf: error: {error}", file=sys.stderr)

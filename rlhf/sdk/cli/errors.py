@@ -1,18 +1,22 @@
 """Errors of the command line: each becomes one clear line on stderr and a non-zero exit code.
 
 Exit codes: 1 a job or import that ran and failed, 2 bad usage or an error answered by a service
-(argparse's convention too), 3 a service that cannot be reached.
+(argparse's convention too), 3 a service that cannot be reached, 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import sys
+import threading
 from collections.abc import Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
-USAGE, UNREACHABLE = 2, 3
+USAGE, UNREACHABLE, INTERRUPTED = 2, 3, 130
 
 # What gRPC says when nothing answers at an address (connection refused, no such host, ...).
 _CONNECT_FAILURES = (
@@ -68,3 +72,44 @@ def connected(client: Client) -> Iterator[Client]:
             yield client
     except grpc.RpcError as error:
         raise service_error(client.service, client.address, error) from None  # type: ignore[attr-defined]
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------------------
+
+# The line Ctrl-C prints in a client command; a command that watches a job says that the job goes on.
+_interrupt_line = ["rlhf: interrupted"]
+
+
+@contextlib.contextmanager
+def interrupt_says(line: str) -> Iterator[None]:
+    """While inside, Ctrl-C prints `line` (as `rlhf: error: <line>`)."""
+    previous = _interrupt_line[0]
+    _interrupt_line[0] = f"rlhf: error: {line}"
+    try:
+        yield
+    finally:
+        _interrupt_line[0] = previous
+
+
+def _exit_now(_signum: int, _frame: Any) -> None:
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - interrupted inside a write: what is buffered is lost, the line is not
+        pass
+    os.write(2, (_interrupt_line[0] + "\n").encode())
+    os._exit(INTERRUPTED)
+
+
+@contextlib.contextmanager
+def exit_on_interrupt() -> Iterator[None]:
+    """Ctrl-C ends a client command at once (exit code 130) with its line, unwinding nothing: a KeyboardInterrupt
+    that lands inside a gRPC call can leave the channel's close() waiting forever. Only in the main thread
+    (signal handlers live there); the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

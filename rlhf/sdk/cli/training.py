@@ -9,7 +9,7 @@ import grpc
 
 from rlhf.sdk.cli import output
 from rlhf.sdk.cli.common import add_parser, client_parser, read_config, subcommands
-from rlhf.sdk.cli.errors import CliError, connected, service_error
+from rlhf.sdk.cli.errors import INTERRUPTED, CliError, connected, interrupt_says, service_error
 from rlhf.sdk.cli.progress import state_name, watch_policy_job, watch_reward_job
 
 ALGORITHMS = {"ppo": 1, "grpo": 2, "rloo": 3}  # rlhf.policy.v1.Algorithm numbers
@@ -68,13 +68,13 @@ def _follow_policy_job(client: Any, job: Any, args: argparse.Namespace, what: st
 def _watch(follow: Any, job_id: str, what: str) -> Any:
     """`follow()` (a job's progress until it ends), announced as `what`; Ctrl-C from the announcement on
     stops the watching only, and says so."""
+    stopped = f"stopped watching; job {job_id} goes on (rlhf jobs watch {job_id}; rlhf jobs cancel {job_id})"
     try:
-        output.note(f"{what}; Ctrl-C stops watching, not the job")
-        return follow()
-    except KeyboardInterrupt:
-        raise CliError(
-            f"stopped watching; job {job_id} goes on (rlhf jobs watch {job_id}; rlhf jobs cancel {job_id})", 130
-        ) from None
+        with interrupt_says(stopped):
+            output.note(f"{what}; Ctrl-C stops watching, not the job")
+            return follow()
+    except KeyboardInterrupt:  # main() not in the main thread: no exit_on_interrupt
+        raise CliError(stopped, INTERRUPTED) from None
 
 
 def _queued(job: Any, as_json: bool) -> None:
