@@ -33,6 +33,7 @@ from rlhf.training.config import (
     GRPOTrainingConfig,
     RewardModelConfig,
     TrainingConfig,
+    group_config,
 )
 from rlhf.training.modelshape import ModelShape
 from rlhf.training.tinymodel import tiny_model_dir
@@ -94,16 +95,8 @@ def validate_config(config: TrainingConfig, service: PolicyServiceConfig, algori
 def algorithm_config(
     algorithm: str, config: TrainingConfig, knobs: GroupPolicyConfig | None
 ) -> GroupPolicyConfig | None:
-    """GRPO's or RLOO's whole config: the request's shared fields (model, LoRA, optimiser, batch, steps,
-    sampling) from `config`, the algorithm's own from `knobs` (None: TRL's defaults). None for PPO."""
-    if algorithm not in ("grpo", "rloo"):
-        return None
-    cls = GROUP_CONFIGS[algorithm]
-    knobs = knobs if knobs is not None else cls()
-    shared = {f.name for f in dataclasses.fields(TrainingConfig)}
-    return dataclasses.replace(
-        knobs, **{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.name in shared}
-    )
+    """GRPO's or RLOO's whole config (rlhf.training.config.group_config); None for PPO."""
+    return group_config(algorithm, config, knobs) if algorithm in GROUP_CONFIGS else None
 
 
 def validate_algorithm_config(group: GroupPolicyConfig, algorithm: str) -> GroupPolicyConfig:

@@ -458,3 +458,33 @@ def test_feedback_in_every_form_the_seed_and_the_sdk_give_it():
         FeedbackDataset([feedbacks[0], {"prompt": "Q?", "chosen": "Good."}])
     with pytest.raises(ValueError, match=r"feedbacks\[0\]\.response"):
         FeedbackDataset([{"prompt": "Q?", "score": 0.5}])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_the_library_trains_grpo_and_rloo_into_the_same_version_folder(trained_v1, in_workdir, algorithm):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf import RLHFTrainer, TrainingConfig, TrainingResult
+
+    config = TrainingConfig(**{**TINY_RUN, "max_steps": 2, "batch_size": 2})
+    trainer = RLHFTrainer(config, algorithm=algorithm, algorithm_config={"num_generations": 2})
+    steps = []
+    result = trainer.train(
+        feedbacks=seed_feedback(),
+        output_dir=f"models/my_agent/{algorithm}",
+        reward_model_path="models/my_agent/v1/reward_model",
+        on_step=lambda step, metrics: steps.append((step, metrics)),
+    )
+    folder = in_workdir / "models" / "my_agent" / algorithm
+    assert [s for s, _ in steps] == [1, 2] and "reward" in steps[-1][1]  # TRL's own metric names
+    assert result.training_steps == 2 and len(result.reward_history) == 2
+    assert TrainingResult.load(folder).training_steps == 2
+    saved = json.loads((folder / "training_results.json").read_text())
+    assert saved["algorithm"] == algorithm and saved["algorithm_config"]["num_generations"] == 2
+    assert not (folder / "trl").exists()  # TRL's checkpoints stay out of the version
+    AutoModelForCausalLM.from_pretrained(folder / "policy")
+    with pytest.raises(ValueError, match="'ppo', 'grpo' or 'rloo'"):
+        RLHFTrainer(config, algorithm="dpo")
+    with pytest.raises(ValueError, match="GRPO and RLOO"):
+        RLHFTrainer(config, algorithm_config={"num_generations": 2})

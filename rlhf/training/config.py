@@ -171,3 +171,14 @@ class RLOOTrainingConfig(GroupPolicyConfig):
 
 # GRPO's and RLOO's config classes by algorithm name.
 GROUP_CONFIGS: dict[str, type[GroupPolicyConfig]] = {"grpo": GRPOTrainingConfig, "rloo": RLOOTrainingConfig}
+
+
+def group_config(algorithm: str, config: TrainingConfig, knobs: GroupPolicyConfig | None = None) -> GroupPolicyConfig:
+    """GRPO's or RLOO's whole config: the shared fields (model, LoRA, optimiser, batch, steps, sampling) from
+    `config`, the algorithm's own from `knobs` (None: TRL's defaults)."""
+    cls = GROUP_CONFIGS[algorithm]
+    knobs = knobs if knobs is not None else cls()
+    shared = {f.name for f in dataclasses.fields(TrainingConfig)}
+    return dataclasses.replace(
+        knobs, **{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.name in shared}
+    )

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from rlhf.runtime.config import data_dir_default
-from rlhf.training.config import RewardModelConfig, TrainingConfig
+from rlhf.training.config import GROUP_CONFIGS, GroupPolicyConfig, RewardModelConfig, TrainingConfig, group_config
 from rlhf.training.progress import LoggedProgress
 from rlhf.training.reward_functions import RewardFn, RewardFunctionRegistry
 from rlhf.training.reward_training import Comparison, Rating, split
@@ -168,22 +168,34 @@ def reward_config_for(config: TrainingConfig) -> RewardModelConfig:
 
 
 class RLHFTrainer:
-    """The seed's trainer: a reward model (trained on the feedback unless one is given), then PPO, then a
-    version folder. `reward_model_class`: a RewardModel subclass whose forward transforms rewards (the seed's
-    custom reward functions); `reward_functions`: functions config.reward_functions may name besides the
-    built-ins, {name: callable or "module:function"}."""
+    """The seed's trainer: a reward model (trained on the feedback unless one is given), then the policy (PPO,
+    or GRPO / RLOO through TRL: `algorithm`, with `algorithm_config` their own knobs as a GRPOTrainingConfig /
+    RLOOTrainingConfig or a dict of its fields, TRL's defaults unset; the shared fields come from `config`),
+    then a version folder. `reward_model_class`: a RewardModel subclass whose forward transforms rewards (the
+    seed's custom reward functions); `reward_functions`: functions config.reward_functions may name besides
+    the built-ins, {name: callable or "module:function"}."""
 
     def __init__(
         self,
         config: TrainingConfig | None = None,
         reward_config: RewardModelConfig | None = None,
         *,
+        algorithm: str = "ppo",
+        algorithm_config: GroupPolicyConfig | Mapping[str, Any] | None = None,
         reward_model_class: type | None = None,
         reward_functions: Mapping[str, str | RewardFn] | None = None,
         data_dir: str | pathlib.Path | None = None,
     ) -> None:
         from rlhf.training.reward_model import RewardModel
 
+        self.algorithm = algorithm.lower()
+        if self.algorithm not in ("ppo", *GROUP_CONFIGS):
+            raise ValueError(f"algorithm must be 'ppo', 'grpo' or 'rloo', got {algorithm!r}")
+        if algorithm_config is not None and self.algorithm == "ppo":
+            raise ValueError("algorithm_config is for GRPO and RLOO; PPO takes its knobs in config")
+        if isinstance(algorithm_config, Mapping):
+            algorithm_config = GROUP_CONFIGS[self.algorithm](**algorithm_config)
+        self.algorithm_config = algorithm_config
         self.config = config or TrainingConfig()
         self.reward_config = reward_config or reward_config_for(self.config)
         self.reward_model_class = reward_model_class or RewardModel
@@ -207,6 +219,7 @@ class RLHFTrainer:
         `prompts` default to the feedback's distinct prompts; `on_step(step, metrics)` sees every step."""
         from rlhf.training.modeling import pick_device, resolve_model
         from rlhf.training.ppo_trainer import PPOTrainer
+        from rlhf.training.trl_trainers import GroupPolicyTrainer
 
         config = self.config
         items = feedback_items(feedbacks)
@@ -236,22 +249,30 @@ class RLHFTrainer:
                 reward_model_path = pathlib.Path(reward_model_path).absolute()
                 reward_model = self.reward_model_class.from_pretrained(reward_model_path, device)
             score = reward_model.reward_fn(combination)
-            trainer = PPOTrainer(config, base_path, device)
+            name = self.algorithm.upper()
             last: dict[str, float] = {}
 
             def step_done(step: int, metrics: dict[str, float]) -> None:
                 last.update(metrics)
                 log.info(
-                    "PPO step %d/%d: score %.3f, kl %.3f",
+                    "%s step %d/%d: score %.3f, kl %.3f",
+                    name,
                     step,
                     config.max_steps,
-                    metrics.get("objective/scores", 0.0),
-                    metrics.get("objective/kl", 0.0),
+                    metrics.get("objective/scores", metrics.get("reward", 0.0)),
+                    metrics.get("objective/kl", metrics.get("kl", 0.0)),
                 )
                 if on_step:
                     on_step(step, metrics)
 
-            history = trainer.train(prompts, score, step_done)
+            if self.algorithm == "ppo":
+                trainer = PPOTrainer(config, base_path, device)
+                history = trainer.train(prompts, score, step_done)
+            else:
+                group = group_config(self.algorithm, config, self.algorithm_config)
+                trainer = GroupPolicyTrainer(self.algorithm, group, base_path, staging / "trl", device)
+                history = trainer.train(prompts, score, step_done, resume=False)
+                shutil.rmtree(staging / "trl", ignore_errors=True)  # TRL's own checkpoints: not part of a version
             trainer.save(staging)
             results = version_results(
                 output,
@@ -261,11 +282,12 @@ class RLHFTrainer:
                 training_steps=trainer.step,
                 last_metrics=last,
             )
-            plot_version_curves(staging, history, results, f"PPO on {config.base_model}")
+            plot_version_curves(staging, history, results, f"{name} on {config.base_model}")
             results.update(
                 {
                     "config": dataclasses.asdict(config),
-                    "algorithm": "ppo",
+                    "algorithm": self.algorithm,
+                    **({"algorithm_config": dataclasses.asdict(group)} if self.algorithm != "ppo" else {}),
                     "lineage": {
                         "base_model": config.base_model,
                         "reward_model_path": results["reward_model_path"],
