@@ -200,9 +200,10 @@ class BatchingEngine:
         self._lock = threading.Lock()
         self._waiting: collections.deque[_BatchedGeneration] = collections.deque()
         self._thread: threading.Thread | None = None
-        # Steps run and the largest batch seen (tests and logs).
+        # Steps run, the largest batch seen, and rows that left because their caller cancelled (tests, logs).
         self.steps = 0
         self.peak_batch = 0
+        self.cancelled_rows = 0
 
     def submit(self, prompt: str, params: SamplingParams) -> Generation:
         request = _BatchedGeneration(self, prompt, params)
@@ -214,7 +215,7 @@ class BatchingEngine:
         return request
 
     def _run(self) -> None:
-        batch = _Batch(self.loaded)
+        batch = _Batch(self)
         while True:
             with self._lock:
                 joining = []
@@ -233,7 +234,7 @@ class BatchingEngine:
                     row.request.post(_Failure(exc))
                 for request in joining:
                     request.post(_Failure(exc))
-                batch = _Batch(self.loaded)
+                batch = _Batch(self)
             self.steps += 1
             self.peak_batch = max(self.peak_batch, len(batch.rows))
 
@@ -241,8 +242,9 @@ class BatchingEngine:
 class _Batch:
     """The running batch: rows, their left-padded KV cache and attention mask (engine thread only)."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
-        self.loaded = loaded
+    def __init__(self, engine: BatchingEngine) -> None:
+        self.engine = engine
+        self.loaded = loaded = engine.loaded
         self.rows: list[_Row] = []
         self.cache: Any = None
         self.mask: Any = None  # (rows, width) long, 0 over left padding
@@ -264,6 +266,7 @@ class _Batch:
     def leave_cancelled(self) -> None:
         keep = [i for i, row in enumerate(self.rows) if not row.request.cancelled]
         if len(keep) < len(self.rows):
+            self.engine.cancelled_rows += len(self.rows) - len(keep)
             self._keep(keep)
 
     def join(self, requests: list[_BatchedGeneration]) -> None:
@@ -310,6 +313,7 @@ class _Batch:
         alive = []
         for i, row in enumerate(rows):
             if row.request.cancelled:
+                self.engine.cancelled_rows += 1
                 continue
             token = sample_token(logits[i], row.request.params, row.plan.generator)
             piece = row.tracker.add(token)
