@@ -7,10 +7,14 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 _END = object()
+# How long a partial batch waits for more items before it is sent (seconds): at most ~1/LINGER messages per
+# second from a steady producer, for a few milliseconds of latency.
+LINGER_SECONDS = 0.002
 
 
 def take(pending: list[Any], max_items: int, max_bytes: int) -> int:
@@ -30,10 +34,11 @@ def batches(
     wrap: Callable[[list[Any]], Any],
     max_items: int,
     max_bytes: int,
+    linger: float = LINGER_SECONDS,
 ) -> Iterator[Any]:
     """Messages `wrap(list of prepared items)` from a blocking iterable. A feeder thread pulls `items`, so that
     what is ready can be told from what is not; the iterable's exception is raised here."""
-    ready: queue.Queue[Any] = queue.Queue(maxsize=8)
+    ready: queue.Queue[Any] = queue.Queue(maxsize=4)
     stop = threading.Event()
 
     def put(value: Any) -> None:
@@ -65,9 +70,14 @@ def batches(
     end: Any = None  # _END or the iterable's exception, once the feeder is done
     try:
         while pending or end is None:
+            deadline = None
             while end is None and len(pending) < max_items:
                 try:
-                    got = ready.get(block=not pending)
+                    if not pending:
+                        got = ready.get()
+                    else:  # linger a little for more, so a steady trickle is not one message per item
+                        deadline = deadline or time.monotonic() + linger
+                        got = ready.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if got is _END or isinstance(got, BaseException):
@@ -90,6 +100,7 @@ async def abatches(
     wrap: Callable[[list[Any]], Any],
     max_items: int,
     max_bytes: int,
+    linger: float = LINGER_SECONDS,
 ) -> AsyncIterator[Any]:
     """batches() for asyncio: an async iterable is pulled by a task; a plain iterable (iterated on the event
     loop, so it is expected not to block) is cut into full batches."""
@@ -118,13 +129,21 @@ async def abatches(
         while end is None:
             got = await ready.get()
             batch: list[Any] = []
+            deadline = asyncio.get_running_loop().time() + linger
             while True:
                 if got is _END or isinstance(got, BaseException):
                     end = got
                     break
                 batch.append(got)
-                if len(batch) >= max_items or ready.empty():
+                if len(batch) >= max_items:
                     break
+                if ready.empty():  # linger a little for more (see batches())
+                    left = deadline - asyncio.get_running_loop().time()
+                    try:
+                        got = await asyncio.wait_for(ready.get(), left) if left > 0 else ready.get_nowait()
+                    except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                        break
+                    continue
                 got = ready.get_nowait()
             while batch:
                 count = take(batch, max_items, max_bytes)

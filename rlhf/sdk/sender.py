@@ -63,10 +63,13 @@ class SenderConfig:
     max_in_flight: int = 4_096
     # Items per stream message, at most: the sender sends whatever is queued (up to this many, and up to
     # max_batch_bytes) as one message, so a busy agent pays one message per batch, not per item, and a quiet
-    # one still sends each item at once.
+    # one still sends each item within `linger`.
     max_batch_items: int = 512
     # Serialised item bytes per stream message, at most (one larger item still goes, alone).
     max_batch_bytes: int = 1024 * 1024
+    # How long a partial batch waits for more items before it is sent, in seconds: a steady trickle then
+    # costs at most ~1/linger messages per second instead of one per item, for that much latency.
+    linger: float = 0.002
     # Reconnection backoff: the first wait, the factor per failed attempt, and the longest wait (seconds);
     # each wait is jittered by +-jitter (a fraction). A stream that got an acknowledgement resets it.
     initial_backoff: float = 0.1
@@ -378,9 +381,11 @@ class FeedbackSender:
             if self._resend:
                 return numbers  # re-sends first: new items wait for the next message
             room = min(c.max_batch_items - len(numbers), c.max_in_flight - len(self._unacked))
+        deadline = time.monotonic() + c.linger
         while room > 0 and size < c.max_batch_bytes:
             try:
-                item = self._queue.get_nowait()
+                left = deadline - time.monotonic()
+                item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             with self._lock:
