@@ -4,6 +4,7 @@ tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -174,3 +175,21 @@ def test_gateway_serves_https_and_answers_401_and_403(stack, certs: pathlib.Path
             plain.post(f"http://127.0.0.1:{gateway.port}/api/policies/feedback/a1", json=rating)
     finally:
         gateway.kill()
+
+
+def test_servers_can_require_client_certificates(certs: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    from feedback_service.app import start as start_feedback
+    from feedback_service.config import FeedbackServiceConfig
+    from rlhf.runtime.config import ServerConfig
+    from tests.servers import ServerThread
+
+    leaf = {"cert_file": str(certs / "ca-leaf.pem"), "key_file": str(certs / "ca-leaf.key")}
+    server_security = SecurityConfig(tokens_file="", ca_file=str(certs / "ca.pem"), require_client_cert=True, **leaf)
+    config = FeedbackServiceConfig(server=ServerConfig(service="feedback", data_dir=tmp_path, security=server_security))
+    with ServerThread(start_feedback, config) as server:
+        with FeedbackClient(server.address, security=tls(certs)) as without_certificate:
+            with pytest.raises(grpc.RpcError) as caught:
+                without_certificate.stats("a1")
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        with FeedbackClient(server.address, security=dataclasses.replace(tls(certs), **leaf)) as with_certificate:
+            assert with_certificate.stats("a1").stats.feedback_count == 0
