@@ -51,6 +51,8 @@ from rlhf.training import sequences
 log = logging.getLogger(__name__)
 
 _END = object()
+# How long an idle decode thread waits for the next request before it ends.
+IDLE_SECONDS = 30.0
 
 
 class Generation(Protocol):
@@ -197,7 +199,7 @@ class BatchingEngine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int) -> None:
         self.loaded = loaded
         self.max_batch_size = max_batch_size
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._waiting: collections.deque[_BatchedGeneration] = collections.deque()
         self._thread: threading.Thread | None = None
         # Steps run, the largest batch seen, and rows that left because their caller cancelled (tests, logs).
@@ -209,7 +211,8 @@ class BatchingEngine:
         request = _BatchedGeneration(self, prompt, params)
         with self._lock:
             self._waiting.append(request)
-            if self._thread is None:  # the decode thread runs only while there is work
+            self._lock.notify()
+            if self._thread is None:  # the decode thread runs while there is work, and a little longer
                 self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
                 self._thread.start()
         return request
@@ -222,8 +225,13 @@ class BatchingEngine:
                 while self._waiting and len(batch.rows) + len(joining) < self.max_batch_size:
                     joining.append(self._waiting.popleft())
                 if not joining and not batch.rows:
-                    self._thread = None
-                    return
+                    # Idle: wait a while before ending, so the next request finds the thread (and its
+                    # OpenMP workers) warm instead of starting new ones.
+                    self._lock.wait_for(lambda: self._waiting, timeout=IDLE_SECONDS)
+                    if not self._waiting:
+                        self._thread = None
+                        return
+                    continue
             try:
                 batch.leave_cancelled()
                 batch.join([r for r in joining if not r.cancelled])
