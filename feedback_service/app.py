@@ -27,7 +27,7 @@ async def start(config: FeedbackServiceConfig) -> RunningServer:
     """Open the database (creating tables), then serve until the returned server is stopped."""
     engine = make_engine(config.server.resolved_database_url())
     store = FeedbackStore(engine)
-    await asyncio.to_thread(prepare_database, engine, schema())  # created, or upgraded as RLHF_DB_MIGRATE allows
+    await asyncio.to_thread(prepare_database, engine, schema(), config.server.database_migrate)
     domain = FeedbackDomain(store, config)
     servicer = FeedbackServicer(domain)
     try:

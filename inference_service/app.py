@@ -28,7 +28,7 @@ async def start(config: InferenceServiceConfig) -> RunningServer:
     """Start the inference server; `running.stop()` shuts it down and releases what it holds."""
     engine = make_engine(config.server.resolved_database_url())
     store = InferenceStore(engine)
-    await asyncio.to_thread(prepare_database, engine, schema())  # created, or upgraded as RLHF_DB_MIGRATE allows
+    await asyncio.to_thread(prepare_database, engine, schema(), config.server.database_migrate)
     policies = PolicyClient(
         config.policy_addr, config.policy_timeout_seconds, config.server.grpc_options(), config.server.security
     )

@@ -17,7 +17,8 @@ from rlhf.runtime.training_store import TrainingStore
 
 async def start(config: PolicyServiceConfig) -> RunningServer:
     engine = make_engine(config.server.resolved_database_url())
-    domain = PolicyDomain(config, TrainingStore(engine, "policies", "policy", config.version_naming))
+    store = TrainingStore(engine, "policies", "policy", config.version_naming, config.server.database_migrate)
+    domain = PolicyDomain(config, store)
     binding = ServiceBinding(
         "rlhf.policy.v1.PolicyService", PolicyServicer(domain), pb_grpc.add_PolicyServiceServicer_to_server
     )

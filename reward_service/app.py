@@ -16,7 +16,9 @@ from rlhf.runtime.training_store import TrainingStore
 
 async def start(config: RewardServiceConfig) -> RunningServer:
     engine = make_engine(config.server.resolved_database_url())
-    domain = RewardDomain(config, TrainingStore(engine, "reward_models", "reward model"))
+    domain = RewardDomain(
+        config, TrainingStore(engine, "reward_models", "reward model", migrate=config.server.database_migrate)
+    )
     binding = ServiceBinding(
         "rlhf.reward.v1.RewardService", RewardServicer(domain), pb_grpc.add_RewardServiceServicer_to_server
     )

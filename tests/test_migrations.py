@@ -7,6 +7,7 @@ a service refuses an older or a newer schema when it may not upgrade it, saying 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -20,6 +21,7 @@ from sqlalchemy import Engine, MetaData, inspect, select, text
 from feedback_service.migrations import schema as feedback_schema
 from inference_service.migrations import schema as inference_schema
 from rlhf.runtime import migrations
+from rlhf.runtime.config import ServerConfig
 from rlhf.runtime.db import make_engine
 from rlhf.runtime.errors import FailedPrecondition
 from rlhf.runtime.migrations import AUTO, CHECK, Schema, SchemaError, differences, prepare_database
@@ -156,18 +158,15 @@ def test_a_database_made_by_378f50b_upgrades_to_head_with_every_row(engine, serv
 
 
 @pytest.mark.parametrize("service", ["policy", "reward"])
-def test_an_upgraded_training_database_names_old_versions_and_keeps_one_active_job_per_agent(
-    engine, service, monkeypatch
-):
-    monkeypatch.setenv("RLHF_DB_MIGRATE", "auto")  # as PostgreSQL's operator would set it
+def test_an_upgraded_training_database_names_old_versions_and_keeps_one_active_job_per_agent(engine, service):
     make_378f50b_database(engine, service)
     insert(engine, rows_378f50b(service))
     registry = "policies" if service == "policy" else "reward_models"
-    store = TrainingStore(engine, registry, service)
+    store = TrainingStore(engine, registry, service, migrate=AUTO)  # on PostgreSQL as RLHF_DB_MIGRATE=auto
     assert [v.version for v in store.registry.list("a")] == ["v2", "v1"]
     assert store.registry.get("a", "v1").id == "id1"
     assert [job.seq for job in store.jobs.list(limit=10)] == [3, 2, 1]
-    counted = TrainingStore(engine, registry, service, FEEDBACK_COUNT)  # named by feedback count, as in the seed
+    counted = TrainingStore(engine, registry, service, FEEDBACK_COUNT, CHECK)  # named by feedback count, as in the seed
     placed = counted.registry.register_named("a", lambda _n, name: name, "j9", {"feedback_count": 2})
     assert (placed.version, placed.version_number) == ("v2.2", 3)  # "v2" is the old second version's name
     with pytest.raises(FailedPrecondition):  # agent b's job is still active (the service interrupts it on start)
@@ -175,9 +174,8 @@ def test_an_upgraded_training_database_names_old_versions_and_keeps_one_active_j
     assert store.jobs.create("a", {}).seq == 4
 
 
-def test_duplicate_job_numbers_and_crowded_active_jobs_of_an_older_version_are_settled(engine, monkeypatch):
+def test_duplicate_job_numbers_and_crowded_active_jobs_of_an_older_version_are_settled(engine):
     """Code before the jobs' unique indexes could hand out one number twice and run two jobs of one agent."""
-    monkeypatch.setenv("RLHF_DB_MIGRATE", "auto")
     make_378f50b_database(engine, "policy")
     job = dict(spec="{}", progress="{}", result="{}", error="", version="")
     insert(
@@ -198,7 +196,7 @@ def test_duplicate_job_numbers_and_crowded_active_jobs_of_an_older_version_are_s
             ]
         },
     )
-    store = TrainingStore(engine, "policies", "policy")
+    store = TrainingStore(engine, "policies", "policy", migrate=AUTO)
     jobs = {job.job_id: job for job in store.jobs.list(limit=10)}
     assert {job_id: job.seq for job_id, job in jobs.items()} == {"a": 1, "b": 2, "c": 3, "d": 4}
     assert (jobs["b"].state, jobs["c"].state, jobs["d"].state) == ("INTERRUPTED", "INTERRUPTED", "RUNNING")
@@ -250,10 +248,11 @@ def test_a_schema_newer_than_the_code_is_refused_in_either_mode(engine):
 
 def test_the_mode_comes_from_rlhf_db_migrate_and_defaults_by_database(monkeypatch):
     monkeypatch.delenv("RLHF_DB_MIGRATE", raising=False)
-    assert migrations.migrate_mode("sqlite:///x.db") == AUTO
-    assert migrations.migrate_mode("postgresql+psycopg://db/rlhf") == CHECK
-    monkeypatch.setenv("RLHF_DB_MIGRATE", "auto")
-    assert migrations.migrate_mode("postgresql+psycopg://db/rlhf") == AUTO
+    assert ServerConfig.from_env("policy").database_migrate == ""
+    assert migrations.default_mode("sqlite:///x.db") == AUTO
+    assert migrations.default_mode("postgresql+psycopg://db/rlhf") == CHECK
+    monkeypatch.setenv("RLHF_DB_MIGRATE", "check")
+    assert ServerConfig.from_env("feedback").database_migrate == "check"
     with pytest.raises(SchemaError, match="RLHF_DB_MIGRATE must be one of auto, check"):
         prepare_database(make_engine("sqlite://"), feedback_schema(), "sometimes")
 
@@ -289,3 +288,41 @@ def test_every_schema_is_installed_with_its_migrations():
         assert {f"{folder}/*.mako", f"{folder}/versions/*.py"} <= set(shipped[package]), package
         assert (schema.location / "env.py").exists() and (schema.location / "script.py.mako").exists()
         assert list((schema.location / "versions").glob("*.py")), schema.location
+
+
+@pytest.mark.parametrize("service", ["reward", "policy"])
+def test_a_service_refuses_an_older_schema_in_check_mode_and_upgrades_it_in_auto_mode(tmp_path, monkeypatch, service):
+    """Through the service's own start (config from the environment, a real gRPC server)."""
+    import importlib
+
+    import grpc
+
+    from rlhf.runtime.server import RunningServer
+
+    app = importlib.import_module(f"{service}_service.app")
+    config_module = importlib.import_module(f"{service}_service.config")
+    config_class = getattr(config_module, f"{service.capitalize()}ServiceConfig")
+    engine = make_engine(f"sqlite:///{tmp_path / service}.db")
+    make_378f50b_database(engine, service)
+    insert(engine, rows_378f50b(service))
+    engine.dispose()
+
+    async def start() -> RunningServer:
+        return await app.start(config_class.from_env(data_dir=tmp_path, port=0))
+
+    monkeypatch.setenv("RLHF_DB_MIGRATE", "check")
+    with pytest.raises(SchemaError, match=f"upgrade {service} --database-url"):
+        asyncio.run(start())
+    monkeypatch.setenv("RLHF_DB_MIGRATE", "auto")
+
+    async def serve() -> None:
+        running = await start()
+        try:
+            async with grpc.aio.insecure_channel(running.address) as channel:
+                await asyncio.wait_for(channel.channel_ready(), 10)
+        finally:
+            await running.stop(0)
+
+    asyncio.run(serve())
+    with make_engine(f"sqlite:///{tmp_path / service}.db").connect() as conn:
+        assert migrations.current_revisions(conn) == ("t0002",)

@@ -93,6 +93,9 @@ class ServerConfig:
     data_dir: pathlib.Path = dataclasses.field(default_factory=data_dir_default)
     # SQLAlchemy URL of the service's database (RLHF_<SERVICE>_DATABASE_URL); default SQLite in data_dir.
     database_url: str = ""
+    # What the service does on meeting an older database schema (RLHF_DB_MIGRATE): "auto" upgrades it on start,
+    # "check" refuses to start and says how to upgrade; empty: auto for SQLite, check for other databases.
+    database_migrate: str = ""
     # Largest message accepted or sent, in bytes (RLHF_MAX_MESSAGE_BYTES).
     max_message_bytes: int = 64 * 1024 * 1024
     # Seconds in-flight calls get to finish on shutdown.
@@ -109,6 +112,7 @@ class ServerConfig:
             port=env_int(f"RLHF_{up}_PORT", DEFAULT_PORTS[service]),
             data_dir=data_dir_default(),
             database_url=env_str(f"RLHF_{up}_DATABASE_URL", ""),
+            database_migrate=env_str("RLHF_DB_MIGRATE", ""),
             max_message_bytes=env_int("RLHF_MAX_MESSAGE_BYTES", 64 * 1024 * 1024),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import importlib
 import logging
-import os
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -80,11 +79,10 @@ class Schema:
         return tuple(ScriptDirectory.from_config(self.config()).get_heads())
 
 
-def migrate_mode(url: str) -> str:
-    """What to do with an older schema: RLHF_DB_MIGRATE (auto: upgrade on start; check: refuse, saying how to
-    upgrade), else auto for the embedded SQLite and check for a shared database (PostgreSQL), which an operator
-    upgrades once (`python -m rlhf.runtime.migrations upgrade <service>`) before its replicas start."""
-    return os.environ.get("RLHF_DB_MIGRATE", "").strip().lower() or (AUTO if url.startswith("sqlite") else CHECK)
+def default_mode(url: str) -> str:
+    """Auto for the embedded SQLite; check for a shared database (PostgreSQL), which an operator upgrades once
+    (`python -m rlhf.runtime.migrations upgrade <service>`) before its replicas start."""
+    return AUTO if url.startswith("sqlite") else CHECK
 
 
 def run_env(context: Any) -> None:
@@ -126,10 +124,11 @@ def _how_to_upgrade(schema: Schema, url: str) -> str:
 
 
 def prepare_database(engine: Engine, schema: Schema, mode: str = "") -> str:
-    """Bring `engine`'s database to `schema`'s head as `mode` allows (empty: `migrate_mode`); returns what
-    was done: "created", "upgraded" or "current". Raises SchemaError when it may not or cannot."""
+    """Bring `engine`'s database to `schema`'s head as `mode` allows (ServerConfig.database_migrate: auto
+    upgrades an older schema, check refuses it; empty: `default_mode`); returns what was done: "created",
+    "upgraded" or "current". Raises SchemaError when it may not or cannot."""
     url = engine.url.render_as_string(hide_password=True)
-    mode = mode or migrate_mode(url)
+    mode = mode.strip().lower() or default_mode(url)
     if mode not in MODES:
         raise SchemaError(f"RLHF_DB_MIGRATE must be one of {', '.join(MODES)}, not {mode!r}")
     heads = schema.heads()
