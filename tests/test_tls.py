@@ -139,11 +139,18 @@ def test_cli_takes_token_and_tls_from_flags(stack, certs: pathlib.Path) -> None:
     def run(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([*base, *extra], capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=60)
 
+    with FeedbackClient(stack.feedback.address, security=tls(certs)) as client:
+        client.submit("a1", prompt="from the cli test", response="r", score=0.5)
     ok = run("--tls-ca", str(certs / "ca.pem"), "--token", AGENT)
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)
+    assert "from the cli test" in [row["prompt"] for row in json.loads(ok.stdout)]
     anonymous = run("--tls-ca", str(certs / "ca.pem"))
     assert anonymous.returncode == 2 and "UNAUTHENTICATED" in anonymous.stderr and "RLHF_TOKEN" in anonymous.stderr
+    plaintext = run("--token", AGENT)
+    assert plaintext.returncode == 3 and "if it serves TLS, pass its CA with --tls-ca" in plaintext.stderr
+    untrusted = run("--tls-ca", str(certs / "stranger.pem"), "--token", AGENT)
+    assert untrusted.returncode == 3 and "TLS handshake" in untrusted.stderr, untrusted.stderr
+    assert untrusted.stderr.count("\n") == 1 and untrusted.stderr.startswith("rlhf: error: ")  # one line
     missing = run("--tls-ca", str(certs / "missing.pem"), "--token", AGENT)
     assert missing.returncode == 2 and "RLHF_TLS_CA_FILE" in missing.stderr and "Traceback" not in missing.stderr
 

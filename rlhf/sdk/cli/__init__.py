@@ -11,8 +11,12 @@ import contextlib
 import os
 import sys
 
-from rlhf.sdk.cli.common import HelpFormatter, apply_security_flags
-from rlhf.sdk.cli.errors import CliError, exit_on_interrupt
+# gRPC's own log lines (a failed TLS handshake logs one at INFO) would come before our one line of error:
+# errors only, unless the user asks for more. Set before gRPC loads.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from rlhf.sdk.cli.common import HelpFormatter, apply_security_flags  # noqa: E402
+from rlhf.sdk.cli.errors import CliError, exit_on_interrupt  # noqa: E402
 
 EXAMPLES = """\
 start the stack in one terminal, then use it from another:

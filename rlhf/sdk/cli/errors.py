@@ -48,10 +48,19 @@ def service_error(service: str, address: str, error: grpc.RpcError) -> CliError:
     """A service's gRPC error as the line users read: the status, the service's own message, and for a
     service that cannot be reached where it is and how to start or find it."""
     if unreachable(error):
+        if "handshake failed" in (error.details() or "").lower():
+            return CliError(
+                f"the TLS handshake with the {service} service at {address} failed: its certificate is not "
+                f"signed by the CA of --tls-ca (RLHF_TLS_CA_FILE), or is not for that address "
+                f"(RLHF_TLS_SERVER_NAME), or it requires a client certificate (--tls-cert, --tls-key)",
+                UNREACHABLE,
+            )
         variable = f"RLHF_{service.upper()}_ADDR"
+        # A plaintext client at a TLS server sees its connection closed, like a server going away.
+        tls_hint = "" if os.environ.get("RLHF_TLS_CA_FILE") else "; if it serves TLS, pass its CA with --tls-ca"
         return CliError(
             f"cannot reach the {service} service at {address}. Start the stack with `rlhf serve all`, "
-            f"or point {variable} (or --{service}-addr) at a running {service} service",
+            f"or point {variable} (or --{service}-addr) at a running {service} service{tls_hint}",
             UNREACHABLE,
         )
     code = error.code().name
