@@ -34,7 +34,6 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from inference_service.generation import (
     GenerationResult,
@@ -234,8 +233,7 @@ class BatchingEngine:
                     continue
             try:
                 batch.leave_cancelled()
-                batch.join([r for r in joining if not r.cancelled])
-                batch.step()
+                batch.advance([r for r in joining if not r.cancelled])
             except Exception as exc:  # a failed forward pass fails the requests in it, not the engine
                 log.exception("generation step failed; failing the %d requests in the batch", len(batch.rows))
                 for row in batch.rows:
@@ -277,43 +275,74 @@ class _Batch:
             self.engine.cancelled_rows += len(self.rows) - len(keep)
             self._keep(keep)
 
-    def join(self, requests: list[_BatchedGeneration]) -> None:
-        """Prefill the joining prompts together and stack their caches onto the batch's."""
-        if not requests:
+    def advance(self, requests: list[_BatchedGeneration]) -> None:
+        """One forward pass: the joining prompts' prefill and every decoding row's next token together."""
+        rows = [self._row(request) for request in requests]
+        if not self.rows:
+            if rows:
+                self._prefill(rows)
             return
-        tokenizer = self.loaded.tokenizer
-        rows = []
-        for request in requests:
-            steps = plan(self.loaded, request.prompt, request.params)
-            rows.append(_Row(request, steps, TextTracker(tokenizer, request.params, steps)))
+        if not rows:
+            self._step()
+            return
+        # Decoding rows feed their last token after W-1 masked pads; joining rows feed their left-padded
+        # prompt (width W) after a masked stretch as wide as the batch's cache. One forward pass for both.
+        device, batch, width = self.loaded.device, len(self.rows), self.mask.shape[1]
+        ids, prompt_mask = sequences.left_pad([r.plan.prompt_ids for r in rows], self._pad_id, device)
+        wide = ids.shape[1]
+        decoding = torch.full((batch, wide), self._pad_id, dtype=torch.long, device=device)
+        decoding[:, -1] = torch.tensor([row.last for row in self.rows], dtype=torch.long, device=device)
+        decoding_mask = self.mask.new_zeros((batch, wide))
+        decoding_mask[:, -1] = 1
+        inputs = torch.cat([decoding, ids])
+        mask = torch.cat(
+            [
+                torch.cat([self.mask, decoding_mask], dim=1),
+                torch.cat([prompt_mask.new_zeros((len(rows), width)), prompt_mask], dim=1),
+            ]
+        )
+        for layer in self.cache.layers:  # the joining rows' (empty, masked) past
+            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((len(rows), *layer.keys.shape[1:]))])
+            layer.values = torch.cat([layer.values, layer.values.new_zeros((len(rows), *layer.values.shape[1:]))])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -wide:]
+        logits, self.cache = self._forward(inputs, mask, positions, self.cache)
+        self.rows, self.mask = self.rows + rows, mask
+        self._after(self._sample(self.rows, logits))
+
+    def _row(self, request: _BatchedGeneration) -> _Row:
+        steps = plan(self.loaded, request.prompt, request.params)
+        return _Row(request, steps, TextTracker(self.loaded.tokenizer, request.params, steps))
+
+    def _prefill(self, rows: list[_Row]) -> None:
         ids, mask = sequences.left_pad([r.plan.prompt_ids for r in rows], self._pad_id, self.loaded.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, None)
-        alive = self._sample(rows, logits)
-        if not alive:
-            return
-        if len(alive) < len(rows):
-            _select(cache, alive)
-            mask = mask[alive]
-            rows = [rows[i] for i in alive]
-        if not self.rows:
-            self.rows, self.cache, self.mask = rows, cache, mask
-        else:
-            self.cache, self.mask = _stack(self.cache, self.mask, cache, mask)
-            self.rows += rows
+        logits, self.cache = self._forward(ids, mask, positions, None)
+        self.rows, self.mask = rows, mask
+        self._after(self._sample(rows, logits))
 
-    def step(self) -> None:
+    def _step(self) -> None:
         """One decoding step over every row: feed each row's last token, sample its next."""
-        if not self.rows:
-            return
-        device = self.loaded.device
-        inputs = torch.tensor([[row.last] for row in self.rows], dtype=torch.long, device=device)
+        inputs = torch.tensor([[row.last] for row in self.rows], dtype=torch.long, device=self.loaded.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         positions = self.mask.sum(-1, keepdim=True) - 1
         logits, self.cache = self._forward(inputs, self.mask, positions, self.cache)
-        alive = self._sample(self.rows, logits)
+        self._after(self._sample(self.rows, logits))
+
+    def _after(self, alive: list[int]) -> None:
         if len(alive) < len(self.rows):
             self._keep(alive)
+        if self.rows and self.mask.shape[1] > 2 * int(self.mask.sum(-1).max()) + 16:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the masked columns inside the rows (left by joins), keeping each row's tokens in order."""
+        longest = int(self.mask.sum(-1).max())
+        # A stable sort of 0/1 puts each row's masked columns first and its tokens last, in their order.
+        keep = torch.sort(self.mask, dim=1, stable=True).indices[:, -longest:]
+        self.mask = self.mask.gather(1, keep)
+        for layer in self.cache.layers:
+            index = keep[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
 
     def _sample(self, rows: list[_Row], logits: Any) -> list[int]:
         """Sample each row's next token from its own logits and generator; post its text; the indices of the
@@ -362,17 +391,3 @@ def _pad_id(tokenizer: Any) -> int:
 def _select(cache: Any, rows: list[int]) -> None:
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys[rows], layer.values[rows]
-
-
-def _stack(cache: Any, mask: Any, other: Any, other_mask: Any) -> tuple[Any, Any]:
-    """Both caches left-padded to one width and stacked along the batch (into `cache`)."""
-    width = max(mask.shape[1], other_mask.shape[1])
-
-    def pad(tensor: Any, to: int) -> Any:  # (rows, heads, length, dim): zeros on the left of `length`
-        return F.pad(tensor, (0, 0, to - tensor.shape[2], 0))
-
-    for layer, joining in zip(cache.layers, other.layers, strict=True):
-        layer.keys = torch.cat([pad(layer.keys, width), pad(joining.keys, width)])
-        layer.values = torch.cat([pad(layer.values, width), pad(joining.values, width)])
-    mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)), F.pad(other_mask, (width - other_mask.shape[1], 0))])
-    return cache, mask
