@@ -105,4 +105,7 @@ def from_rpc_error(error: grpc.RpcError, retry_after: int) -> ApiError:
     if code == grpc.StatusCode.INVALID_ARGUMENT and fields:
         message = "; ".join(f"{f['field']}: {f['description']}" for f in fields)
     headers = {"Retry-After": str(retry_after)} if http in RETRY_LATER else {}
+    if http == 401:  # RFC 6750: say which scheme; the service's advice (RLHF_TOKEN) is for gRPC clients
+        headers["WWW-Authenticate"] = "Bearer"
+        message = "this API requires a bearer token: send the header 'Authorization: Bearer <token>'"
     return ApiError(http, name, message, fields, violations, headers=headers)

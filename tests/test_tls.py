@@ -169,13 +169,18 @@ def test_gateway_serves_https_and_answers_401_and_403(stack, certs: pathlib.Path
         url = f"https://127.0.0.1:{gateway.port}/api/policies/feedback"
         rating = {"prompt": "p", "response": "r", "score": 0.5}
         with httpx.Client(verify=ssl.create_default_context(cafile=certs / "ca.pem"), timeout=30) as http:
-            assert http.post(f"{url}/a1", json=rating).status_code == 401
+            anonymous = http.post(f"{url}/a1", json=rating)
+            assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == "Bearer"
+            assert "Authorization: Bearer" in anonymous.json()["message"]
             bad = http.post(f"{url}/a1", json=rating, headers={"Authorization": "Bearer wrong"})
             assert bad.status_code == 401
             agent = {"Authorization": f"Bearer {AGENT}"}
             assert http.post(f"{url}/a1", json=rating, headers=agent).status_code == 200
             assert http.post(f"{url}/a2", json=rating, headers=agent).status_code == 403
             assert http.get(f"https://127.0.0.1:{gateway.port}/api/policies/a2", headers=agent).status_code == 403
+            events = f"https://127.0.0.1:{gateway.port}/api/jobs/no-such-job/events"
+            assert http.get(events).status_code == 401
+            assert http.get(events, headers=agent).status_code == 404  # the token went along: an answer
             admin = {"Authorization": f"Bearer {ADMIN}"}
             assert http.get(f"https://127.0.0.1:{gateway.port}/api/policies/a2", headers=admin).status_code == 200
         with pytest.raises(httpx.HTTPError), httpx.Client(timeout=10) as plain:
