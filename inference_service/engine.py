@@ -4,18 +4,20 @@
 `result()` to await, and `cancel()`. Two engines ship:
 
 - `BatchingEngine` (the default): continuous batching. One engine per loaded model version runs a decode
-  loop on one thread while it has work. Between two decoding steps, waiting requests join the batch (their
-  prompts are prefilled together, left-padded, and their KV caches are padded on the left and stacked onto
-  the batch's) and finished or cancelled ones leave it (their rows are dropped, and columns that only
-  padding still uses are trimmed). Each step is one forward pass over every active sequence, with an
-  attention mask over the padding and per-row position ids.
+  loop on one thread while it has work. Each step is one forward pass over the batch with an attention mask
+  and per-row position ids: every decoding row feeds its last token, and requests that arrived meanwhile join
+  in the same pass (their left-padded prompts are the pass's columns; the decoding rows' extra columns are
+  masked pads). Finished or cancelled rows leave between two steps (their rows are dropped, and columns that
+  only padding still uses are trimmed); when masked holes make the cache over twice as wide as its longest
+  row, the rows are compacted. Measured on the tiny model, this one-pass join beat a separate prefill pass
+  per join (bench/README.md).
 - `SequentialEngine`: today's one-at-a-time path (each request its own loop in an executor thread), kept for
   models whose cache cannot be stacked, for `batching = false`, and as the benchmark's baseline.
 
 Each request samples from its own row of logits, in float32/float64, with its own torch.Generator seeded
 from its seed (generation.sample_token), and its own stop rules (generation.TextTracker), so its settings
-never mix with its neighbours'. A dedicated engine (vLLM, SGLang) can take over by implementing the same
-two-method protocol.
+never mix with its neighbours'. A dedicated engine (vLLM, SGLang) can take over by implementing
+`GenerationEngine.submit` and the `Generation` it returns (engine_for picks the engine per model).
 
 Same seed alone or in a batch: the same tokens are drawn from the same per-row logits, and those logits
 agree with the lone request's to float rounding only (a batched matmul may sum in another order, and a
@@ -201,10 +203,11 @@ class BatchingEngine:
         self._lock = threading.Condition()
         self._waiting: collections.deque[_BatchedGeneration] = collections.deque()
         self._thread: threading.Thread | None = None
-        # Steps run, the largest batch seen, and rows that left because their caller cancelled (tests, logs).
+        # Steps run, the largest batch seen, rows that left because their caller cancelled, and compactions (tests).
         self.steps = 0
         self.peak_batch = 0
         self.cancelled_rows = 0
+        self.compactions = 0
 
     def submit(self, prompt: str, params: SamplingParams) -> Generation:
         request = _BatchedGeneration(self, prompt, params)
@@ -336,6 +339,7 @@ class _Batch:
 
     def _compact(self) -> None:
         """Drop the masked columns inside the rows (left by joins), keeping each row's tokens in order."""
+        self.engine.compactions += 1
         longest = int(self.mask.sum(-1).max())
         # A stable sort of 0/1 puts each row's masked columns first and its tokens last, in their order.
         keep = torch.sort(self.mask, dim=1, stable=True).indices[:, -longest:]

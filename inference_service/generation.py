@@ -1,6 +1,7 @@
-"""Text generation: one token-by-token sampling loop (with the KV cache) behind both Generate and streaming.
+"""Text generation's rules, shared by both engines (inference_service/engine.py): prompt preparation (plan),
+per-request sampling (sample_token), stop rules (TextTracker), and the one-at-a-time loop (TokenLoop).
 
-Because streaming and non-streaming run the very same loop, with the same seed the streamed pieces
+Because streaming and non-streaming run the very same steps, with the same seed the streamed pieces
 concatenate to exactly the non-streamed text.
 
 Sampling: temperature (0 = greedy), then top-k (0 = off), then top-p (nucleus), then a draw from a
@@ -17,7 +18,7 @@ max_position_embeddings). When they don't, max_new_tokens shrinks to what fits b
 never below half the context; a prompt still too long is then truncated from the left (its most recent
 tokens are kept), and prompt_tokens reports the tokens actually used. Never an error.
 
-Everything here is blocking; callers run it in a thread (the domain uses asyncio.to_thread).
+Everything here is blocking; the engines run it in a thread.
 """
 
 from __future__ import annotations

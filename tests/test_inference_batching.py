@@ -139,6 +139,22 @@ def test_cancelled_stream_leaves_the_batch_and_the_others_continue(servers):
     assert [_answer(f.result()) for f in futures] == expected
 
 
+def test_requests_joining_a_running_batch_one_by_one_match_one_at_a_time(servers):
+    """Long prompts join long-running rows one after another: every join leaves masked holes in the cache,
+    which gets compacted; the texts still match the one-at-a-time server's."""
+    (batched, _), stub, alone = servers
+    long = [_request(PROMPTS[i], max_new_tokens=120, seed=200 + i, **LONG) for i in range(2)]
+    joiners = [_request(PROMPTS[3] * 2 + str(i), max_new_tokens=3, seed=300 + i) for i in range(10)]
+    expected = [_answer(alone.Generate(r, timeout=60)) for r in long + joiners]
+    stub.Generate(joiners[0], timeout=60)
+    engine = _engine(batched)
+    compactions = engine.compactions
+    futures = [stub.Generate.future(r, timeout=60) for r in long]
+    got_joiners = [_answer(stub.Generate(r, timeout=60)) for r in joiners]
+    assert [_answer(f.result()) for f in futures] + got_joiners == expected
+    assert engine.compactions > compactions
+
+
 def test_a_request_failing_validation_does_not_disturb_the_batch(servers):
     _, stub, alone = servers
     requests = _mixed_requests()[:4]
