@@ -210,7 +210,8 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         async for acks in self._domain.ingest_batches(batches()):
             results: list[pb.FeedbackAck] = []
             for ack in acks:
-                fields = dict(
+                form = Result if batched.holds(ack.index) else Response
+                message = form(
                     request_id=ack.request_id,
                     id=str(ack.sequence) if ack.accepted else "",
                     accepted=ack.accepted,
@@ -219,13 +220,13 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                     field=ack.field,
                     index=ack.index,
                 )
-                if batched.holds(ack.index):
-                    results.append(Result(**fields))
+                if form is Result:
+                    results.append(message)
                     continue
                 if results:  # keep acks in index order across the two forms
                     yield Response(results=results)
                     results = []
-                yield Response(**fields)
+                yield message
             if results:
                 yield Response(results=results)
 
