@@ -247,8 +247,12 @@ _UNAUTHENTICATED = (
 
 
 def _denied(agent_id: str | None) -> str:
-    if not agent_id:
+    if agent_id is None:
         return "this call needs an admin token"
+    if not agent_id:  # ListTrainingJobs without a filter, DeleteFeedback of a whole agent
+        return (
+            "an agent token must name one of its agents here (doing it for all or across agents needs an admin token)"
+        )
     return f"this token may not act for agent '{agent_id}'"
 
 
