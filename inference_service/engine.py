@@ -155,6 +155,9 @@ class _BatchedGeneration:
         self.prompt = prompt
         self.params = params
         self.cancelled = False  # set on the event loop, read by the engine thread (a plain bool is enough)
+        # False when only the result is awaited: the engine then posts no pieces (no wake-up per token).
+        self.wants_pieces = True
+        self._iterating = False
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._result: GenerationResult | None = None
@@ -167,6 +170,7 @@ class _BatchedGeneration:
             self.cancelled = True
 
     async def __aiter__(self) -> AsyncIterator[str]:
+        self._iterating = True
         while self._result is None:
             item = await self._queue.get()
             if isinstance(item, str):
@@ -177,6 +181,8 @@ class _BatchedGeneration:
                 self._result = item
 
     async def result(self) -> GenerationResult:
+        if not self._iterating:
+            self.wants_pieces = False
         async for _ in self:
             pass
         assert self._result is not None
@@ -358,11 +364,11 @@ class _Batch:
                 continue
             token = sample_token(logits[i], row.request.params, row.plan.generator)
             piece = row.tracker.add(token)
-            if piece:
+            if piece and row.request.wants_pieces:
                 row.request.post(piece)
             if row.tracker.finished:
                 tail = row.tracker.close()
-                if tail:
+                if tail and row.request.wants_pieces:
                     row.request.post(tail)
                 row.request.post(row.tracker.result())
                 continue
