@@ -256,3 +256,46 @@ def test_every_rpc_has_its_own_rule() -> None:
     methods = {f"/{service.full_name}/{method.name}" for service in services for method in service.methods}
     assert methods - auth.RULES.keys() == set()
     assert auth.RULES.keys() - methods == set()  # no rule for an RPC that does not exist (a typo)
+
+
+def test_no_rpc_answers_unknown_or_internal_to_an_agent_token(stack) -> None:
+    """Every RPC, called with an agent token on its own agent, another agent and no agent: a clear status each
+    time (the rules' checks never fail on a request or an answer they did not expect)."""
+    from google.protobuf import message_factory, symbol_database
+
+    from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
+    from rlhf.inference.v1 import inference_service_pb2_grpc as inf_grpc
+    from rlhf.policy.v1 import policy_service_pb2_grpc as pol_grpc
+    from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
+
+    stubs = {
+        "FeedbackService": (fb_grpc.FeedbackServiceStub, stack.feedback.address),
+        "RewardService": (rw_grpc.RewardServiceStub, stack.reward.address),
+        "PolicyService": (pol_grpc.PolicyServiceStub, stack.policy.address),
+        "InferenceService": (inf_grpc.InferenceServiceStub, stack.inference.address),
+    }
+    metadata = [("authorization", f"Bearer {AGENT}")]
+    seen = {}
+    for method, _rule in auth.RULES.items():
+        _, full_service, name = method.split("/")
+        stub_class, address = stubs[full_service.rsplit(".", 1)[1]]
+        with grpc.insecure_channel(address) as ch:
+            call = getattr(stub_class(ch), name)
+            descriptor = symbol_database.Default().pool.FindMethodByName(method.strip("/").replace("/", "."))
+            request_class = message_factory.GetMessageClass(descriptor.input_type)
+            for agent_id in ("a1", "a2", ""):
+                request = request_class()
+                if "agent_id" in request_class.DESCRIPTOR.fields_by_name:
+                    request.agent_id = agent_id
+                streaming_request = name == "StreamFeedback"
+                try:
+                    answer = call(iter([request]) if streaming_request else request, timeout=20, metadata=metadata)
+                    if hasattr(answer, "__iter__") and not hasattr(answer, "ListFields"):
+                        list(answer)
+                    seen[(name, agent_id)] = grpc.StatusCode.OK
+                except grpc.RpcError as error:
+                    seen[(name, agent_id)] = error.code()
+    bad = {key: code for key, code in seen.items() if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)}
+    assert bad == {}
+    assert seen[("SubmitFeedback", "a2")] == grpc.StatusCode.PERMISSION_DENIED
+    assert seen[("TrainPolicy", "a1")] == grpc.StatusCode.PERMISSION_DENIED
