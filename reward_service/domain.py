@@ -20,7 +20,7 @@ from rlhf.runtime.errors import FailedPrecondition, InvalidArgument, from_rpc_er
 from rlhf.runtime.jobs import Job, JobManager
 from rlhf.runtime.model_checks import ModelAccess, ModelChecker
 from rlhf.runtime.registry import Catalog
-from rlhf.runtime.tls import open_aio_channel
+from rlhf.runtime.tls import client_environment, open_aio_channel
 from rlhf.runtime.training_store import TrainingStore
 from rlhf.training.config import RewardModelConfig
 from rlhf.training.reward_functions import (
@@ -48,7 +48,14 @@ class RewardDomain:
         self.base_models = ModelChecker(
             config.server.data_dir, config.model_check_timeout_seconds, ModelAccess.of(config.server)
         )
-        self.jobs = JobManager(store.jobs, self.root / ".jobs", "reward_service.worker", self._register)
+        # The worker reads the agent's feedback (ExportFeedback) with the service's own token and TLS.
+        self.jobs = JobManager(
+            store.jobs,
+            self.root / ".jobs",
+            "reward_service.worker",
+            self._register,
+            worker_env=client_environment(config.server.security),
+        )
         self.scorer = Scorer(config.device, config.score_micro_batch, config.model_cache_size)
         # Imported now: a registration that does not import stops the service at start, saying which.
         self.reward_functions = RewardFunctionRegistry.of(config.reward_functions)
