@@ -10,7 +10,7 @@ or, for methods marked `per_item`, reaches the servicer, which rejects that item
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -46,9 +46,35 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def wire_fields(data: bytes) -> list[tuple[int, bytes]] | None:
-    """The top-level length-delimited fields of a message's bytes as (number, bytes), in order; None when the
-    bytes are not even well-formed wire format. Lets a servicer split a batch that did not parse as a whole."""
+def _length_delimited(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The top-level length-delimited fields of a message's bytes as (number, bytes), in order, other wire types
+    skipped; raises ValueError (or IndexError) where the bytes stop being wire format (a truncated field, a
+    group, an unknown wire type), after yielding the fields before that point."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > len(data):
+                raise ValueError("truncated field")
+            yield number, data[pos : pos + length]
+            pos += length
+        else:
+            raise ValueError("a group or garbage")
+    if pos != len(data):
+        raise ValueError("truncated fixed-width field")
+
+
+def _walk(data: bytes) -> tuple[list[tuple[int, bytes]], bool]:
+    """The top-level length-delimited fields of a message's bytes as (number, bytes), in order, as far as the
+    bytes are well-formed wire format, and whether they all were."""
     fields: list[tuple[int, bytes]] = []
     pos = 0
     try:
@@ -63,53 +89,41 @@ def wire_fields(data: bytes) -> list[tuple[int, bytes]] | None:
                 pos += 4
             elif wire == 2:
                 length, pos = _varint(data, pos)
-                if pos + length > len(data):
-                    return None
                 fields.append((number, data[pos : pos + length]))
                 pos += length
             else:
-                return None
+                return fields, False  # groups or garbage
     except IndexError:
-        return None
-    return fields if pos == len(data) else None
+        return fields, False
+    return fields, pos == len(data)
+
+
+def wire_fields(data: bytes) -> list[tuple[int, bytes]] | None:
+    """The top-level length-delimited fields of a message's bytes as (number, bytes), in order; None when the
+    bytes are not well-formed wire format. Lets a servicer split a batch that did not parse as a whole."""
+    fields, complete = _walk(data)
+    return fields if complete else None
 
 
 def bad_string_field(data: bytes, descriptor: Descriptor, prefix: str = "") -> str | None:
     """The dotted name of the first string field (nested ones included) holding invalid UTF-8, or None."""
-    pos = 0
-    try:
-        while pos < len(data):
-            key, pos = _varint(data, pos)
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                _, pos = _varint(data, pos)
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            elif wire == 2:
-                length, pos = _varint(data, pos)
-                chunk, pos = data[pos : pos + length], pos + length
-                field = descriptor.fields_by_number.get(number)
-                if field is None:
-                    continue
-                name = prefix + field.name
-                if field.type == FieldDescriptor.TYPE_STRING:
-                    try:
-                        chunk.decode("utf-8")
-                    except UnicodeDecodeError:
-                        return name
-                elif field.type == FieldDescriptor.TYPE_MESSAGE:
-                    if not field.message_type.GetOptions().map_entry:
-                        inner = bad_string_field(chunk, field.message_type, name + ".")
-                    else:  # a map's entries are messages too; name the map, not key/value
-                        inner = name if bad_string_field(chunk, field.message_type) else None
-                    if inner:
-                        return inner
-            else:
-                return None  # groups or garbage: no field to blame
-    except IndexError:
-        return None
+    for number, chunk in _walk(data)[0]:
+        field = descriptor.fields_by_number.get(number)
+        if field is None:
+            continue
+        name = prefix + field.name
+        if field.type == FieldDescriptor.TYPE_STRING:
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError:
+                return name
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if not field.message_type.GetOptions().map_entry:
+                inner = bad_string_field(chunk, field.message_type, name + ".")
+            else:  # a map's entries are messages too; name the map, not key/value
+                inner = name if bad_string_field(chunk, field.message_type) else None
+            if inner:
+                return inner
     return None
 
 
