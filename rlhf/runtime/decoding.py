@@ -10,7 +10,7 @@ or, for methods marked `per_item`, reaches the servicer, which rejects that item
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -44,32 +44,6 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         if not byte & 0x80:
             return value, pos
         shift += 7
-
-
-def _length_delimited(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """The top-level length-delimited fields of a message's bytes as (number, bytes), in order, other wire types
-    skipped; raises ValueError (or IndexError) where the bytes stop being wire format (a truncated field, a
-    group, an unknown wire type), after yielding the fields before that point."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(data, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            length, pos = _varint(data, pos)
-            if pos + length > len(data):
-                raise ValueError("truncated field")
-            yield number, data[pos : pos + length]
-            pos += length
-        else:
-            raise ValueError("a group or garbage")
-    if pos != len(data):
-        raise ValueError("truncated fixed-width field")
 
 
 def _walk(data: bytes) -> tuple[list[tuple[int, bytes]], bool]:
