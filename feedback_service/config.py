@@ -27,8 +27,9 @@ class FeedbackServiceConfig:
     stream_group_size: int = 256
     # ...and waits at most this long for a group to fill before committing what it has.
     stream_group_wait_ms: float = 5.0
-    # Items a stream may hold read but not yet committed; beyond it reading pauses, and HTTP/2 flow
-    # control slows the client down, so a fast client cannot exhaust the server's memory.
+    # Items a stream may hold read but not yet committed (plus the items of the one message being read: a
+    # batch is taken whole); beyond it reading pauses, and HTTP/2 flow control slows the client down, so a
+    # fast client cannot exhaust the server's memory.
     stream_max_buffered: int = 1024
     # Rows per ExportFeedback message (RLHF_FEEDBACK_EXPORT_CHUNK_SIZE).
     export_chunk_size: int = 500
