@@ -363,7 +363,10 @@ def test_command_line_tables_show_the_trained_versions(stack, loop):
 
     for flags in (["--policy-addr", stack.policy.address], ["--reward", "--reward-addr", stack.reward.address]):
         (job,) = json.loads(run("jobs", "list", "--agent-id", AGENT, "--json", *flags))
-        watched = json.loads(run("jobs", "watch", job["job_id"], "--json", *flags))  # an ended job: one update
-        assert watched["job_id"] == job["job_id"] and watched["state"] == "JOB_STATE_SUCCEEDED"
+        # An ended job: its last state and what it made ({"job": ..., "policy" | "reward_model": ...}).
+        watched = json.loads(run("jobs", "watch", job["job_id"], "--json", *flags))
+        assert watched["job"]["job_id"] == job["job_id"] and watched["job"]["state"] == "JOB_STATE_SUCCEEDED"
+        made = watched["policy"] if "--reward" not in flags else watched["reward_model"]
+        assert made["version"] == "v1" and made["agent_id"] == AGENT
     shown = run("policies", "show", AGENT, "v1", "--policy-addr", stack.policy.address, "--json")
     assert '"version": "v1"' in shown or '"version":"v1"' in shown
