@@ -89,8 +89,9 @@ def register(sub: Any) -> None:
     serve = add_parser(
         sub,
         "serve",
-        "start the services (all: four processes)",
-        description="Start the services. `rlhf serve all` runs the four as separate processes wired to each other;\n"
+        "start the services (all: the four gRPC services and the REST gateway)",
+        description="Start the services. `rlhf serve all` runs the four gRPC services and the REST gateway as\n"
+        "separate processes wired to each other, restarting one that dies;\n"
         "Ctrl-C stops them all. Clients find them through RLHF_<SERVICE>_ADDR (default 127.0.0.1:<port>).",
     )
     serve.add_argument(
