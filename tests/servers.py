@@ -79,7 +79,12 @@ class ServiceProcess:
     without a data dir (the gateway has none) no --data-dir is passed."""
 
     def __init__(
-        self, module: str, data_dir: pathlib.Path | None, *args: str, env: dict[str, str] | None = None
+        self,
+        module: str,
+        data_dir: pathlib.Path | None,
+        *args: str,
+        env: dict[str, str] | None = None,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         prefix = f"RLHF_{module.removesuffix('_service').upper()}_"
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
@@ -91,6 +96,7 @@ class ServiceProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=preexec,  # e.g. resource limits, inherited by the service's workers
         )
         self.lines: list[str] = []
         self.port = 0

@@ -24,7 +24,7 @@ QUICK = pol.TrainingConfig(
 )
 REWARD_CONFIG = rw.RewardModelConfig(use_lora=False, num_epochs=1, batch_size=16, learning_rate=5e-4)
 # Tests that run jobs on the shared servers: each its own agent with its own reward model (v1).
-WITH_REWARD_MODEL = ("wait", "unloadable", "cancel", "resume", "restart", "kill9")
+WITH_REWARD_MODEL = ("wait", "unloadable", "cancel", "resume", "restart", "kill9", "diskfull")
 # Long enough that a job cancelled (or whose server is killed) after step 1 cannot finish first: a QUICK
 # step takes a fraction of a second, a cancel lands within a step.
 RESUMABLE_STEPS = 60
@@ -366,9 +366,15 @@ def worker_pids(job_id: str) -> list[int]:
     return pids
 
 
-def start_policy_process(data_dir: pathlib.Path, stack) -> ServiceProcess:
+def start_policy_process(data_dir: pathlib.Path, stack, preexec=None) -> ServiceProcess:
     return ServiceProcess(
-        "policy_service", data_dir, "--feedback-addr", stack.feedback.address, "--reward-addr", stack.reward.address
+        "policy_service",
+        data_dir,
+        "--feedback-addr",
+        stack.feedback.address,
+        "--reward-addr",
+        stack.reward.address,
+        preexec=preexec,
     )
 
 
@@ -402,3 +408,50 @@ def test_kill_9_of_the_server_then_restart_and_resume_from_the_checkpoint(stack,
     finally:
         server.process.terminate()
         server.process.wait(30)
+
+
+def _files_of_at_most(size: int):
+    """A preexec_fn: the process and its workers may not write a file past `size` bytes (as with a full disk,
+    a write past it fails: EFBIG, since Python ignores SIGXFSZ)."""
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return limit
+
+
+@pytest.mark.slow
+def test_a_save_that_cannot_write_fails_the_job_with_the_reason_and_keeps_earlier_versions(
+    stack, reward_models, tmp_path
+):
+    name = agent("diskfull")
+    request = pol.TrainPolicyRequest(agent_id=name, max_steps=2, config=QUICK, reward_model_version="v1")
+    server = start_policy_process(tmp_path, stack)
+    try:
+        with PolicyClient(server.address) as client:
+            first = list(client.watch(client.train(request).job.job_id, timeout=300))[-1]
+            assert first.state == pol.JOB_STATE_SUCCEEDED, first.error
+            before = client.get_policy(name, first.policy_version)
+    finally:
+        server.process.terminate()
+        server.process.wait(30)
+    folder = pathlib.Path(before.model_path).parent
+    saved = {p.relative_to(folder.parent): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    # The tiny policy's weights are ~1.2 MB: its save cannot complete under a 600 kB limit on file size.
+    server = start_policy_process(tmp_path, stack, preexec=_files_of_at_most(600_000))
+    try:
+        with PolicyClient(server.address) as client:
+            failed = list(client.watch(client.train(request).job.job_id, timeout=300))[-1]
+            assert failed.state == pol.JOB_STATE_FAILED
+            assert "File too large" in failed.error, failed.error  # the reason, not a generic failure
+            versions = [p.version for p in client.list_policies(name)]
+            assert versions == [before.version]  # nothing half-written was registered
+            assert client.get_policy(name, before.version).model_path == before.model_path
+    finally:
+        server.process.terminate()
+        server.process.wait(30)
+    # The earlier version is intact, byte for byte, and no partial version folder is left beside it.
+    assert {p.relative_to(folder.parent): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == saved
+    assert sorted(p.name for p in folder.parent.iterdir() if not p.name.startswith(".")) == [before.version]
