@@ -20,7 +20,7 @@ import pytest
 from rlhf.runtime import auth
 from rlhf.runtime.config import SecurityConfig
 from rlhf.runtime.tls import TlsConfigError, channel_credentials
-from rlhf.sdk.clients import FeedbackClient, PolicyClient
+from rlhf.sdk.clients import FeedbackClient, PolicyClient, feedback_request
 from tests.servers import ROOT, ServiceProcess
 from tests.stack import start_stack
 
@@ -205,3 +205,26 @@ def test_servers_can_require_client_certificates(certs: pathlib.Path, tmp_path: 
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         with FeedbackClient(server.address, security=dataclasses.replace(tls(certs), **leaf)) as with_certificate:
             assert with_certificate.stats("a1").stats.feedback_count == 0
+
+
+@pytest.mark.slow
+def test_a_training_run_works_end_to_end_over_tls_with_tokens(stack, certs: pathlib.Path) -> None:
+    """The workers the services start get their TLS settings and token too: the reward-model job reads the
+    feedback, the policy job exports prompts and scores every rollout through ScoreBatch, all over TLS."""
+    from rlhf.policy.v1 import policy_service_pb2 as pol
+    from rlhf.reward.v1 import reward_service_pb2 as rw
+    from tests.helpers import rated_answers
+
+    with FeedbackClient(stack.feedback.address, security=tls(certs)) as feedback:
+        items = [feedback_request("tls-train", prompt=p, response=r, score=s) for p, r, s in rated_answers(20)]
+        assert all(ack.accepted for ack in feedback.stream(iter(items)))
+    request = pol.TrainPolicyRequest(
+        agent_id="tls-train",
+        max_steps=2,
+        config=pol.TrainingConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=8, learning_rate=1e-3),
+        reward_model_config=rw.RewardModelConfig(use_lora=False, num_epochs=1, batch_size=16),
+    )
+    with PolicyClient(stack.policy.address, security=tls(certs)) as policy:
+        final = list(policy.watch(policy.train(request).job.job_id, timeout=300))[-1]
+        assert final.state == pol.JOB_STATE_SUCCEEDED, final.error
+        assert policy.get_policy("tls-train", final.policy_version).metrics.training_steps == 2
