@@ -17,6 +17,7 @@ from pydantic.alias_generators import to_camel
 from gateway.errors import invalid, rest_field
 from rlhf.feedback.v1 import feedback_service_pb2 as fb
 from rlhf.policy.v1 import policy_service_pb2 as pol
+from rlhf.sdk.protojson import message_to_dict
 
 _STRICT = ConfigDict(alias_generator=to_camel, populate_by_name=False, extra="forbid", strict=True)
 INTEGER_TYPES = {
@@ -164,10 +165,7 @@ def _algorithm_config_json(answer: pol.TrainPolicyResponse) -> dict[str, Any]:
     """GRPO's or RLOO's knobs as the run would use them, snake_case like modelConfig (nothing for PPO)."""
     for field in ("grpo_config", "rloo_config"):
         if answer.HasField(field):
-            knobs = json_format.MessageToDict(
-                getattr(answer, field), preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-            )
-            return {"algorithmConfig": knobs}
+            return {"algorithmConfig": message_to_dict(getattr(answer, field))}
     return {}
 
 

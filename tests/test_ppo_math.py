@@ -104,7 +104,11 @@ def test_adaptive_kl_controller_moves_towards_the_target():
 
 def test_entropy_of_uniform_logits_is_log_vocab():
     logits = torch.zeros(1, 1, 8)
-    assert ppo.entropy_from_logits(logits).item() == pytest.approx(math.log(8))
+    assert ppo.entropy_from_logprobs(torch.log_softmax(logits, -1)).item() == pytest.approx(math.log(8))
+    # Computed in chunks of positions: the same per position as all at once.
+    logp = torch.log_softmax(torch.randn(2, 37, 11, generator=torch.Generator().manual_seed(0)), -1)
+    whole = -(logp.exp() * logp).sum(-1)
+    assert torch.allclose(ppo.entropy_from_logprobs(logp, chunk=5), whole)
 
 
 def test_the_default_kl_controller_reacts_within_tens_of_steps_at_the_default_batch():

@@ -111,12 +111,6 @@ def value_loss(
     return loss, stats
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of the softmax distribution."""
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def gather_logprobs(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) from a log-softmax over the vocabulary (batch, length, vocab)."""
     return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
