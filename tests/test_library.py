@@ -79,3 +79,22 @@ def test_reward_model_and_ppo_train_in_process_without_any_server(tmp_path, tiny
     assert reward.config.num_labels == 1
     policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy_version" / "policy")
     assert policy.config.vocab_size > 0
+
+
+def test_the_library_imports_nothing_of_the_runtime_or_the_sdk():
+    """DESIGN.md: nothing below imports anything above. Every module of rlhf.training, the seed-facing API
+    included, loads without rlhf.runtime, rlhf.sdk or grpc."""
+    import pkgutil
+
+    import rlhf.training
+
+    names = [f"rlhf.training.{m.name}" for m in pkgutil.iter_modules(rlhf.training.__path__)]
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('rlhf.runtime', 'rlhf.sdk', 'grpc')))))"
+    )
+    root = pathlib.Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -10,6 +10,8 @@ import os
 import pathlib
 from collections.abc import Callable
 
+from rlhf.training.modeling import data_dir_default
+
 # The four gRPC services, and the REST gateway (gateway/: the seed's HTTP API over them).
 DEFAULT_PORTS = {"feedback": 50051, "reward": 50052, "policy": 50053, "inference": 50054, "gateway": 8000}
 
@@ -21,11 +23,6 @@ def env_str(name: str, default: str) -> str:
 def env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     return int(raw) if raw else default
-
-
-def data_dir_default() -> pathlib.Path:
-    """RLHF_DATA_DIR, else ./.rlhf."""
-    return pathlib.Path(env_str("RLHF_DATA_DIR", ".rlhf")).resolve()
 
 
 def service_address(service: str) -> str:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 from rlhf.training.errors import ModelLoadError
 
 # The name that stands for the project's own tiny model (built on first use, see rlhf.training.tinymodel).
 TINY_MODEL = "rlhf-tiny"
+
+
+def data_dir_default() -> pathlib.Path:
+    """RLHF_DATA_DIR, else ./.rlhf: where models are built and cached (the services keep their data there too)."""
+    return pathlib.Path(os.environ.get("RLHF_DATA_DIR", ".rlhf")).resolve()
 
 
 def resolve_model(name: str | None, data_dir: pathlib.Path) -> str:

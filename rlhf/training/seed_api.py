@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from rlhf.runtime.config import data_dir_default
 from rlhf.training.config import GROUP_CONFIGS, GroupPolicyConfig, RewardModelConfig, TrainingConfig, group_config
+from rlhf.training.modeling import data_dir_default
 from rlhf.training.progress import LoggedProgress
 from rlhf.training.reward_functions import RewardFn, RewardFunctionRegistry
 from rlhf.training.reward_training import Comparison, Rating, split
