@@ -17,6 +17,7 @@ from pydantic.alias_generators import to_camel
 from gateway.errors import invalid, rest_field
 from rlhf.feedback.v1 import feedback_service_pb2 as fb
 from rlhf.policy.v1 import policy_service_pb2 as pol
+from rlhf.sdk.clients import algorithm_number
 from rlhf.sdk.protojson import message_to_dict
 
 _STRICT = ConfigDict(alias_generator=to_camel, populate_by_name=False, extra="forbid", strict=True)
@@ -260,7 +261,7 @@ def train_request(
         dry_run=body.dry_run,
         config=training,
         reward_model_version=body.reward_model_version,
-        algorithm=pol.Algorithm.Value(f"ALGORITHM_{body.algorithm.upper()}"),
+        algorithm=algorithm_number(body.algorithm),
     )
     if body.algorithm_config:
         if body.algorithm == "ppo":

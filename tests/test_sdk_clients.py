@@ -150,3 +150,16 @@ def test_the_readme_client_sdk_examples_run_as_shown(tmp_path: pathlib.Path, cap
     expected = ["1 True", "0 True", "1 True", "2 False score", "4 0.6", "True", "True"]
     assert [line.strip() for line in lines[1:8]] == expected
     assert lines[8].startswith("SenderStats(queued=100, sent=100, resent=0, acknowledged=100, duplicate=0")
+
+
+def test_algorithm_names_map_to_the_contracts_numbers():
+    from rlhf.policy.v1 import policy_service_pb2 as pol
+    from rlhf.sdk.clients import algorithm_number
+
+    assert [algorithm_number(n) for n in ("ppo", "GRPO", "rloo")] == [
+        pol.ALGORITHM_PPO,
+        pol.ALGORITHM_GRPO,
+        pol.ALGORITHM_RLOO,
+    ]
+    with pytest.raises(ValueError, match="unknown algorithm 'dpo'"):
+        algorithm_number("dpo")

@@ -62,6 +62,14 @@ def aio_channel(
     return open_aio_channel(address, CHANNEL_OPTIONS + (options or []), security)
 
 
+def algorithm_number(name: str) -> int:
+    """The contract's Algorithm for "ppo", "grpo" or "rloo" (any case); ValueError for another name."""
+    try:
+        return pol.Algorithm.Value(f"ALGORITHM_{name.upper()}")
+    except ValueError:
+        raise ValueError(f"unknown algorithm {name!r}; use ppo, grpo or rloo") from None
+
+
 def new_request_id() -> str:
     """A fresh idempotency key for one feedback item."""
     return uuid.uuid4().hex
@@ -484,7 +492,7 @@ class _PolicyCalls(_JobCalls):
         and `algorithm_config`: GRPO's or RLOO's own knobs (messages or dicts of their fields; unset: TRL's
         defaults); `fields`: the request's others (dry_run, wait, max_steps, reward_model_version, ...)."""
         name = algorithm.lower()
-        request = pol.TrainPolicyRequest(agent_id=agent_id, algorithm=pol.Algorithm.Value(f"ALGORITHM_{name.upper()}"))
+        request = pol.TrainPolicyRequest(agent_id=agent_id, algorithm=algorithm_number(name))
         if config is not None:
             request.config.CopyFrom(config if isinstance(config, pol.TrainingConfig) else pol.TrainingConfig(**config))
         if algorithm_config is not None:

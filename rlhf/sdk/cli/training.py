@@ -12,7 +12,7 @@ from rlhf.sdk.cli.common import add_parser, client_parser, read_config, subcomma
 from rlhf.sdk.cli.errors import INTERRUPTED, CliError, connected, interrupt_says, service_error
 from rlhf.sdk.cli.progress import state_name, watch_policy_job, watch_reward_job
 
-ALGORITHMS = {"ppo": 1, "grpo": 2, "rloo": 3}  # rlhf.policy.v1.Algorithm numbers
+ALGORITHMS = ("grpo", "ppo", "rloo")  # rlhf.sdk.clients.algorithm_number gives their contract numbers
 FAILED = 1  # exit code of a job that ended without success
 
 CONFIG_EXAMPLE = """\
@@ -25,12 +25,12 @@ example --config file (a TrainingConfig: any of its fields, proto names; unset f
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rlhf.policy.v1 import policy_service_pb2 as pol
-    from rlhf.sdk.clients import PolicyClient
+    from rlhf.sdk.clients import PolicyClient, algorithm_number
 
     request = pol.TrainPolicyRequest(
         agent_id=args.agent_id,
         dry_run=args.dry_run,
-        algorithm=ALGORITHMS[args.algorithm],
+        algorithm=algorithm_number(args.algorithm),
         reward_model_version=args.reward_model_version or "",
     )
     if args.max_steps is not None:
@@ -384,7 +384,7 @@ def register(sub: Any) -> None:
         ),
     )
     train.add_argument("agent_id", help="the agent whose policy is trained")
-    train.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="ppo", help="the RL algorithm")
+    train.add_argument("--algorithm", choices=ALGORITHMS, default="ppo", help="the RL algorithm")
     train.add_argument("--dry-run", action="store_true", help="check and estimate time and memory; train nothing")
     train.add_argument("--max-steps", type=int, help="RL steps (default: the config's max_steps, 1000)")
     train.add_argument("--learning-rate", type=float, help="overrides the config's learning_rate (default 1e-5)")
