@@ -167,6 +167,8 @@ class PolicyDomain:
             self._register,
             worker_env=client_environment(config.server.security),
             resumable=True,
+            owner=config.server.resolved_replica_id(),
+            lease_seconds=config.server.job_lease_seconds,
         )
         self._channels = [
             open_aio_channel(config.feedback_address, [], config.server.security),

@@ -55,6 +55,8 @@ class RewardDomain:
             "reward_service.worker",
             self._register,
             worker_env=client_environment(config.server.security),
+            owner=config.server.resolved_replica_id(),
+            lease_seconds=config.server.job_lease_seconds,
         )
         self.scorer = Scorer(config.device, config.score_micro_batch, config.model_cache_size)
         # Imported now: a registration that does not import stops the service at start, saying which.

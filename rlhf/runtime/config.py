@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import socket
+import uuid
 from collections.abc import Callable
 
 from rlhf.training.modeling import data_dir_default
@@ -99,6 +101,16 @@ class ServerConfig:
     grace_seconds: float = 5.0
     # Tokens, TLS and reflection (RLHF_AUTH_TOKENS_FILE, RLHF_TLS_*, RLHF_TOKEN, RLHF_REFLECTION).
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
+    # This process's name among the service's replicas over one database (RLHF_REPLICA_ID); the jobs it runs carry
+    # it as their owner. Each live replica needs its own. Empty: "embedded" on SQLite (one process per file, so a
+    # restart marks its jobs INTERRUPTED at once), else "<host>-<random>", new in every process (a restarted
+    # replica's old jobs are marked INTERRUPTED when their lease expires). Set it to a stable name (a pod's) to
+    # have a restart interrupt its own jobs at once.
+    replica_id: str = ""
+    # Seconds a job's lease lasts (RLHF_JOB_LEASE_SECONDS, default 30): the owner renews it every third of that
+    # (its heartbeat, which also picks up cancels asked of other replicas), and any replica marks a job whose
+    # lease expired INTERRUPTED (its owner died). Replicas' clocks must agree to well within this.
+    job_lease_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, service: str, **overrides) -> ServerConfig:
@@ -111,6 +123,8 @@ class ServerConfig:
             database_url=env_str(f"RLHF_{up}_DATABASE_URL", ""),
             database_migrate=env_str("RLHF_DB_MIGRATE", ""),
             max_message_bytes=env_int("RLHF_MAX_MESSAGE_BYTES", 64 * 1024 * 1024),
+            replica_id=env_str("RLHF_REPLICA_ID", ""),
+            job_lease_seconds=float(env_str("RLHF_JOB_LEASE_SECONDS", "30")),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -119,6 +133,14 @@ class ServerConfig:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.data_dir / f'{self.service}.db'}"
+
+    def resolved_replica_id(self) -> str:
+        """replica_id, or its default (see the field)."""
+        if self.replica_id:
+            return self.replica_id
+        if self.resolved_database_url().startswith("sqlite"):
+            return "embedded"
+        return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
     @property
     def artifact_root(self) -> pathlib.Path:

@@ -6,6 +6,15 @@ manager tails those events, persists progress, feeds watchers, and on the worker
 state. Training never runs on the server's event loop, a cancel is a SIGTERM (the worker stops within a
 step and keeps a checkpoint), a crash can't take the server down, and a restarted server marks jobs that
 were running as INTERRUPTED.
+
+Replicas: several servers of one service may share the database (and the artifact volume, where job folders
+live). Each job has an owner, the replica that runs its worker (ServerConfig.replica_id), and a lease that the
+owner's heartbeat renews every third of ServerConfig.job_lease_seconds. A starting replica marks INTERRUPTED only
+its own jobs and those whose lease expired; the heartbeat of every replica does the same for expired leases (an
+owner that died). Only the owner writes a job's progress and end, and only while the row is still active and its
+own (a replica that lost its lease stops its worker rather than overwrite what another decided). Get, list and
+watch read the database, so they work on any replica; a cancel of another replica's job is recorded in the row
+(cancel_requested_at), and the owner's heartbeat stops the worker.
 """
 
 from __future__ import annotations
@@ -23,7 +32,22 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, func, select, update
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from rlhf.runtime import validation
@@ -68,6 +92,12 @@ def jobs_table(metadata: MetaData) -> Table:
         Column("started_at", DateTime(timezone=True)),
         Column("finished_at", DateTime(timezone=True)),
         Column("seq", Integer, nullable=False, default=0),  # creation order for listing
+        # The replica running the job (ServerConfig.replica_id); empty in rows from before replicas existed.
+        Column("owner", String(128)),
+        # Until when the owner's heartbeat vouches for an active job; past it any replica marks it INTERRUPTED.
+        Column("lease_expires_at", DateTime(timezone=True)),
+        # A cancel asked of a replica that does not run the job; the owner's heartbeat acts on it.
+        Column("cancel_requested_at", DateTime(timezone=True)),
     )
     # The database itself keeps one active job per agent and unique creation numbers, so concurrent creates
     # (threads, or several server replicas over one database) cannot both win; JobStore retries or refuses.
@@ -94,6 +124,9 @@ class Job:
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     seq: int
+    owner: str = ""
+    lease_expires_at: dt.datetime | None = None
+    cancel_requested_at: dt.datetime | None = None
 
     @property
     def terminal(self) -> bool:
@@ -128,6 +161,9 @@ class JobStore:
             started_at=_aware(row.started_at),
             finished_at=_aware(row.finished_at),
             seq=row.seq,
+            owner=row.owner or "",
+            lease_expires_at=_aware(row.lease_expires_at),
+            cancel_requested_at=_aware(row.cancel_requested_at),
         )
 
     def _refuse_if_busy(self, conn: Any, agent_id: str) -> None:
@@ -141,8 +177,9 @@ class JobStore:
                 subject=active.job_id,
             )
 
-    def create(self, agent_id: str, spec: dict[str, Any]) -> Job:
-        """Insert a QUEUED job unless the agent has an active one. The check runs in the same transaction, and
+    def create(self, agent_id: str, spec: dict[str, Any], owner: str = "", lease_seconds: float = 30.0) -> Job:
+        """Insert a QUEUED job owned by `owner` (its lease `lease_seconds` from now) unless the agent has an
+        active one. The check runs in the same transaction, and
         the database's unique indexes settle races: a lost race for the agent's active slot is refused, one
         for the next sequence number is retried."""
         t = self.table
@@ -157,6 +194,8 @@ class JobStore:
                 error="",
                 version="",
                 created_at=utcnow(),
+                owner=owner,
+                lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds),
             )
             try:
                 with self.engine.begin() as conn:
@@ -170,8 +209,8 @@ class JobStore:
             return self.get(values["job_id"])
         raise Unavailable("too many training jobs are being created at once; retry")
 
-    def requeue(self, job_id: str) -> Job:
-        """An ended (not succeeded) job back to QUEUED, unless its agent has another active job."""
+    def requeue(self, job_id: str, owner: str = "", lease_seconds: float = 30.0) -> Job:
+        """An ended (not succeeded) job back to QUEUED, owned by `owner`, unless its agent has another active job."""
         t = self.table
         try:
             with self.engine.begin() as conn:
@@ -187,7 +226,16 @@ class JobStore:
                 conn.execute(
                     update(t)
                     .where(t.c.job_id == job_id)
-                    .values(state=QUEUED, error="", progress="{}", finished_at=None, started_at=None)
+                    .values(
+                        state=QUEUED,
+                        error="",
+                        progress="{}",
+                        finished_at=None,
+                        started_at=None,
+                        owner=owner,
+                        lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds),
+                        cancel_requested_at=None,
+                    )
                 )
         except IntegrityError:  # a concurrent create or resume took the agent's active slot
             with self.engine.connect() as conn:
@@ -221,15 +269,76 @@ class JobStore:
         with self.engine.begin() as conn:
             conn.execute(update(self.table).where(self.table.c.job_id == job_id).values(**fields))
 
-    def interrupt_active(self, reason: str) -> int:
-        """On start-up: jobs left active by a previous server process can no longer be running."""
+    def update_owned(self, job_id: str, owner: str, **fields: Any) -> bool:
+        """`update`, only while the job is active and `owner`'s; False when it no longer is (another replica
+        marked it INTERRUPTED after its lease expired, or a user's resume elsewhere took it)."""
+        for key in ("spec", "progress", "result"):
+            if key in fields:
+                fields[key] = json.dumps(fields[key])
+        t = self.table
         with self.engine.begin() as conn:
             result = conn.execute(
-                update(self.table)
-                .where(self.table.c.state.in_(ACTIVE))
+                update(t).where(t.c.job_id == job_id, t.c.owner == owner, t.c.state.in_(ACTIVE)).values(**fields)
+            )
+            return result.rowcount == 1
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Record a cancel for the owner's heartbeat; False if the job is no longer active."""
+        t = self.table
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(t).where(t.c.job_id == job_id, t.c.state.in_(ACTIVE)).values(cancel_requested_at=utcnow())
+            )
+            return result.rowcount == 1
+
+    def renew(self, owner: str, lease_seconds: float) -> dict[str, bool]:
+        """The heartbeat: extend the leases of `owner`'s active jobs; {job_id: a cancel was requested} of them."""
+        t = self.table
+        mine = (t.c.owner == owner, t.c.state.in_(ACTIVE))
+        with self.engine.begin() as conn:
+            conn.execute(update(t).where(*mine).values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds)))
+            rows = conn.execute(select(t.c.job_id, t.c.cancel_requested_at).where(*mine))
+            return {row.job_id: row.cancel_requested_at is not None for row in rows}
+
+    def interrupt_own(self, owner: str, reason: str) -> int:
+        """A replica starting again: the jobs it left active can no longer be running."""
+        t = self.table
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(t)
+                .where(t.c.state.in_(ACTIVE), t.c.owner == owner)
                 .values(state=INTERRUPTED, error=reason, finished_at=utcnow())
             )
             return result.rowcount
+
+    def interrupt_expired(self, owner: str, reason: str) -> int:
+        """Active jobs of other owners whose lease expired (or that have none: rows from before replicas): their
+        replica died. They end INTERRUPTED with `reason` ("{owner}" filled in), or CANCELLED when a cancel was
+        asked meanwhile."""
+        t = self.table
+        now = utcnow()
+        expired = and_(
+            t.c.state.in_(ACTIVE),
+            or_(t.c.owner.is_(None), t.c.owner != owner),
+            or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < now),
+        )
+        count = 0
+        with self.engine.begin() as conn:
+            for row in conn.execute(select(t.c.job_id, t.c.owner, t.c.cancel_requested_at).where(expired)).all():
+                values = (
+                    dict(state=CANCELLED, error="cancelled by request")
+                    if row.cancel_requested_at is not None
+                    else dict(state=INTERRUPTED, error=reason.format(owner=row.owner or "unknown"))
+                )
+                # The same condition again: a heartbeat that renewed the lease meanwhile wins.
+                count += conn.execute(
+                    update(t).where(expired, t.c.job_id == row.job_id).values(**values, finished_at=now)
+                ).rowcount
+        return count
+
+
+class LeaseLost(Exception):
+    """The job is no longer this replica's to write (another replica ended it, or took it by a resume)."""
 
 
 # Called with the finished job and its worker's result; registers the output and returns its version.
@@ -249,8 +358,15 @@ class JobManager:
         poll_seconds: float = 0.2,
         cancel_grace_seconds: float = 30.0,
         resumable: bool = False,
+        owner: str = "embedded",
+        lease_seconds: float = 30.0,
+        watch_poll_seconds: float = 1.0,
     ) -> None:
-        """`resumable`: the service offers ResumeTrainingJob, so a stopped job's error says to use it."""
+        """`resumable`: the service offers ResumeTrainingJob, so a stopped job's error says to use it. `owner`:
+        this replica's id (ServerConfig.resolved_replica_id); `lease_seconds`: ServerConfig.job_lease_seconds;
+        `watch_poll_seconds`: how often a watch of another replica's job reads the database."""
+        if lease_seconds <= 0:
+            raise ValueError(f"the job lease must be positive seconds, got {lease_seconds}")
         self.store = store
         self.work_root = work_root
         self.worker_module = worker_module
@@ -264,19 +380,53 @@ class JobManager:
         self._cancel_requested: set[str] = set()
         self._changed: dict[str, asyncio.Condition] = {}
         self._closing = False
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.watch_poll_seconds = watch_poll_seconds
+        self._heartbeat: asyncio.Task | None = None
 
     async def recover(self) -> None:
-        count = await asyncio.to_thread(
-            self.store.interrupt_active, f"the server stopped while this job ran; {self.advice}"
+        """On start: end the jobs this replica left active before, and those of replicas whose lease expired;
+        then keep this replica's leases alive (the heartbeat)."""
+        own = await asyncio.to_thread(
+            self.store.interrupt_own, self.owner, f"the server stopped while this job ran; {self.advice}"
         )
+        if own:
+            log.warning("marked %d job(s) left running by this server before its restart as INTERRUPTED", own)
+        await self._interrupt_expired()
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._beat())
+
+    async def _interrupt_expired(self) -> None:
+        reason = (
+            f"the server running this job (replica {{owner}}) stopped while this job ran: its lease of "
+            f"{self.lease_seconds:g} s expired; {self.advice}"
+        )
+        count = await asyncio.to_thread(self.store.interrupt_expired, self.owner, reason)
         if count:
-            log.warning("marked %d job(s) left running by a previous server as INTERRUPTED", count)
+            log.warning("ended %d job(s) of replicas whose lease expired", count)
+
+    async def _beat(self) -> None:
+        """Every third of the lease: renew this replica's leases, act on cancels asked elsewhere, and end the jobs
+        of replicas whose lease expired."""
+        interval = self.lease_seconds / 3
+        while not self._closing:
+            try:
+                jobs = await asyncio.to_thread(self.store.renew, self.owner, self.lease_seconds)
+                for job_id, cancel in jobs.items():
+                    if cancel and job_id not in self._cancel_requested and job_id in self._tasks:
+                        log.info("job %s: cancel requested through another replica", job_id)
+                        self._stop_for_cancel(job_id)
+                await self._interrupt_expired()
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the heartbeat
+                log.exception("job heartbeat failed; retrying")
+            await asyncio.sleep(interval)
 
     def job_dir(self, job_id: str) -> pathlib.Path:
         return self.work_root / job_id
 
     async def submit(self, agent_id: str, spec: dict[str, Any]) -> Job:
-        job = await asyncio.to_thread(self.store.create, agent_id, spec)
+        job = await asyncio.to_thread(self.store.create, agent_id, spec, self.owner, self.lease_seconds)
         folder = self.job_dir(job.job_id)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "spec.json").write_text(json.dumps({"job_id": job.job_id, "agent_id": agent_id, **spec}, indent=2))
@@ -286,7 +436,7 @@ class JobManager:
 
     async def resume(self, job_id: str) -> Job:
         """Run an ended job's worker again in the same folder; the worker continues from its checkpoint."""
-        job = await asyncio.to_thread(self.store.requeue, job_id)
+        job = await asyncio.to_thread(self.store.requeue, job_id, self.owner, self.lease_seconds)
         events = self.job_dir(job_id) / "events.jsonl"
         # The earlier run's events (its error, its progress) are history, not news about this run.
         already_read = events.stat().st_size if events.exists() else 0
@@ -315,26 +465,43 @@ class JobManager:
         job = await self.get(job_id)
         if job.terminal:
             raise FailedPrecondition(f"job {job_id} already ended ({job.state})", subject=job_id)
+        if job_id in self._tasks:
+            self._stop_for_cancel(job_id)
+        elif not await asyncio.to_thread(self.store.request_cancel, job_id):
+            job = await self.get(job_id)  # it ended meanwhile
+            raise FailedPrecondition(f"job {job_id} already ended ({job.state})", subject=job_id)
+        else:
+            log.info("job %s: cancel recorded for its replica %s", job_id, job.owner)
+        return await self.get(job_id)
+
+    def _stop_for_cancel(self, job_id: str) -> None:
+        """A cancel of a job this replica runs: SIGTERM to its worker (or to it once it starts)."""
         self._cancel_requested.add(job_id)
         process = self._processes.get(job_id)
         if process and process.returncode is None:
             _signal_group(process, signal.SIGTERM)
             log.info("job %s: cancel requested, SIGTERM sent to worker %d", job_id, process.pid)
-        return await self.get(job_id)
 
     async def watch(self, job_id: str) -> AsyncIterator[Job]:
-        """Yield the job now and after each change, until it ends."""
+        """Yield the job now and after each change, until it ends. A job this replica runs wakes the watch
+        as it changes; another replica's job is read from the database every watch_poll_seconds."""
         job = await self.get(job_id)
         yield job
         condition = self._condition(job_id)
         while not job.terminal:
-            async with condition:
-                try:
-                    await asyncio.wait_for(condition.wait(), timeout=5.0)
-                except asyncio.TimeoutError:
-                    pass  # re-read anyway: another process may own the job
-            job = await self.get(job_id)
-            yield job
+            if job_id in self._tasks:
+                async with condition:
+                    try:
+                        await asyncio.wait_for(condition.wait(), timeout=5.0)
+                    except asyncio.TimeoutError:
+                        pass  # re-read anyway
+            else:
+                await asyncio.sleep(self.watch_poll_seconds)
+            latest = await self.get(job_id)
+            # A renewed lease alone is no news to a watcher.
+            if dataclasses.replace(latest, lease_expires_at=job.lease_expires_at) != job:
+                job = latest
+                yield job
 
     async def wait(self, job_id: str) -> Job:
         """The job once it has ended."""
@@ -344,6 +511,8 @@ class JobManager:
     async def close(self) -> None:
         """Server shutdown: stop workers; their jobs end INTERRUPTED (checkpoints stay on disk)."""
         self._closing = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         for process in self._processes.values():
             if process.returncode is None:
                 _signal_group(process, signal.SIGTERM)
@@ -359,8 +528,11 @@ class JobManager:
             condition.notify_all()
 
     async def _update(self, job_id: str, **fields: Any) -> None:
-        await asyncio.to_thread(self.store.update, job_id, **fields)
+        """Write what this replica's worker did; LeaseLost if the job is no longer this replica's to write."""
+        owned = await asyncio.to_thread(self.store.update_owned, job_id, self.owner, **fields)
         await self._notify(job_id)
+        if not owned:
+            raise LeaseLost(job_id)
 
     async def _supervise(self, job_id: str, events_offset: int = 0) -> None:
         folder = self.job_dir(job_id)
@@ -383,6 +555,8 @@ class JobManager:
                     start_new_session=True,
                 )
             self._processes[job_id] = process
+            if job_id in self._cancel_requested:  # cancelled while the worker was starting
+                _signal_group(process, signal.SIGTERM)
             await self._update(job_id, state=RUNNING, started_at=utcnow())
             log.info("job %s running in worker pid %d", job_id, process.pid)
             offset = events_offset
@@ -396,9 +570,18 @@ class JobManager:
                 except asyncio.TimeoutError:
                     pass
             await self._finish(job_id, process.returncode, state, log_path)
+        except LeaseLost:
+            # Another replica ended the job (its lease had expired): stop the worker, leave the row alone.
+            log.warning("job %s: no longer this replica's (lease lost); stopping its worker", job_id)
+            process = self._processes.get(job_id)
+            if process is not None and process.returncode is None:
+                _signal_group(process, signal.SIGTERM)
         except Exception as error:  # noqa: BLE001 - a supervisor bug must still end the job truthfully
             log.exception("job %s: supervisor failed", job_id)
-            await self._update(job_id, state=FAILED, error=f"supervisor error: {error}", finished_at=utcnow())
+            try:
+                await self._update(job_id, state=FAILED, error=f"supervisor error: {error}", finished_at=utcnow())
+            except LeaseLost:
+                pass
         finally:
             self._processes.pop(job_id, None)
             self._tasks.pop(job_id, None)

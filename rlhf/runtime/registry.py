@@ -5,8 +5,8 @@ see and pass: with SEQUENTIAL naming the name is "v<number>" ("v1", "v2", ...); 
 the feedback count the version was trained on, as in the seed ("v15", then "v25" after ten more items). A name is
 never reused: when the natural name is taken (a second run on the same count, or a sequential number that an
 earlier count-named version already holds) the version gets the first free suffix ".2", ".3", ... ("v15.2").
-Both are allocated in the same transaction that records the row, after the artifact folder has been renamed
-into place (the folder is named after the version): a registered version's folder is always complete.
+Both are allocated in the transaction that records the row, which renames the artifact folder into place
+before it commits (the folder is named after the version): a registered version's folder is always complete.
 """
 
 from __future__ import annotations
@@ -35,16 +35,19 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    update,
 )
+from sqlalchemy.exc import IntegrityError
 
 from rlhf.runtime import validation
-from rlhf.runtime.errors import NotFound
+from rlhf.runtime.errors import NotFound, Unavailable
 from rlhf.runtime.jobs import utcnow
 
 # How versions are named (see the module docstring).
 SEQUENTIAL = "sequential"
 FEEDBACK_COUNT = "feedback_count"
 NAMINGS = (SEQUENTIAL, FEEDBACK_COUNT)
+_REGISTER_ATTEMPTS = 20  # a registration loses a race for a number or name only to another registration
 
 
 def registry_table(metadata: MetaData, name: str) -> Table:
@@ -132,29 +135,38 @@ class Registry:
         self, agent_id: str, place: Callable[[int, str], str], job_id: str, info: dict[str, Any]
     ) -> Version:
         """Allocate the next version; `place(number, name)` moves the artifact into place and returns its
-        folder. Of two concurrent registrations of one agent that pick the same name, one fails (unique key)."""
+        folder. The row goes in first, inside the transaction: of concurrent registrations of one agent (threads,
+        or replicas over one database) that pick the same number or name, the database's unique keys refuse all
+        but one before anything is placed, and the others try again with the next free number and name. The
+        row and its folder appear together when the transaction commits."""
         t = self.table
-        with self.engine.begin() as conn:
-            last = conn.execute(select(func.max(t.c.version_number)).where(t.c.agent_id == agent_id)).scalar()
-            number = (last or 0) + 1
-            base = natural_name(self.naming, number, info)
-            same = or_(t.c.version_name == base, t.c.version_name.like(f"{base}.%"))
-            taken = set(conn.execute(select(t.c.version_name).where(t.c.agent_id == agent_id, same)).scalars())
-            name = free_name(base, taken)
-            path = place(number, name)
-            conn.execute(
-                t.insert().values(
-                    id=uuid.uuid4().hex,
-                    agent_id=agent_id,
-                    version_number=number,
-                    version_name=name,
-                    path=path,
-                    job_id=job_id,
-                    info=json.dumps(info),
-                    created_at=utcnow(),
-                )
-            )
-        return self.get(agent_id, name)
+        for _ in range(_REGISTER_ATTEMPTS):
+            try:
+                with self.engine.begin() as conn:
+                    last = conn.execute(select(func.max(t.c.version_number)).where(t.c.agent_id == agent_id)).scalar()
+                    number = (last or 0) + 1
+                    base = natural_name(self.naming, number, info)
+                    same = or_(t.c.version_name == base, t.c.version_name.like(f"{base}.%"))
+                    taken = set(conn.execute(select(t.c.version_name).where(t.c.agent_id == agent_id, same)).scalars())
+                    name = free_name(base, taken)
+                    row_id = uuid.uuid4().hex
+                    conn.execute(
+                        t.insert().values(
+                            id=row_id,
+                            agent_id=agent_id,
+                            version_number=number,
+                            version_name=name,
+                            path="",
+                            job_id=job_id,
+                            info=json.dumps(info),
+                            created_at=utcnow(),
+                        )
+                    )
+                    conn.execute(update(t).where(t.c.id == row_id).values(path=place(number, name)))
+            except IntegrityError:
+                continue  # another registration took the number or the name
+            return self.get(agent_id, name)
+        raise Unavailable(f"too many {self.noun} versions of agent '{agent_id}' are being registered at once; retry")
 
     def register_folder(
         self,
