@@ -36,6 +36,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
@@ -175,6 +176,28 @@ def _stats_from(values: Sequence[Any]) -> Stats:
     )
 
 
+def commit_in_sequence_order(conn: Connection, items: Sequence[NewFeedback]) -> None:
+    """Make this insert's rows commit after every row of their agents with a lower sequence, so a watermark
+    (the agent's highest committed sequence, read by stats and exports) never passes a row still to commit.
+
+    Exports take rows with sequence <= watermark, so a row that commits later with a lower sequence than one
+    already visible would be missing from an export made meanwhile and then present in another with the same
+    watermark. SQLite has one writer at a time, so its commits are in sequence order already. On PostgreSQL,
+    replicas (or any writers) insert concurrently and a sequence is handed out when a row is inserted, not when
+    it commits: there, each insert transaction first takes a transaction-scoped advisory lock per agent it
+    writes (in sorted order: no deadlock between two batches), so the agent's inserts run one at a time and
+    their sequences rise in commit order. Writers of different agents still run in parallel; a hash collision
+    between two agents only serialises them too. (A global order would need one lock for every writer; the
+    watermark is per agent, so per agent is enough.)"""
+    if conn.dialect.name != "postgresql":
+        return
+    for agent_id in sorted({item.agent_id for item in items}):
+        conn.execute(_AGENT_LOCK, {"key": f"rlhf-feedback-agent:{agent_id}"})
+
+
+_AGENT_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+
+
 class FeedbackStore:
     """The `feedback` table of one database. Thread-safe: each call uses its own pooled connection."""
 
@@ -200,6 +223,7 @@ class FeedbackStore:
         for attempt in range(_INSERT_ATTEMPTS):
             try:
                 with self._engine.begin() as conn:
+                    commit_in_sequence_order(conn, items)
                     return self._insert_group(conn, items)
             except IntegrityError:
                 if attempt == _INSERT_ATTEMPTS - 1:

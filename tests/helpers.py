@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
 import random
 import time
+import uuid
+from collections.abc import Iterator
 
 import grpc
 
@@ -53,3 +57,27 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+@contextlib.contextmanager
+def postgres_schema(prefix: str) -> Iterator[str]:
+    """A URL of a fresh schema on the test PostgreSQL (RLHF_TEST_POSTGRES_URL, else the test skips): every
+    connection of it works in that schema (search_path), dropped afterwards."""
+    import pytest
+    from sqlalchemy import text
+
+    from rlhf.runtime.db import make_engine
+
+    url = os.environ.get("RLHF_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("RLHF_TEST_POSTGRES_URL is not set")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(url)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {name}"))
+    try:
+        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{name}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {name} CASCADE"))
+        admin.dispose()

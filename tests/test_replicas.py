@@ -12,9 +12,13 @@ import threading
 
 import pytest
 
+from feedback_service.models import NewFeedback
+from feedback_service.store import FeedbackStore, commit_in_sequence_order
+from rlhf.runtime.db import make_engine
 from rlhf.runtime.jobs import CANCELLED, INTERRUPTED, RUNNING, SUCCEEDED, JobManager, JobStore
 from rlhf.runtime.registry import FEEDBACK_COUNT, SEQUENTIAL, Registry, registry_table
 from tests import test_hostile_jobs
+from tests.helpers import postgres_schema
 from tests.test_hostile_jobs import all_at_once, stores
 
 # A fresh jobs database per test, SQLite and PostgreSQL (each engine made by it is one "replica"'s).
@@ -171,3 +175,56 @@ def test_the_job_lease_is_configured_with_a_documented_default(monkeypatch):
     assert ServerConfig(service="policy").resolved_replica_id() == "embedded"  # one process per SQLite file
     with pytest.raises(ValueError, match="lease"):
         JobManager(None, pathlib.Path("unused"), "unused", None, lease_seconds=0)  # type: ignore[arg-type]
+
+
+# Feedback export watermarks with several writers. -----------------------------------------------------------
+
+
+def feedback_item(agent_id: str, request_id: str) -> NewFeedback:
+    return NewFeedback(
+        agent_id=agent_id,
+        kind="rating",
+        prompt="p",
+        response="r",
+        score=0.5,
+        chosen="",
+        rejected="",
+        margin=None,
+        run_id="",
+        notes="",
+        generation_id="",
+        policy_version="",
+        request_id=request_id,
+        metadata_json="{}",
+    )
+
+
+@pytest.mark.postgres
+def test_a_watermark_never_passes_a_row_another_writer_has_yet_to_commit():
+    """Writer A holds an uncommitted row of the agent; writer B's insert of the same agent waits for it, so no
+    reader can see B's (higher) sequence as the watermark while A's lower one may still appear below it."""
+    with postgres_schema("watermarks") as url:
+        engines = [make_engine(url) for _ in range(3)]
+        try:
+            FeedbackStore(engines[0]).create_tables()
+            writer_a, writer_b, reader = (FeedbackStore(engine) for engine in engines)
+            with engines[0].begin() as conn:  # writer A, mid-transaction
+                commit_in_sequence_order(conn, [feedback_item("agent", "a")])
+                (held,) = writer_a._insert_group(conn, [feedback_item("agent", "a")])
+                done = threading.Event()
+                inserted: list = []
+                thread = threading.Thread(
+                    target=lambda: (inserted.extend(writer_b.insert_many([feedback_item("agent", "b")])), done.set())
+                )
+                thread.start()
+                waited = not done.wait(1.0)
+                watermark_meanwhile = reader.max_sequence("agent")
+                other_agent = writer_b.insert_many([feedback_item("other", "c")])  # other agents are not held up
+            thread.join(30)
+            assert waited and watermark_meanwhile == 0 and other_agent[0].sequence
+            assert inserted[0].sequence > held.sequence
+            exported = [r.sequence for r in reader.export_chunk("agent", "", reader.max_sequence("agent"), 0, 10)]
+            assert exported == [held.sequence, inserted[0].sequence]
+        finally:
+            for engine in engines:
+                engine.dispose()
