@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from feedback_service.config import FeedbackServiceConfig
 from feedback_service.domain import FeedbackDomain
+from feedback_service.metrics import FeedbackCollector
 from feedback_service.migrations import schema
 from feedback_service.servicer import FeedbackServicer
 from feedback_service.store import FeedbackStore
@@ -45,6 +46,8 @@ async def start(config: FeedbackServiceConfig) -> RunningServer:
         await asyncio.to_thread(engine.dispose)
 
     running.on_stop.append(dispose)
+    running.metrics.add(FeedbackCollector(domain))
+    running.domain = domain
     return running
 
 

@@ -35,7 +35,9 @@ class Attributor:
         security: SecurityConfig | None = None,
     ) -> None:
         # TLS and the service's own token (security) as every other service-to-service call.
-        self._channel = open_aio_channel(inference_address, [], security) if inference_address else None
+        self._channel = (
+            open_aio_channel(inference_address, [], security, request_ids=True) if inference_address else None
+        )
         self._stub = inf_grpc.InferenceServiceStub(self._channel) if self._channel else None
         self._timeout = timeout_seconds
         self._cache_size = cache_size

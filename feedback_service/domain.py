@@ -51,6 +51,10 @@ class FeedbackDomain:
         self._validator = FeedbackValidator(config)
         self._attributor = Attributor(config.inference_address, security=config.server.security)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="feedback-writer")
+        # For metrics (feedback_service.metrics): items acknowledged since start by outcome (stored, duplicate,
+        # rejected), and the writes waiting for or running in the writer thread.
+        self.items: collections.Counter[str] = collections.Counter()
+        self.writes_waiting = 0
 
     async def close(self) -> None:
         """Let queued writes finish, then stop the writer thread."""
@@ -58,14 +62,24 @@ class FeedbackDomain:
         await self._attributor.close()
 
     async def _write(self, function: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
+        self.writes_waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
+        finally:
+            self.writes_waiting -= 1
 
     # -- writes ---------------------------------------------------------------------------------------
 
     async def submit(self, raw: FeedbackInput) -> tuple[NewFeedback, Stored]:
         """Store one item (its own transaction). A replayed request_id returns the original row."""
-        (item,) = await self._attributor.attribute_many([self._validator.item(raw)])
+        try:
+            checked = self._validator.item(raw)
+        except InvalidArgument:
+            self.items["rejected"] += 1
+            raise
+        (item,) = await self._attributor.attribute_many([checked])
         (stored,) = await self._write(self._store.insert_many, [item])
+        self.items["duplicate" if stored.duplicate else "stored"] += 1
         return item, stored
 
     async def ingest(self, items: AsyncIterator[FeedbackInput]) -> AsyncIterator[list[Ack]]:
@@ -95,6 +109,7 @@ class FeedbackDomain:
         reader = asyncio.create_task(self._read(batches, buffer))
         committer = asyncio.create_task(self._commit_groups(buffer, outbox))
         counts = collections.Counter[str]()
+        counted = collections.Counter[str]()
         try:
             while True:
                 acks = await outbox.get()
@@ -104,6 +119,8 @@ class FeedbackDomain:
                     raise acks
                 for ack in acks:
                     counts["duplicate" if ack.duplicate else "stored" if ack.accepted else "rejected"] += 1
+                self.items.update(counts - counted)  # this group's outcomes
+                counted = counts.copy()
                 yield acks
         finally:
             reader.cancel()

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError, from_rpc_error
+from gateway.observability import GatewayMetrics, RequestObserver
 from gateway.routes import Backends, router
 from gateway.schemas import TrainIn, train_request
 from rlhf.runtime.logs import setup_logging
@@ -63,6 +64,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
     app = FastAPI(title="RLHF platform REST API", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.include_router(router)
     app.add_middleware(ForwardToken)
+    # Outermost: request ids, the request log and the metrics served at GET /metrics (gateway.observability).
+    metrics = GatewayMetrics()
+    app.add_middleware(RequestObserver, metrics=metrics)
+    app.add_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError) -> JSONResponse:

@@ -15,6 +15,7 @@ from inference_service.servicer import InferenceServicer
 from inference_service.store import InferenceStore
 from rlhf.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from rlhf.runtime.app import run_service, server_flags, server_overrides
+from rlhf.runtime.collectors import ModelCacheCollector
 from rlhf.runtime.db import make_engine
 from rlhf.runtime.migrations import prepare_database
 from rlhf.runtime.server import RunningServer, ServiceBinding, start_server
@@ -50,6 +51,8 @@ async def start(config: InferenceServiceConfig) -> RunningServer:
         engine.dispose()
 
     running.on_stop.append(cleanup)
+    running.metrics.add(ModelCacheCollector(models, "inference"))
+    running.domain = domain
     log.info(
         "inference service: policy service at %s, base model %s, device %s",
         config.policy_addr,

@@ -35,7 +35,7 @@ class PolicyClient:
     ) -> None:
         self.address = address
         self._timeout = timeout_seconds
-        self._channel = open_aio_channel(address, options or [], security)
+        self._channel = open_aio_channel(address, options or [], security, request_ids=True)
         self._stub = policy_service_pb2_grpc.PolicyServiceStub(self._channel)
         # Registered versions are immutable, so a pinned version's folder is looked up once.
         self._pinned: dict[tuple[str, str], PolicyRef] = {}

@@ -9,6 +9,7 @@ from policy_service.domain import PolicyDomain
 from policy_service.servicer import PolicyServicer
 from rlhf.policy.v1 import policy_service_pb2_grpc as pb_grpc
 from rlhf.runtime.app import run_service, server_flags, server_overrides, start_with_domain
+from rlhf.runtime.collectors import JobsCollector
 from rlhf.runtime.db import make_engine
 from rlhf.runtime.registry import NAMINGS
 from rlhf.runtime.server import RunningServer, ServiceBinding
@@ -22,7 +23,9 @@ async def start(config: PolicyServiceConfig) -> RunningServer:
     binding = ServiceBinding(
         "rlhf.policy.v1.PolicyService", PolicyServicer(domain), pb_grpc.add_PolicyServiceServicer_to_server
     )
-    return await start_with_domain(config.server, engine, domain, binding)
+    running = await start_with_domain(config.server, engine, domain, binding)
+    running.metrics.add(JobsCollector(domain.jobs.store, "policy"))
+    return running
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -171,8 +171,8 @@ class PolicyDomain:
             lease_seconds=config.server.job_lease_seconds,
         )
         self._channels = [
-            open_aio_channel(config.feedback_address, [], config.server.security),
-            open_aio_channel(config.reward_address, [], config.server.security),
+            open_aio_channel(config.feedback_address, [], config.server.security, request_ids=True),
+            open_aio_channel(config.reward_address, [], config.server.security, request_ids=True),
         ]
         self.feedback = fb_grpc.FeedbackServiceStub(self._channels[0])
         self.reward = rw_grpc.RewardServiceStub(self._channels[1])

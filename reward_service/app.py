@@ -9,6 +9,7 @@ from reward_service.domain import RewardDomain
 from reward_service.servicer import RewardServicer
 from rlhf.reward.v1 import reward_service_pb2_grpc as pb_grpc
 from rlhf.runtime.app import run_service, server_flags, server_overrides, start_with_domain
+from rlhf.runtime.collectors import JobsCollector, ModelCacheCollector
 from rlhf.runtime.db import make_engine
 from rlhf.runtime.server import RunningServer, ServiceBinding
 from rlhf.runtime.training_store import TrainingStore
@@ -22,7 +23,11 @@ async def start(config: RewardServiceConfig) -> RunningServer:
     binding = ServiceBinding(
         "rlhf.reward.v1.RewardService", RewardServicer(domain), pb_grpc.add_RewardServiceServicer_to_server
     )
-    return await start_with_domain(config.server, engine, domain, binding)
+    running = await start_with_domain(config.server, engine, domain, binding)
+    running.metrics.add(
+        JobsCollector(domain.jobs.store, "reward_model"), ModelCacheCollector(domain.scorer.cache, "reward")
+    )
+    return running
 
 
 def main(argv: list[str] | None = None) -> None:

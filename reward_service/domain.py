@@ -61,7 +61,7 @@ class RewardDomain:
         self.scorer = Scorer(config.device, config.score_micro_batch, config.model_cache_size)
         # Imported now: a registration that does not import stops the service at start, saying which.
         self.reward_functions = RewardFunctionRegistry.of(config.reward_functions)
-        self._feedback_channel = open_aio_channel(config.feedback_address, [], config.server.security)
+        self._feedback_channel = open_aio_channel(config.feedback_address, [], config.server.security, request_ids=True)
         self.feedback = fb_grpc.FeedbackServiceStub(self._feedback_channel)
 
     async def start(self) -> None:

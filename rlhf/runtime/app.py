@@ -21,11 +21,20 @@ def server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port to bind; 0 picks a free one")
     parser.add_argument("--data-dir", type=pathlib.Path, help="data dir (env RLHF_DATA_DIR, default ./.rlhf)")
     parser.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite file in the data dir)")
+    parser.add_argument(
+        "--metrics-port", type=int, help="Prometheus /metrics port; 0 picks a free one (env RLHF_<SERVICE>_METRICS_PORT)"
+    )
 
 
 def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
     data_dir = args.data_dir.resolve() if args.data_dir else None
-    return {"host": args.host, "port": args.port, "data_dir": data_dir, "database_url": args.database_url}
+    return {
+        "host": args.host,
+        "port": args.port,
+        "data_dir": data_dir,
+        "database_url": args.database_url,
+        "metrics_port": args.metrics_port,
+    }
 
 
 def run_service(

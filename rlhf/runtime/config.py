@@ -16,6 +16,9 @@ from rlhf.training.modeling import data_dir_default
 
 # The four gRPC services, and the REST gateway (gateway/: the seed's HTTP API over them).
 DEFAULT_PORTS = {"feedback": 50051, "reward": 50052, "policy": 50053, "inference": 50054, "gateway": 8000}
+# The Prometheus ports compose gives each service (RLHF_<SERVICE>_METRICS_PORT); the gateway serves /metrics on
+# its own HTTP port.
+METRICS_PORTS = {"feedback": 9151, "reward": 9152, "policy": 9153, "inference": 9154}
 
 
 def env_str(name: str, default: str) -> str:
@@ -31,6 +34,12 @@ def service_address(service: str) -> str:
     """Where clients reach `service`: RLHF_<SERVICE>_ADDR, else localhost on its port."""
     port = env_int(f"RLHF_{service.upper()}_PORT", DEFAULT_PORTS[service])
     return env_str(f"RLHF_{service.upper()}_ADDR", f"127.0.0.1:{port}")
+
+
+def env_port(name: str) -> int | None:
+    """An optional port: None when the variable is unset or empty."""
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else None
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -101,6 +110,9 @@ class ServerConfig:
     grace_seconds: float = 5.0
     # Tokens, TLS and reflection (RLHF_AUTH_TOKENS_FILE, RLHF_TLS_*, RLHF_TOKEN, RLHF_REFLECTION).
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
+    # Port of the Prometheus endpoint, GET /metrics on `host` (RLHF_<SERVICE>_METRICS_PORT, compose: METRICS_PORTS);
+    # 0 picks a free one (logged), None serves none: the RPC figures are still kept (RunningServer.metrics).
+    metrics_port: int | None = None
     # This process's name among the service's replicas over one database (RLHF_REPLICA_ID); the jobs it runs carry
     # it as their owner. Each live replica needs its own. Empty: "embedded" on SQLite (one process per file, so a
     # restart marks its jobs INTERRUPTED at once), else "<host>-<random>", new in every process (a restarted
@@ -123,6 +135,7 @@ class ServerConfig:
             database_url=env_str(f"RLHF_{up}_DATABASE_URL", ""),
             database_migrate=env_str("RLHF_DB_MIGRATE", ""),
             max_message_bytes=env_int("RLHF_MAX_MESSAGE_BYTES", 64 * 1024 * 1024),
+            metrics_port=env_port(f"RLHF_{up}_METRICS_PORT"),
             replica_id=env_str("RLHF_REPLICA_ID", ""),
             job_lease_seconds=float(env_str("RLHF_JOB_LEASE_SECONDS", "30")),
         )

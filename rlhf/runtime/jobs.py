@@ -50,7 +50,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from rlhf.runtime import validation
+from rlhf.runtime import requestids, validation
 from rlhf.runtime.environment import prepare_environment
 from rlhf.runtime.errors import FailedPrecondition, NotFound, Unavailable
 
@@ -429,7 +429,9 @@ class JobManager:
         job = await asyncio.to_thread(self.store.create, agent_id, spec, self.owner, self.lease_seconds)
         folder = self.job_dir(job.job_id)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "spec.json").write_text(json.dumps({"job_id": job.job_id, "agent_id": agent_id, **spec}, indent=2))
+        # The worker's calls carry the id of the request that created the job (rlhf.runtime.requestids).
+        ids = {"job_id": job.job_id, "agent_id": agent_id, "request_id": requestids.current()}
+        (folder / "spec.json").write_text(json.dumps({**ids, **spec}, indent=2))
         self._tasks[job.job_id] = asyncio.create_task(self._supervise(job.job_id))
         log.info("job %s queued for agent %s", job.job_id, agent_id)
         return job

@@ -15,6 +15,8 @@ from grpc_reflection.v1alpha import reflection
 from rlhf.runtime.auth import Authorization, TokenStore
 from rlhf.runtime.config import ServerConfig
 from rlhf.runtime.decoding import LenientDecoding
+from rlhf.runtime.interceptors import RequestLog
+from rlhf.runtime.metrics import ServerMetrics
 from rlhf.runtime.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ class RunningServer:
     on_stop: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
     # The service's domain object, for tests and in-process callers.
     domain: object = None
+    # Its Prometheus registry (RPC figures; the app adds its collectors), and where /metrics is served (0: not).
+    metrics: ServerMetrics = dataclasses.field(default_factory=ServerMetrics)
+    metrics_port: int = 0
 
     @property
     def address(self) -> str:
@@ -52,6 +57,7 @@ class RunningServer:
         for binding in self.bindings:
             await self.health.set(binding.full_name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
+        self.metrics.close()
         for cleanup in self.on_stop:
             await cleanup()
 
@@ -64,6 +70,9 @@ async def start_server(config: ServerConfig, bindings: list[ServiceBinding]) -> 
     interceptors: list[grpc.aio.ServerInterceptor] = [LenientDecoding()]
     if security.tokens_file:
         interceptors.insert(0, Authorization(TokenStore.load(security.tokens_file), str(config.artifact_root)))
+    # Outermost: request ids, the request log and RPC metrics see every call, refused ones included.
+    metrics = ServerMetrics()
+    interceptors.insert(0, RequestLog(metrics))
     credentials = server_credentials(security)  # None: plaintext
     server = grpc.aio.server(options=config.grpc_options(), interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
@@ -86,6 +95,18 @@ async def start_server(config: ServerConfig, bindings: list[ServiceBinding]) -> 
             f"already in use (another server?). Stop that server or pick another port "
             f"(--port or RLHF_{config.service.upper()}_PORT)."
         )
+    metrics_port = 0
+    if config.metrics_port is not None:
+        try:
+            metrics_port = metrics.serve(config.host, config.metrics_port)
+        except OSError as error:
+            await server.stop(None)
+            raise PortInUse(
+                f"the {config.service} service could not serve metrics on {config.host}:{config.metrics_port} "
+                f"({error.strerror}). Stop what holds it or pick another port (RLHF_{config.service.upper()}"
+                f"_METRICS_PORT or --metrics-port; empty: no metrics endpoint)."
+            ) from None
+        log.info("%s service metrics on http://%s:%d/metrics", config.service, config.host, metrics_port)
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -97,7 +118,9 @@ async def start_server(config: ServerConfig, bindings: list[ServiceBinding]) -> 
             "bearer tokens required" if security.tokens_file else "no tokens",
         )
     log.info("%s service listening on %s:%d", config.service, config.host, port)
-    return RunningServer(server=server, port=port, health=health_servicer, bindings=bindings)
+    return RunningServer(
+        server=server, port=port, health=health_servicer, bindings=bindings, metrics=metrics, metrics_port=metrics_port
+    )
 
 
 async def serve_until_signal(running: RunningServer, grace: float) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from rlhf.runtime import requestids
 from rlhf.runtime.config import SecurityConfig
 
 # The token the calls made in the current context send instead of the process's own; "" sends none.
@@ -92,10 +93,15 @@ def bearer(token: str) -> str:
 def _with_token(details: Any, own_token: str, make: Callable[..., Any]) -> Any:
     forwarded = _FORWARDED.get()
     token = own_token if forwarded is None else forwarded
-    if not token:
+    request_id = requestids.current()  # passed on to the service called (rlhf.runtime.requestids)
+    if not token and not request_id:
         return details
-    metadata = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"]
-    metadata.append(("authorization", bearer(token)))
+    replaced = ("authorization", requestids.METADATA_KEY)
+    metadata = [(k, v) for k, v in (details.metadata or ()) if k not in replaced]
+    if token:
+        metadata.append(("authorization", bearer(token)))
+    if request_id:
+        metadata.append((requestids.METADATA_KEY, request_id))
     return make(details, metadata)
 
 
@@ -197,15 +203,20 @@ def open_channel(
 
 
 def open_aio_channel(
-    address: str, options: list[tuple[str, Any]], security: SecurityConfig | None = None, forwards: bool = False
+    address: str,
+    options: list[tuple[str, Any]],
+    security: SecurityConfig | None = None,
+    forwards: bool = False,
+    request_ids: bool = False,
 ) -> grpc.aio.Channel:
-    """The grpc.aio twin of `open_channel`."""
+    """The grpc.aio twin of `open_channel`. `request_ids`: every call carries the request id of the context it
+    is made in (a service's channels to the others: rlhf.runtime.requestids)."""
     security = security or SecurityConfig()
     credentials = channel_credentials(security)
     options = _options(security, options)
     token = security.token
     interceptors = None
-    if token or forwards:
+    if token or forwards or request_ids:
         interceptors = [_AioUnaryUnary(token), _AioUnaryStream(token), _AioStreamUnary(token), _AioStreamStream(token)]
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

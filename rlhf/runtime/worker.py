@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from rlhf.runtime import requestids
 from rlhf.runtime.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class JobContext:
     def __init__(self, job_dir: pathlib.Path) -> None:
         self.job_dir = job_dir
         self.spec: dict[str, Any] = json.loads((job_dir / "spec.json").read_text())
+        # The calls this worker makes carry the id of the request that created its job (rlhf.runtime.requestids).
+        requestids.set_process_default(str(self.spec.get("request_id", "")))
         self.cancel_requested = False
         # Facts learnt along the way (e.g. the reward-model version) repeated in every progress event.
         self.sticky: dict[str, Any] = {}

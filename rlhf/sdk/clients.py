@@ -35,6 +35,7 @@ from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.policy.v1 import policy_service_pb2_grpc as pol_grpc
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.reward.v1 import reward_service_pb2_grpc as rw_grpc
+from rlhf.runtime import requestids
 from rlhf.runtime.config import SecurityConfig, service_address
 from rlhf.runtime.tls import open_aio_channel, open_channel
 from rlhf.sdk import batching
@@ -218,20 +219,21 @@ class _Blocking(_Client):
 
     def _invoke(self, call: Call[Any]) -> Any:
         method = getattr(self.stub, call.rpc)
+        metadata = requestids.outgoing()  # the caller's request id, passed on (rlhf.runtime.requestids)
         if call.shape is Shape.UNARY:
             attempt = 0
             while True:
                 try:
-                    return call.convert(method(call.request, timeout=call.timeout))
+                    return call.convert(method(call.request, timeout=call.timeout, metadata=metadata))
                 except grpc.RpcError as error:
                     self.sleep(_retry_delay(call, error, attempt))
                     attempt += 1
         if call.shape is Shape.COLLECT:
-            return call.convert(list(method(call.request, timeout=call.timeout)))
+            return call.convert(list(method(call.request, timeout=call.timeout, metadata=metadata)))
         request = call.request if call.shape is Shape.STREAM else map(call.prepare, call.request)
         if call.shape is Shape.BIDI and call.batch is not None:
             request = batching.batches(call.request, call.prepare, call.batch, call.batch_items, call.batch_bytes)
-        return _iterate(method(request, timeout=call.timeout), call.convert, call.expand)
+        return _iterate(method(request, timeout=call.timeout, metadata=metadata), call.convert, call.expand)
 
 
 def _iterate(
@@ -270,12 +272,14 @@ class _Async(_Client):
 
     async def _result(self, call: Call[Any]) -> Any:
         method = getattr(self.stub, call.rpc)
+        metadata = requestids.outgoing()
         if call.shape is Shape.COLLECT:
-            return call.convert([answer async for answer in method(call.request, timeout=call.timeout)])
+            answers = method(call.request, timeout=call.timeout, metadata=metadata)
+            return call.convert([answer async for answer in answers])
         attempt = 0
         while True:
             try:
-                return call.convert(await method(call.request, timeout=call.timeout))
+                return call.convert(await method(call.request, timeout=call.timeout, metadata=metadata))
             except grpc.RpcError as error:
                 await asyncio.sleep(_retry_delay(call, error, attempt))
                 attempt += 1
@@ -285,7 +289,7 @@ class _Async(_Client):
         request = call.request if call.shape is Shape.STREAM else _amap(call.prepare, call.request)
         if call.shape is Shape.BIDI and call.batch is not None:
             request = batching.abatches(call.request, call.prepare, call.batch, call.batch_items, call.batch_bytes)
-        answers = method(request, timeout=call.timeout)
+        answers = method(request, timeout=call.timeout, metadata=requestids.outgoing())
         try:
             async for answer in answers:
                 if call.expand is None:

@@ -42,6 +42,15 @@ class ModelCache(Generic[V]):
         """Keys in memory, least recently used first."""
         return list(self._models)
 
+    def loaded(self) -> list[tuple[str, V]]:
+        """(key, value) of the models in memory, least recently used first (metrics read it from their thread)."""
+        for _ in range(3):
+            try:
+                return list(self._models.items())
+            except RuntimeError:  # changed during the copy by a load or an eviction: copy again
+                continue
+        return []
+
     async def get(self, key: str) -> V:
         if key in self._models:
             self._models.move_to_end(key)
