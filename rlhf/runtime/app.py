@@ -22,6 +22,9 @@ def server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=pathlib.Path, help="data dir (env RLHF_DATA_DIR, default ./.rlhf)")
     parser.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite file in the data dir)")
     parser.add_argument(
+        "--metrics-port", type=int, help="Prometheus /metrics port, 0: a free one (env RLHF_<SERVICE>_METRICS_PORT)"
+    )
+    parser.add_argument(
         "--metrics-port", type=int, help="Prometheus /metrics port; 0 picks a free one (env RLHF_<SERVICE>_METRICS_PORT)"
     )
 
