@@ -24,9 +24,6 @@ def server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port", type=int, help="Prometheus /metrics port, 0: a free one (env RLHF_<SERVICE>_METRICS_PORT)"
     )
-    parser.add_argument(
-        "--metrics-port", type=int, help="Prometheus /metrics port; 0 picks a free one (env RLHF_<SERVICE>_METRICS_PORT)"
-    )
 
 
 def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
