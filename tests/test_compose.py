@@ -130,6 +130,17 @@ def mounts(service: dict[str, Any]) -> list[Mount]:
     return out
 
 
+def replicas(service: dict[str, Any]) -> int:
+    return int((service.get("deploy") or {}).get("replicas", 1))
+
+
+def host_ports(service: dict[str, Any], port: int) -> str:
+    """What a service publishes `port` on: the same port, or a range starting there, one port per replica (two
+    containers cannot publish one host port)."""
+    count = replicas(service)
+    return str(port) if count == 1 else f"{port}-{port + count - 1}"
+
+
 def published_ports(service: dict[str, Any]) -> list[tuple[str, int]]:
     """(host port, container port) of each `ports` entry, short or long syntax."""
     out = []
@@ -269,7 +280,8 @@ def test_every_variable_has_its_documented_default_and_overrides_reach_every_use
         service = defaults["services"][name]
         assert service["image"] == documented["RLHF_IMAGE"]
         port = DEFAULT_PORTS[name]
-        assert service["ports"] == [f"{documented['RLHF_PUBLISH_HOST']}:{port}:{port}"], service["ports"]
+        expected = f"{documented['RLHF_PUBLISH_HOST']}:{host_ports(service, port)}:{port}"
+        assert service["ports"] == [expected], service["ports"]
 
     # An override must land everywhere the variable is used.
     overridden = load_compose(
@@ -390,8 +402,8 @@ def test_ports_agree_everywhere():
         port = service_port(name)
         assert port == DEFAULT_PORTS[name], f"{name}: {port} is not the default port the CLI expects"
         assert environment(service)[f"RLHF_{name.upper()}_PORT"] == str(port)
-        assert published_ports(service) == [(str(port), port)], (
-            f"{name}: publish {port} on the host's same port, got {service.get('ports')}"
+        assert published_ports(service) == [(host_ports(service, port), port)], (
+            f"{name}: publish {port} on the host's same port (from it, with replicas), got {service.get('ports')}"
         )
         assert healthcheck_code(name).count(f"'127.0.0.1:{port}'") == 1, f"{name}: health check on another port"
 
@@ -705,3 +717,18 @@ def test_the_build_generates_code_that_the_declared_grpcio_and_protobuf_can_run(
     floors = {Requirement(d).name: Requirement(d).specifier for d in PYPROJECT["project"]["dependencies"]}
     assert str(floors["protobuf"]) == f">={major}.{minor}.{patch}"
     assert str(floors["grpcio"]) == f">={grpc_generated}"
+
+
+def test_a_replicated_service_runs_over_postgresql_and_the_shared_artifacts_with_a_host_port_each():
+    """Replicas (issue 10): compose shows a service with several, each over the one database and the shared
+    artifact volume; inside compose its name resolves to all of them (clients spread calls, round robin)."""
+    replicated = {name: SERVICES[name] for name in MODULES if replicas(SERVICES[name]) > 1}
+    assert replicated, "no service in compose.yaml runs with several replicas"
+    for name, service in replicated.items():
+        assert environment(service)[f"RLHF_{name.upper()}_DATABASE_URL"].startswith("postgresql"), name
+        assert "container_name" not in service, f"{name}: replicas cannot share one container name"
+        if name in ARTIFACT_USERS:
+            assert any(m.source == "artifacts" and m.kind == "volume" for m in mounts(service)), name
+        first, last = published_ports(service)[0][0].split("-")
+        assert int(last) - int(first) + 1 == replicas(service)
+        assert not set(range(int(first) + 1, int(last) + 1)) & set(DEFAULT_PORTS.values()), "taken by another service"

@@ -7,6 +7,7 @@ real replicas of every service over one PostgreSQL (the `postgres` cases below).
 from __future__ import annotations
 
 import asyncio
+import json
 import pathlib
 import threading
 
@@ -14,11 +15,17 @@ import pytest
 
 from feedback_service.models import NewFeedback
 from feedback_service.store import FeedbackStore, commit_in_sequence_order
+from rlhf.feedback.v1 import feedback_service_pb2 as fb
+from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
+from rlhf.runtime.config import client_service_config
 from rlhf.runtime.db import make_engine
 from rlhf.runtime.jobs import CANCELLED, INTERRUPTED, RUNNING, SUCCEEDED, JobManager, JobStore
 from rlhf.runtime.registry import FEEDBACK_COUNT, SEQUENTIAL, Registry, registry_table
+from rlhf.runtime.tls import open_aio_channel
+from rlhf.sdk.clients import FeedbackClient
 from tests import test_hostile_jobs
 from tests.helpers import postgres_schema
+from tests.servers import feedback_thread
 from tests.test_hostile_jobs import all_at_once, stores
 
 # A fresh jobs database per test, SQLite and PostgreSQL (each engine made by it is one "replica"'s).
@@ -228,3 +235,45 @@ def test_a_watermark_never_passes_a_row_another_writer_has_yet_to_commit():
         finally:
             for engine in engines:
                 engine.dispose()
+
+
+# Clients reach replicas through gRPC's client-side load balancing. -----------------------------------------
+
+
+def test_clients_spread_calls_over_every_address_of_a_service(tmp_path):
+    """Two feedback servers (each its own SQLite file, so each row tells which one took the call) behind one
+    target with two addresses: the SDK's client and a service's own channel (open_aio_channel) reach both."""
+    with feedback_thread(tmp_path / "one") as one, feedback_thread(tmp_path / "two") as two:
+        target = f"ipv4:{one.address},{two.address}"
+        with FeedbackClient(target) as client:
+            for i in range(20):
+                client.submit("agent", prompt="Q?", response=f"A{i}.", score=0.5)
+
+        async def services_channel() -> None:
+            channel = open_aio_channel(target, [])
+            stub = fb_grpc.FeedbackServiceStub(channel)
+            for i in range(20):
+                await stub.SubmitFeedback(
+                    fb.SubmitFeedbackRequest(agent_id="service", prompt="Q?", response=f"A{i}.", score=0.5), timeout=10
+                )
+            await channel.close()
+
+        asyncio.run(services_channel())
+        counts = {}
+        for name, server in (("one", one), ("two", two)):
+            with FeedbackClient(server.address) as client:
+                counts[name] = (
+                    client.stats("agent").stats.feedback_count,
+                    client.stats("service").stats.feedback_count,
+                )
+    assert all(sdk > 0 and service > 0 for sdk, service in counts.values()), counts
+    assert sum(sdk for sdk, _ in counts.values()) == 20 and sum(s for _, s in counts.values()) == 20
+
+
+def test_load_balancing_is_round_robin_unless_configured(monkeypatch):
+    assert json.loads(client_service_config()) == {"loadBalancingConfig": [{"round_robin": {}}]}
+    monkeypatch.setenv("RLHF_LOAD_BALANCING", "pick_first")
+    assert json.loads(client_service_config()) == {"loadBalancingConfig": [{"pick_first": {}}]}
+    monkeypatch.setenv("RLHF_LOAD_BALANCING", "random")
+    with pytest.raises(ValueError, match="RLHF_LOAD_BALANCING must be one of round_robin, pick_first"):
+        client_service_config()

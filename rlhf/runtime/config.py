@@ -6,6 +6,7 @@ Each field reads an environment variable (named in its comment) and may be overr
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import socket
@@ -40,6 +41,23 @@ def env_port(name: str) -> int | None:
     """An optional port: None when the variable is unset or empty."""
     raw = os.environ.get(name, "").strip()
     return int(raw) if raw else None
+
+
+# gRPC's client-side load balancing policies a channel may use (RLHF_LOAD_BALANCING).
+LOAD_BALANCING_POLICIES = ("round_robin", "pick_first")
+
+
+def client_service_config() -> str:
+    """The gRPC service config every channel of the platform opens with (SDK, CLI, gateway and the services' calls
+    to each other): its load balancing policy is RLHF_LOAD_BALANCING, default "round_robin", which spreads calls
+    over every address a service's name resolves to: a DNS name with one address per replica (compose's
+    `deploy: replicas`, a headless Kubernetes service: "dns:///policy:50053") or a list
+    ("ipv4:10.0.0.1:50053,10.0.0.2:50053"). "pick_first" keeps to one address. Names are resolved again when a
+    connection fails, so replicas added later are found then."""
+    policy = env_str("RLHF_LOAD_BALANCING", "round_robin").strip() or "round_robin"
+    if policy not in LOAD_BALANCING_POLICIES:
+        raise ValueError(f"RLHF_LOAD_BALANCING must be one of {', '.join(LOAD_BALANCING_POLICIES)}, not {policy!r}")
+    return json.dumps({"loadBalancingConfig": [{policy: {}}]})
 
 
 def env_flag(name: str, default: bool) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from rlhf.runtime import requestids
-from rlhf.runtime.config import SecurityConfig
+from rlhf.runtime.config import SecurityConfig, client_service_config
 
 # The token the calls made in the current context send instead of the process's own; "" sends none.
 _FORWARDED: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlhf_forwarded_token", default=None)
@@ -180,6 +180,8 @@ class _AioStreamStream(_AioToken, grpc.aio.StreamStreamClientInterceptor):
 
 
 def _options(security: SecurityConfig, options: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    if not any(name == "grpc.service_config" for name, _ in options):  # calls spread over replicas (round robin)
+        options = [*options, ("grpc.service_config", client_service_config())]
     if security.client_tls and security.server_name:
         return [*options, ("grpc.ssl_target_name_override", security.server_name)]
     return options
