@@ -180,6 +180,37 @@ def test_each_request_logs_one_line_with_method_code_duration_agent_and_request_
     assert all(line["service"] == FEEDBACK for line in logged)
 
 
+def test_calls_refused_for_want_of_a_token_are_logged_and_counted_too(tmp_path, caplog):
+    import json
+
+    from rlhf.runtime import auth
+    from rlhf.runtime.config import SecurityConfig
+
+    caplog.set_level(logging.INFO, logger="rlhf.requests")
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps([{"sha256": auth.digest("agent-token"), "role": "agent", "agents": ["a1"]}]))
+    server = config("feedback", tmp_path)
+    server.security = SecurityConfig(tokens_file=str(tokens), token="")
+    with ServerThread(start_feedback, FeedbackServiceConfig.from_env(server=server)) as feedback:
+        stub = fb_grpc.FeedbackServiceStub(feedback.channel())
+        with pytest.raises(grpc.RpcError) as error:
+            stub.SubmitFeedback(rating("a1", "no token"), metadata=[("x-request-id", "refused-1")], timeout=10)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as error:
+            stub.SubmitFeedback(
+                rating("a2", "not mine"), metadata=[("authorization", "Bearer agent-token")], timeout=10
+            )
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        samples = scrape(feedback, rpcs=2)
+    assert handled(samples, FEEDBACK, "SubmitFeedback", "UNAUTHENTICATED") == 1
+    assert handled(samples, FEEDBACK, "SubmitFeedback", "PERMISSION_DENIED") == 1
+    assert [(line["code"], line["agent"]) for line in lines(caplog, 2)] == [
+        ("UNAUTHENTICATED", "a1"),
+        ("PERMISSION_DENIED", "a2"),
+    ]
+    assert lines(caplog)[0]["request_id"] == "refused-1"
+
+
 def test_the_metrics_port_comes_from_the_environment_and_a_taken_one_is_refused(monkeypatch, feedback, tmp_path):
     monkeypatch.delenv("RLHF_REWARD_METRICS_PORT", raising=False)
     assert ServerConfig.from_env("reward").metrics_port is None  # no endpoint unless asked for

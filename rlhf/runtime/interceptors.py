@@ -27,6 +27,8 @@ from rlhf.runtime.metrics import ServerMetrics
 log = logging.getLogger("rlhf.requests")
 
 _QUIET_PREFIX = "/grpc.health.v1.Health/"
+# A handler's kinds, and whether its first argument is the (one) request.
+_KINDS = (("unary_unary", True), ("unary_stream", True), ("stream_unary", False), ("stream_stream", False))
 
 
 def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
@@ -47,18 +49,14 @@ class _Call:
 
     __slots__ = ("method", "request_id", "agent", "started", "_token", "_metrics")
 
-    def __init__(self, method: str, request_id: str, metrics: ServerMetrics | None) -> None:
+    def __init__(self, method: str, request_id: str, metrics: ServerMetrics | None, request: Any) -> None:
         self.method = method
         self.request_id = request_id
-        self.agent = "-"
+        agent = getattr(request, "agent_id", "")  # request: None for client streams
+        self.agent = agent if isinstance(agent, str) and agent else "-"
         self.started = time.perf_counter()
         self._metrics = metrics
         self._token = requestids.bind(request_id)
-
-    def agent_of(self, request: Any) -> None:
-        agent = getattr(request, "agent_id", "")
-        if isinstance(agent, str) and agent:
-            self.agent = agent
 
     def end(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
         seconds = time.perf_counter() - self.started
@@ -78,13 +76,13 @@ class _Call:
         )
 
 
-def _unary_request(behavior: Callable, start: Callable[[], _Call]) -> Callable:
-    """A wrapper of the handler's own kind (grpc.aio tells handlers apart by their function's kind)."""
+def _wrapped(behavior: Callable, start: Callable[[Any], _Call], unary_request: bool) -> Callable:
+    """The handler's behavior inside a _Call, as a function of the same kind (grpc.aio tells handlers apart by
+    their function's kind). `unary_request`: its first argument is the request, which names the agent."""
     if inspect.isasyncgenfunction(behavior):
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = start()
-            call.agent_of(request)
+            call = start(request if unary_request else None)
             error: BaseException | None = None
             try:
                 async for response in behavior(request, context):
@@ -98,42 +96,10 @@ def _unary_request(behavior: Callable, start: Callable[[], _Call]) -> Callable:
         return streaming
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = start()
-        call.agent_of(request)
+        call = start(request if unary_request else None)
         error: BaseException | None = None
         try:
             return await behavior(request, context)
-        except BaseException as caught:
-            error = caught
-            raise
-        finally:
-            call.end(context, error)
-
-    return unary
-
-
-def _stream_request(behavior: Callable, start: Callable[[], _Call]) -> Callable:
-    if inspect.isasyncgenfunction(behavior):
-
-        async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = start()
-            error: BaseException | None = None
-            try:
-                async for response in behavior(requests, context):
-                    yield response
-            except BaseException as caught:
-                error = caught
-                raise
-            finally:
-                call.end(context, error)
-
-        return streaming
-
-    async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = start()
-        error: BaseException | None = None
-        try:
-            return await behavior(requests, context)
         except BaseException as caught:
             error = caught
             raise
@@ -165,16 +131,15 @@ class RequestLog(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         request_id = requestids.from_metadata(handler_call_details.invocation_metadata) or requestids.new()
 
-        def start() -> _Call:
-            return _Call(method, request_id, self._metrics)
+        def start(request: Any) -> _Call:
+            return _Call(method, request_id, self._metrics, request)
 
         parse, write = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary and _is_async(handler.unary_unary):
-            return grpc.unary_unary_rpc_method_handler(_unary_request(handler.unary_unary, start), parse, write)
-        if handler.unary_stream and _is_async(handler.unary_stream):
-            return grpc.unary_stream_rpc_method_handler(_unary_request(handler.unary_stream, start), parse, write)
-        if handler.stream_unary and _is_async(handler.stream_unary):
-            return grpc.stream_unary_rpc_method_handler(_stream_request(handler.stream_unary, start), parse, write)
-        if handler.stream_stream and _is_async(handler.stream_stream):
-            return grpc.stream_stream_rpc_method_handler(_stream_request(handler.stream_stream, start), parse, write)
+        for kind, unary_request in _KINDS:
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                if not _is_async(behavior):
+                    return handler
+                factory = getattr(grpc, f"{kind}_rpc_method_handler")
+                return factory(_wrapped(behavior, start, unary_request), parse, write)
         return handler
