@@ -19,6 +19,7 @@ from rlhf.runtime.collectors import ModelCacheCollector
 from rlhf.runtime.db import make_engine
 from rlhf.runtime.migrations import prepare_database
 from rlhf.runtime.server import RunningServer, ServiceBinding, start_server
+from rlhf.training.modeling import SERVING_DTYPES, serving_dtype
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ async def start(config: InferenceServiceConfig) -> RunningServer:
     policies = PolicyClient(
         config.policy_addr, config.policy_timeout_seconds, config.server.grpc_options(), config.server.security
     )
-    models = ModelCache(config.model_cache_size, config.device, config.model_cache_max_bytes)
+    models = ModelCache(config.model_cache_size, config.device, config.model_cache_max_bytes, dtype=config.dtype)
+    dtype = serving_dtype(config.dtype, models.device)  # a bad dtype stops the start, not the first request
     domain = InferenceDomain(config, store, policies, models)
     servicer = InferenceServicer(domain)
     try:
@@ -54,10 +56,11 @@ async def start(config: InferenceServiceConfig) -> RunningServer:
     running.metrics.add(ModelCacheCollector(models, "inference"))
     running.domain = domain
     log.info(
-        "inference service: policy service at %s, base model %s, device %s",
+        "inference service: policy service at %s, base model %s, device %s, dtype %s",
         config.policy_addr,
         config.base_model,
         models.device,
+        str(dtype).removeprefix("torch."),
     )
     return running
 
@@ -67,9 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     server_flags(parser)
     parser.add_argument("--policy-addr", help="policy service address (RLHF_POLICY_ADDR)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (RLHF_INFERENCE_DEVICE)")
+    parser.add_argument("--dtype", help="auto, float32, bf16 or fp16 (RLHF_INFERENCE_DTYPE)")
     parser.add_argument("--base-model", help="model served as version 'base' (RLHF_INFERENCE_BASE_MODEL)")
     args = parser.parse_args(argv)
     config = InferenceServiceConfig.from_env(
-        **server_overrides(args), policy_addr=args.policy_addr, device=args.device, base_model=args.base_model
+        **server_overrides(args),
+        policy_addr=args.policy_addr,
+        device=args.device,
+        base_model=args.base_model,
+        dtype=args.dtype,
     )
+    if config.dtype not in ("auto", *SERVING_DTYPES):
+        raise SystemExit(f"error: --dtype / RLHF_INFERENCE_DTYPE must be auto, {', '.join(SERVING_DTYPES)}")
     run_service("inference", start, config, config.server)

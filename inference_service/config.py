@@ -26,6 +26,9 @@ class InferenceServiceConfig:
     base_model: str = "rlhf-tiny"
     # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" (RLHF_INFERENCE_DEVICE).
     device: str = "auto"
+    # Weights' dtype while serving (RLHF_INFERENCE_DTYPE): "auto" (float32 on CPUs; bf16 on a CUDA card that
+    # supports it, else fp16), "float32", "bf16" or "fp16".
+    dtype: str = "auto"
     # Largest max_new_tokens served; larger requests are clamped to it (RLHF_INFERENCE_MAX_NEW_TOKENS_CAP).
     max_new_tokens_cap: int = 512
     # max_new_tokens when a request leaves it unset (RLHF_INFERENCE_DEFAULT_MAX_NEW_TOKENS).
@@ -64,6 +67,7 @@ class InferenceServiceConfig:
             policy_addr=service_address("policy"),
             base_model=env_str("RLHF_INFERENCE_BASE_MODEL", "rlhf-tiny"),
             device=env_str("RLHF_INFERENCE_DEVICE", "auto"),
+            dtype=env_str("RLHF_INFERENCE_DTYPE", "auto"),
             max_new_tokens_cap=env_int("RLHF_INFERENCE_MAX_NEW_TOKENS_CAP", 512),
             default_max_new_tokens=env_int("RLHF_INFERENCE_DEFAULT_MAX_NEW_TOKENS", 64),
             model_cache_size=env_int("RLHF_INFERENCE_MODEL_CACHE_SIZE", 4),

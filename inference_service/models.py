@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhf.training.modelcache import ModelCache as SharedModelCache
-from rlhf.training.modeling import load_model, load_tokenizer, pick_device
+from rlhf.training.modeling import load_model, load_tokenizer, pick_device, serving_dtype
 
 
 @dataclasses.dataclass
@@ -22,14 +22,16 @@ class LoadedModel:
     engine: Any = None
 
 
-def load_for_inference(path: str, device: str) -> LoadedModel:
-    """Blocking: tokenizer and causal LM from `path`, in eval mode on `device`."""
+def load_for_inference(path: str, device: str, dtype: str = "auto") -> LoadedModel:
+    """Blocking: tokenizer and causal LM from `path`, in eval mode on `device` in `dtype` (see
+    rlhf.training.modeling.serving_dtype: "auto" is float32 on CPUs, bf16/fp16 on CUDA)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    device = pick_device(device)
     tokenizer = load_tokenizer(path, padding_side="left")
     model = load_model(AutoModelForCausalLM, path)
-    model.to(device).eval()
+    model.to(device=device, dtype=serving_dtype(dtype, device)).eval()
     with torch.no_grad():
         nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return LoadedModel(path=path, tokenizer=tokenizer, model=model, device=device, nbytes=nbytes)
@@ -43,11 +45,13 @@ class ModelCache(SharedModelCache[LoadedModel]):
         capacity: int = 4,
         device: str = "auto",
         max_bytes: int = 0,
-        loader: Callable[[str, str], LoadedModel] = load_for_inference,
+        loader: Callable[..., LoadedModel] = load_for_inference,
+        dtype: str = "auto",
     ) -> None:
         self.device = pick_device(device)
+        self.dtype = dtype
         super().__init__(
-            lambda path: loader(path, self.device),
+            lambda path: loader(path, self.device, self.dtype),
             capacity=capacity,
             max_bytes=max_bytes,
             size_of=lambda loaded: loaded.nbytes,

@@ -461,10 +461,12 @@ def estimate(
 
     phases = [round(seconds / 60.0, 3) for seconds in (reward, loading, training, saving)]
     if group is None:
-        memory = peak_memory(shape, config, prompt)
+        memory = peak_memory(shape, config, prompt, device_kind)
     else:  # PPO's formula over the step's batch_size x num_generations answers (its value head is no matter)
         rows = group.batch_size * group.num_generations
-        memory = peak_memory(shape, dataclasses.replace(config, batch_size=rows, mini_batch_size=rows), prompt)
+        memory = peak_memory(
+            shape, dataclasses.replace(config, batch_size=rows, mini_batch_size=rows), prompt, device_kind
+        )
     return Estimate(
         steps=config.max_steps,
         minutes=round(sum(phases), 3),
@@ -482,7 +484,9 @@ def estimate(
 # --- memory ----------------------------------------------------------------------------------------------
 
 
-def peak_memory(shape: ModelShape, config: TrainingConfig, prompt_tokens: float) -> dict[str, int]:
+def peak_memory(
+    shape: ModelShape, config: TrainingConfig, prompt_tokens: float, device_kind: str = ""
+) -> dict[str, int]:
     """Peak memory of a PPO run (bytes) on its device: model, optimiser and activations; not the runtime
     itself (Python and torch's own libraries, ~0.5 GB of RSS on a CPU; the CUDA context on a GPU).
 
@@ -502,12 +506,15 @@ def peak_memory(shape: ModelShape, config: TrainingConfig, prompt_tokens: float)
                 states the value head reads)  +  m·R·V·(a + 4·4)  (logits, fp32 copy, log-softmax, the
                 entropy's softmax, their gradient)
 
-    The activations kept per token per layer are Korthikanti et al. 2022's count (17·d + 2.5·h·T values for a
-    fused implementation). transformers' GPT-2 blocks keep about twice that with their GELU written as seven
-    Python operations; the trainer swaps it for torch's fused kernel (rlhf.training.modeling.fuse_activations),
-    after which the peak-RSS growth of PPO steps matches the paper's count: 0.96x (LoRA) and 1.03x (full) of
-    the measurement on the 124M GPT-2 at the seed's settings (bench/bench_memory.py), and within the bounds
-    of tests/test_estimate.py on an 11M-parameter GPT-2.
+    The activations kept per token per layer are Korthikanti et al. 2022's count (17·d + 2.5·h·T values for a fused
+    implementation). On CUDA (`device_kind` "cuda: ...", else config.device) the 2.5·h·T term, the attention scores
+    kept for backward, is dropped: torch's flash and memory-efficient attention kernels keep one log-sum-exp per row
+    instead (on an H200 at the seed's settings, bench/README.md: full +15% to +19%, LoRA -1% to +22% without the
+    term; fp32 LoRA was +29% with it). transformers' GPT-2 blocks keep about twice that with their GELU written as
+    seven Python operations; the trainer swaps it for torch's fused kernel
+    (rlhf.training.modeling.fuse_activations), after which the peak-RSS growth of PPO steps matches the paper's
+    count: 0.96x (LoRA) and 1.03x (full) of the measurement on the 124M GPT-2 at the seed's settings
+    (bench/bench_memory.py), and within the bounds of tests/test_estimate.py on an 11M-parameter GPT-2.
 
     peak = weights + max(rollout, training), with gradients (full) counted in `weights` throughout: they
     are freed between steps, but a step ends with them allocated. Activations dominate small models at long
@@ -516,6 +523,7 @@ def peak_memory(shape: ModelShape, config: TrainingConfig, prompt_tokens: float)
     p, w = shape.parameters, shape.weight_bytes
     d, layers, heads, vocab = shape.width, shape.layers, shape.heads, shape.vocab
     gpu_autocast = config.mixed_precision in ("fp16", "bf16") and not config.device.startswith("cpu")
+    scores = 0.0 if (device_kind or config.device).startswith("cuda") else 2.5 * heads
     a = 2 if gpu_autocast else 4
     t = int(round(prompt_tokens)) + config.max_new_tokens
     if shape.context:
@@ -529,9 +537,7 @@ def peak_memory(shape: ModelShape, config: TrainingConfig, prompt_tokens: float)
         weights = 5 * p * w
     weights += 16 * (d + 1)  # value head
     rollout = 2 * layers * b * t * d * a + b * r * vocab * (a + 3 * 4)
-    training = (
-        m * t * layers * (17 * d + 2.5 * heads * t) * a + (layers + 1) * m * t * d * a + m * r * vocab * (a + 4 * 4)
-    )
+    training = m * t * layers * (17 * d + scores * t) * a + (layers + 1) * m * t * d * a + m * r * vocab * (a + 4 * 4)
     return {
         "weights": int(weights),
         "rollout": int(rollout),

@@ -38,14 +38,17 @@ class Outcome:
         return self.trained_score - self.base_score
 
 
-def answers(model_path: str, prompts: list[str], samples: int, max_new_tokens: int, seed: int) -> list[tuple]:
-    """(prompt, text) pairs sampled from the model at `model_path` (full softmax, temperature 1)."""
+def answers(
+    model_path: str, prompts: list[str], samples: int, max_new_tokens: int, seed: int, device: str = "cpu"
+) -> list[tuple]:
+    """(prompt, text) pairs sampled from the model at `model_path` (full softmax, temperature 1) on `device`
+    (fp32; the sampling generator lives on `device`, so a seed's draws differ between devices)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(model_path, padding_side="left")
-    model = load_model(AutoModelForCausalLM, model_path).eval()
+    model = load_model(AutoModelForCausalLM, model_path).to(device).eval()
     eos = sequences.eos_token_ids(model, tokenizer)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     out = []
     for prompt in prompts:
         ids = [sequences.encode_prompt(tokenizer, prompt)] * samples
@@ -60,18 +63,23 @@ def mean_rating(pairs: list[tuple]) -> float:
     return sum(rater.rate(text) for _, text in pairs) / len(pairs)
 
 
-def run(base_model: str, config: TrainingConfig, work: pathlib.Path, eval_tokens: int = 32) -> Outcome:
-    """Run the task with the policy trained by `config` from `base_model` (a folder); files go to `work`."""
+def run(
+    base_model: str, config: TrainingConfig, work: pathlib.Path, eval_tokens: int = 32, device: str = "cpu"
+) -> Outcome:
+    """Run the task with the policy trained by `config` from `base_model` (a folder); files go to `work`.
+    `device` runs the policy, the reward model and the evaluation (config.mixed_precision applies on GPUs)."""
     started = time.monotonic()
     questions = list(corpus.QUESTIONS)
     train_prompts, held_out = questions[:12], questions[12:16]
-    sampled = answers(base_model, train_prompts, 16, eval_tokens, seed=1)
+    sampled = answers(base_model, train_prompts, 16, eval_tokens, seed=1, device=device)
     rated = [Rating(prompt, text, rater.rate(text)) for prompt, text in sampled if text.strip()]
-    reward = train_reward_model(rated, REWARD_CONFIG, base_model, work / "reward")
-    trainer = PPOTrainer(config, base_model, "cpu")
+    reward_config = dataclasses.replace(REWARD_CONFIG, device=device, mixed_precision=config.mixed_precision)
+    reward = train_reward_model(rated, reward_config, base_model, work / "reward")
+    trainer = PPOTrainer(config, base_model, device)
     steps: list[dict] = []
-    trainer.train(train_prompts, reward_function(reward["model_path"], "cpu"), lambda step, m: steps.append(m))
+    trainer.train(train_prompts, reward_function(reward["model_path"], device), lambda step, m: steps.append(m))
     trainer.save(work / "policy")
-    base_score = mean_rating(answers(base_model, held_out, 16, eval_tokens, seed=7))
-    trained_score = mean_rating(answers(str(work / "policy" / "policy"), held_out, 16, eval_tokens, seed=7))
+    base_score = mean_rating(answers(base_model, held_out, 16, eval_tokens, seed=7, device=device))
+    trained = str(work / "policy" / "policy")
+    trained_score = mean_rating(answers(trained, held_out, 16, eval_tokens, seed=7, device=device))
     return Outcome(base_score, trained_score, steps, reward["metrics"], time.monotonic() - started)

@@ -26,16 +26,25 @@ def resolve_model(name: str | None, data_dir: pathlib.Path) -> str:
 
 
 def pick_device(preference: str = "auto") -> str:
-    """ "auto" picks cuda, then mps, then cpu; anything else is used as given (e.g. "cuda:1")."""
+    """ "auto" picks cuda, then mps, then cpu; anything else is used as given (e.g. "cuda:1").
+    Every model here is placed through this, so it also sets up CUDA when that is the choice."""
     import torch
 
     if preference and preference != "auto":
-        return preference
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+        device = preference
+    elif torch.cuda.is_available():
+        device = "cuda"
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        device = "mps"
+    else:
+        device = "cpu"
+    if device.startswith("cuda"):
+        # torch sends masked half-precision attention to cuDNN first on Hopper and newer cards, and cuDNN
+        # builds a plan for every new shape (~60 ms): with a KV cache growing by one token per step that
+        # made bf16 generation on an H200 24 times slower than fp32 (bench/bench_gpu.py). The flash and
+        # memory-efficient kernels need no plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return device
 
 
 def autocast_dtype(mixed_precision: str, device: str):
@@ -45,6 +54,26 @@ def autocast_dtype(mixed_precision: str, device: str):
     if device.startswith("cpu") or mixed_precision in ("", "no", None):
         return None
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+# Names accepted for a serving dtype (inference and scoring): "auto" or one of these.
+SERVING_DTYPES = ("float32", "bf16", "fp16")
+
+
+def serving_dtype(name: str, device: str):
+    """The dtype a model is served in (generation, reward scoring) on `device`: "float32", "bf16" or "fp16"
+    as given; "auto" keeps float32 on CPUs and MPS (their half-precision kernels are slower or missing) and
+    uses bf16 on a CUDA card that has it, else fp16 (half the memory and memory traffic of fp32; sampled
+    text differs from fp32's at the same seed)."""
+    import torch
+
+    if name not in ("auto", *SERVING_DTYPES):
+        raise ValueError(f"dtype must be auto, {', '.join(SERVING_DTYPES)}; got {name!r}")
+    if name == "auto":
+        if not device.startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def load_tokenizer(path: str, padding_side: str = "left"):
