@@ -473,3 +473,18 @@ def run_and_follow(feedback, reward, policy, inference, caplog) -> None:
     } <= followed, followed
     exports = [line for line in lines(caplog) if line["method"] == "ExportFeedback" and line["request_id"] == "run-1"]
     assert len(exports) == 2  # the reward-model worker's and the policy worker's
+
+
+def test_compose_gives_each_service_its_own_metrics_port_and_exposes_it():
+    import yaml
+
+    from rlhf.runtime.config import DEFAULT_PORTS, METRICS_PORTS
+
+    services = yaml.safe_load((pathlib.Path(__file__).resolve().parents[1] / "compose.yaml").read_text())["services"]
+    assert set(METRICS_PORTS) == {"feedback", "reward", "policy", "inference"}
+    for name, port in METRICS_PORTS.items():
+        service = services[name]
+        assert service["environment"][f"RLHF_{name.upper()}_METRICS_PORT"] == str(port)
+        assert str(port) in [str(p) for p in service.get("expose", [])], f"{name}: metrics port not exposed"
+    ports = [*METRICS_PORTS.values(), *DEFAULT_PORTS.values()]
+    assert len(set(ports)) == len(ports)  # no two servers of a machine (or a container) on one port
