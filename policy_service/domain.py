@@ -43,6 +43,8 @@ SUPPORTED_ALGORITHMS = ("ppo", "grpo", "rloo")
 # GRPO's loss types a run may ask for (TRL's luspo and vespo need sequence-level importance sampling, not exposed).
 GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
+# Most data-parallel processes a PPO job may ask for (ranks on one machine, or across machines through torchrun).
+MAX_PROCESSES = 64
 # Finished jobs a dry run reads for its calibration (newest first).
 HISTORY_JOBS = 200
 
@@ -69,9 +71,22 @@ def validate_config(config: TrainingConfig, service: PolicyServiceConfig, algori
     v.number_in(config.top_p, f"{p}.top_p", 1e-6, 1.0)
     v.number_in(config.max_grad_norm, f"{p}.max_grad_norm", 1e-6, 1e6)
     v.int_in(config.checkpoint_interval, f"{p}.checkpoint_interval", 0, 10**9)
+    v.int_in(config.num_processes, f"{p}.num_processes", 1, MAX_PROCESSES)
     if algorithm != "ppo":
+        if config.num_processes != 1:
+            raise InvalidArgument(
+                f"{p}.num_processes",
+                f"{algorithm.upper()} runs in one process (data-parallel training is PPO's); use 1 or algorithm ppo",
+            )
         return config
     v.int_in(config.mini_batch_size, f"{p}.mini_batch_size", 1, config.batch_size)
+    for name in ("batch_size", "mini_batch_size"):
+        if getattr(config, name) % config.num_processes:
+            raise InvalidArgument(
+                f"{p}.{name}",
+                f"{getattr(config, name)} does not split evenly over num_processes={config.num_processes} ranks; "
+                f"use a multiple of {config.num_processes}",
+            )
     v.int_in(config.ppo_epochs, f"{p}.ppo_epochs", 1, 100)
     v.number_in(config.init_kl_coef, f"{p}.init_kl_coef", 0.0, 100.0)
     v.number_in(config.target_kl, f"{p}.target_kl", 0.0, 1e4)

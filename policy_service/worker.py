@@ -3,10 +3,13 @@ a version."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
+import os
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -14,9 +17,11 @@ import grpc
 
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.runtime.protoconfig import from_message
-from rlhf.runtime.worker import Cancelled, JobContext, main_for
+from rlhf.runtime.worker import SERVER_PID_ENV, Cancelled, JobContext, ReportedElsewhere, main_for
 from rlhf.sdk.clients import FeedbackClient, RewardClient
+from rlhf.training import distributed
 from rlhf.training.config import RewardModelConfig, TrainingConfig
+from rlhf.training.distributed import Group
 from rlhf.training.modeling import pick_device, resolve_model
 from rlhf.training.modelshape import device_kind
 from rlhf.training.ppo_trainer import PPOTrainer
@@ -142,6 +147,31 @@ def prepare(context: JobContext, base_model: str, device_preference: str, earlie
     return Prepared(reward, reward_model, rows, watermark, prompts, base_path, device, timing, loading_started)
 
 
+def prepare_ranks(context: JobContext, group: Group, config: TrainingConfig, earlier: dict[str, Any]) -> Prepared:
+    """`prepare` on rank 0 alone (one reward model trained, one export, the tiny model built once); the other
+    ranks receive what it found and call the reward service with their own client. Each rank gets its device."""
+    run = prepare(context, config.base_model, config.device, earlier) if group.is_main else None
+    found = None
+    if run is not None:
+        found = {
+            "reward_model": run.reward_model.SerializeToString(),
+            "watermark": run.watermark,
+            "prompts": run.prompts,
+            "base_path": run.base_path,
+        }
+    found = group.broadcast(found)
+    if run is None:
+        spec = context.spec
+        reward = RewardClient(spec["reward_address"], timeout=spec["score_timeout_seconds"])
+        reward.sleep = context.sleep
+        reward_model = rw.RewardModel.FromString(found["reward_model"])
+        device = pick_device(config.device)
+        prompts, base_path = found["prompts"], found["base_path"]
+        run = Prepared(reward, reward_model, [], found["watermark"], prompts, base_path, device, {}, time.monotonic())
+    run.device = group.rank_device(run.device)
+    return run
+
+
 def score_function(context: JobContext, run: Prepared, unscored: dict[str, int], kept: str):
     """The rewards of a run: one ScoreBatch call to the reward service per batch (retried while it is
     unavailable; past that the job fails, saying `kept`); a cancel stops it before the call."""
@@ -175,8 +205,18 @@ class StepReporter:
     """on_step for a trainer: progress events with the step's metrics, the widths the steps ran at (for the
     dry run's cost model), and a cancel check after each step."""
 
-    def __init__(self, context: JobContext, max_steps: int, first_step: int, timing: dict[str, Any], names) -> None:
+    def __init__(
+        self,
+        context: JobContext,
+        max_steps: int,
+        first_step: int,
+        timing: dict[str, Any],
+        names,
+        group: Group | None = None,
+    ) -> None:
         self.context = context
+        # Data-parallel ranks stop together: a cancel seen by any of them stops every one after the same step.
+        self.group = group or Group()
         self.max_steps = max_steps
         self.first_step = first_step
         self.timing = timing
@@ -208,7 +248,13 @@ class StepReporter:
             steps_per_second=rate,
             eta_seconds=(self.max_steps - step) / rate if rate else 0.0,
         )
-        self.context.check_cancelled()
+        try:
+            self.context.check_cancelled()
+            stop = False
+        except Cancelled:
+            stop = True
+        if self.group.any(stop):
+            raise Cancelled()
 
     def record(self, steps: int) -> None:
         """The training phase's timings into `timing` (keys named ppo_* for every algorithm: the estimate reads
@@ -289,12 +335,25 @@ def train(context: JobContext) -> dict[str, Any]:
 
 
 def train_ppo(context: JobContext) -> dict[str, Any]:
-    spec = context.spec
-    config = TrainingConfig(**spec["config"])
+    """PPO in this process, or as one rank of several under torchrun (TrainingConfig.num_processes)."""
+    config = TrainingConfig(**context.spec["config"])
+    group = Group.current(pick_device(config.device))
+    try:
+        result = train_ppo_rank(context, config, group)
+    except Exception as error:
+        if group.distributed and distributed.peer_failure(error):
+            # Another rank died: its own error event (or torchrun's log) says why, not this lost connection.
+            raise ReportedElsewhere(f"another rank stopped: {error}") from error
+        raise
+    group.close()
+    return result
+
+
+def train_ppo_rank(context: JobContext, config: TrainingConfig, group: Group) -> dict[str, Any]:
     checkpoint_path = context.job_dir / "checkpoint.pt"
-    checkpoint = PPOTrainer.read_checkpoint(checkpoint_path)  # a resumed job continues from here
-    run = prepare(context, config.base_model, config.device, checkpoint["extra"] if checkpoint else {})
-    trainer = PPOTrainer(config, run.base_path, run.device)
+    checkpoint = PPOTrainer.read_checkpoint(checkpoint_path, group.rank)  # a resumed job continues from here
+    run = prepare_ranks(context, group, config, checkpoint["extra"] if checkpoint else {})
+    trainer = PPOTrainer(config, run.base_path, run.device, group)
     if checkpoint is not None:
         trainer.restore(checkpoint)
         context.sticky["resumed_from_step"] = trainer.step
@@ -313,6 +372,7 @@ def train_ppo(context: JobContext) -> dict[str, Any]:
         first_step,
         run.timing,
         ("time/step_s", "tokens/response_width", "tokens/query_width"),
+        group,
     )
 
     def save() -> None:
@@ -323,6 +383,8 @@ def train_ppo(context: JobContext) -> dict[str, Any]:
     except BaseException:  # cancel, reward service down, anything: keep what was learnt
         save()
         raise
+    if not group.is_main:
+        return {}  # rank 0 saves the policy and reports the result
     return finish(
         context,
         run,
@@ -389,5 +451,28 @@ def train_group(context: JobContext) -> dict[str, Any]:
     )
 
 
+def relaunch_under_torchrun(argv: list[str]) -> None:
+    """A PPO job configured for several processes: this process becomes torchrun (os.execv keeps its pid and
+    process group, so the job manager's cancel reaches torchrun, which passes it on to every rank), running
+    num_processes ranks of this module with the same arguments. Returns when one process is wanted."""
+    if distributed.under_launcher():
+        return
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--job-dir", type=pathlib.Path)
+    job_dir = parser.parse_known_args(argv)[0].job_dir
+    try:
+        spec = json.loads((job_dir / "spec.json").read_text())
+    except (TypeError, OSError, ValueError):
+        return  # run_worker reports a missing or unreadable job folder
+    processes = int(spec.get("config", {}).get("num_processes", 1)) if spec.get("algorithm") == "ppo" else 1
+    if processes <= 1:
+        return
+    os.environ[SERVER_PID_ENV] = str(os.getppid())
+    command = distributed.launcher_argv(processes, "policy_service.worker", argv)
+    sys.stdout.flush()
+    os.execv(command[0], command)
+
+
 if __name__ == "__main__":
+    relaunch_under_torchrun(sys.argv[1:])
     main_for("policy", train)

@@ -193,6 +193,13 @@ def test_dry_run_has_the_seed_fields_numbers_and_snake_case_model_config(http):
         json={"dryRun": True, "maxSteps": 30, "config": {**QUICK, "max_steps": 5}},
     ).json()
     assert custom["estimatedSteps"] == 30 and custom["modelConfig"]["batch_size"] == 4
+    # Data-parallel and gradient-checkpointing fields pass through like the others.
+    parallel = http.post(
+        f"/api/policies/train_policy/{AGENT}",
+        json={"dryRun": True, "config": {**QUICK, "num_processes": 2, "gradient_checkpointing": True}},
+    ).json()
+    assert parallel["modelConfig"]["num_processes"] == 2 and type(parallel["modelConfig"]["num_processes"]) is int
+    assert parallel["modelConfig"]["gradient_checkpointing"] is True
 
 
 @pytest.mark.parametrize(
@@ -206,6 +213,8 @@ def test_dry_run_has_the_seed_fields_numbers_and_snake_case_model_config(http):
         ({"dryRun": True, "config": {"colour": "red"}}, "config.colour"),
         ({"dryRun": True, "config": {"batch_size": 2.5}}, "config.batch_size"),
         ({"dryRun": True, "config": {"use_lora": 1}}, "config.use_lora"),
+        ({"dryRun": True, "config": {"num_processes": 0}}, "config.num_processes"),
+        ({"dryRun": True, "config": {"num_processes": 3}}, "config.batch_size"),
         ({"dryRun": True, "rewardModelVersion": "seven"}, "rewardModelVersion"),
         ({"dryRun": True, "algorithm": "dpo"}, "algorithm"),
         ({"dryRun": True, "algorithmConfig": {"beta": 0.1}}, "algorithmConfig"),

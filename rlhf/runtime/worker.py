@@ -22,8 +22,18 @@ from rlhf.runtime.logs import setup_logging
 log = logging.getLogger(__name__)
 
 
+# Under torchrun a worker's parent is the launcher, not the server: the worker that handed over to torchrun
+# passes the server's pid on in this variable, so every rank still stops when the server is gone.
+SERVER_PID_ENV = "RLHF_WORKER_SERVER_PID"
+
+
 class Cancelled(Exception):
     """Raised inside training when a cancel (SIGTERM) arrived; the worker saves and exits."""
+
+
+class ReportedElsewhere(Exception):
+    """A failure another process of the same job reports (a collective that failed because another rank
+    died): the worker exits 1 without an error event of its own, so the job shows the other rank's reason."""
 
 
 class JobContext:
@@ -37,17 +47,19 @@ class JobContext:
         self.cancel_requested = False
         # Facts learnt along the way (e.g. the reward-model version) repeated in every progress event.
         self.sticky: dict[str, Any] = {}
-        # Under torchrun only rank 0 reports; others train silently.
-        self.is_reporter = int(os.environ.get("RANK", "0")) == 0
-        self._events = open(job_dir / "events.jsonl", "a") if self.is_reporter else None
+        # Under torchrun only rank 0 reports progress and the result; every rank reports its own error.
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.is_reporter = self.rank == 0
+        self._events = open(job_dir / "events.jsonl", "a")
         self._started = time.monotonic()
         # The server that launched us; if it dies (even by kill -9) we are re-parented and should stop,
         # since nobody would register our result and a restarted server reports the job INTERRUPTED.
         self._parent = os.getppid()
+        self._server = int(os.environ.get(SERVER_PID_ENV, "0"))
 
-    def _emit(self, event: dict[str, Any]) -> None:
-        if self._events is not None:
-            self._events.write(json.dumps(event) + "\n")
+    def _emit(self, event: dict[str, Any], every_rank: bool = False) -> None:
+        if self.is_reporter or every_rank:
+            self._events.write(json.dumps(event) + "\n")  # one short append per event: ranks do not interleave
             self._events.flush()
 
     def progress(self, **progress: Any) -> None:
@@ -59,11 +71,11 @@ class JobContext:
         self._emit({"type": "result", "result": result})
 
     def error(self, message: str) -> None:
-        self._emit({"type": "error", "message": message})
+        self._emit({"type": "error", "message": f"rank {self.rank}: {message}" if self.rank else message}, True)
 
     @property
     def orphaned(self) -> bool:
-        return os.getppid() != self._parent
+        return os.getppid() != self._parent or (self._server > 0 and not _alive(self._server))
 
     def sleep(self, seconds: float) -> None:
         """time.sleep that a cancel (or the server's death) interrupts, raising Cancelled within 0.1 s."""
@@ -101,12 +113,25 @@ def run_worker(component: str, train: Callable[[JobContext], dict[str, Any]], ar
     except Cancelled:
         log.info("cancelled")
         return 0
+    except ReportedElsewhere as error:
+        log.error("stopped: %s", error)
+        return 1
     except Exception as error:  # noqa: BLE001 - the job's error message is what users read
         log.error("training failed:\n%s", traceback.format_exc())
         context.error(_describe(error))
         return 1
     context.result(result)
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _describe(error: Exception) -> str:

@@ -94,9 +94,17 @@ class TrainingConfig(ModelTrainingConfig):
     whiten_rewards: bool = False
     # Save a checkpoint every this many steps; 0 saves only at the end, on cancel and on failure.
     checkpoint_interval: int = 0
+    # Recompute activations in the backward pass instead of keeping them (less memory, ~30% more compute):
+    # transformers' gradient checkpointing, non-reentrant, for models that support it
+    # (the policy's; PPO's reference and the scoring passes keep no activations anyway).
+    gradient_checkpointing: bool = False
     # Reward functions combined into the reward (rlhf.training.reward_functions), each {"name", "weight",
     # "params"}: the reward is the weighted sum of their values. Empty: the reward model's score.
     reward_functions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Data-parallel processes (PPO): the training worker runs under torchrun with this many ranks, each
+    # sampling and scoring batch_size / num_processes prompts a step, gradients averaged across ranks, rank 0
+    # saving. batch_size and mini_batch_size must divide by it. 1: one process, no torchrun.
+    num_processes: int = 1
 
 
 @dataclasses.dataclass
@@ -138,6 +146,8 @@ class GroupPolicyConfig(ModelTrainingConfig):
     epsilon_high: float = 0.0
     # Leave answers cut at max_new_tokens out of the loss (DAPO's advice).
     mask_truncated_completions: bool = False
+    # Gradient checkpointing (TRL's gradient_checkpointing, non-reentrant), as TrainingConfig's.
+    gradient_checkpointing: bool = False
     # Reward functions combined into the reward by the reward service, as for PPO (TrainingConfig's).
     reward_functions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from rlhf.training import ppo, sequences
 from rlhf.training.config import TrainingConfig
+from rlhf.training.distributed import Group
 from rlhf.training.errors import TrainingError
 from rlhf.training.modeling import add_lora, disable_dropout, fuse_activations
 from rlhf.training.scoring import Scores
@@ -71,6 +72,27 @@ def logits_to_keep(lm: nn.Module, keep: int) -> dict[str, int]:
     """`logits_to_keep=keep` for models that take it: the LM head (vocab x width per position, most of a
     small model's compute) then runs on the response positions only, not the prompt's."""
     return {"logits_to_keep": keep} if keep and sequences.forward_keywords(lm)[1] else {}
+
+
+def use_gradient_checkpointing(lm: nn.Module) -> bool:
+    """Recompute `lm`'s activations in the backward pass instead of keeping them. Non-reentrant: correct with
+    frozen weights and no_grad passes around it. The embeddings' output requires grad so that LoRA adapters,
+    whose inputs come from frozen layers, still get gradients through recomputed blocks. False (with a
+    warning) where the architecture does not support it."""
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        log.warning("%s does not support gradient checkpointing; training without it", type(lm).__name__)
+        return False
+    if hasattr(lm, "activation_checkpointing_enable"):  # the newer name in transformers 5; the old one warns
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.enable_input_require_grads()
+    return True
+
+
+def rank_path(checkpoint: pathlib.Path, rank: int) -> pathlib.Path:
+    """Where rank `rank` (> 0) keeps its own sampling state beside a data-parallel run's checkpoint."""
+    return checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
 
 
 def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -128,13 +150,30 @@ class History:
 
 
 class PPOTrainer:
-    def __init__(self, config: TrainingConfig, model_path: str, device: str) -> None:
+    def __init__(self, config: TrainingConfig, model_path: str, device: str, group: Group | None = None) -> None:
+        """`group`: the data-parallel ranks this process trains among (rlhf.training.distributed); each rank
+        is given its share of every batch (`train` splits it), gradients are averaged across ranks and the
+        statistics PPO normalises with are the whole batch's. None: one process."""
         from transformers import AutoModelForCausalLM
 
-        from rlhf.training.modeling import autocast_dtype, load_model, load_tokenizer
+        from rlhf.training.modeling import autocast_dtype, load_model, load_tokenizer, pick_device
 
         self.config = config
-        self.device = device
+        self.device = pick_device(device)
+        self.group = group or Group()
+        if config.num_processes > 1 and config.num_processes != self.group.local_size:
+            raise TrainingError(
+                f"num_processes={config.num_processes} asks for that many ranks on this machine, but this process "
+                f"runs among {self.group.local_size}: start it under `torchrun --nproc-per-node "
+                f"{config.num_processes}` (the policy service does), or use num_processes=1"
+            )
+        for name in ("batch_size", "mini_batch_size"):
+            if getattr(config, name) % self.group.world_size:
+                raise TrainingError(
+                    f"{name}={getattr(config, name)} does not split evenly over {self.group.world_size} ranks"
+                )
+        # Rows of this rank's share of a minibatch (the ranks' shares together make one minibatch).
+        self.mini_batch = config.mini_batch_size // self.group.world_size
         self.amp = autocast_dtype(config.mixed_precision, device)
         random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -147,6 +186,8 @@ class PPOTrainer:
                 f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in this model's context of "
                 f"{self.n_ctx} tokens; use at most {self.n_ctx - 1} (prompts are cut from the left to fit)"
             )
+        if config.gradient_checkpointing:
+            use_gradient_checkpointing(lm)
         self.reference = None
         if config.use_lora:
             lm = add_lora(lm, config, "CAUSAL_LM")
@@ -186,9 +227,11 @@ class PPOTrainer:
         self.kl_ctl = ppo.AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
         self.history = History()
         self.step = 0
-        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        # Every rank initialised the same weights from `seed` above; each samples and shuffles its own share
+        # with its own stream (rank 0's is a single process's).
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed + self.group.rank)
         # Draws of the sampling loop, on the model's device.
-        self.sampler = torch.Generator(device=device).manual_seed(config.seed)
+        self.sampler = torch.Generator(device=device).manual_seed(config.seed + self.group.rank)
         # Prompts cut from the left to fit the context beside max_new_tokens (reported in the metrics).
         self.truncated_prompts = 0
         # One thread runs the reward function while the rollout's forward passes run here.
@@ -207,6 +250,15 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, prompts: list[str], score_fn: ScoreFn) -> Rollout:
+        # Sampling needs the KV cache, which transformers turns off in training mode under gradient
+        # checkpointing; dropout is off, so eval mode computes the same as training mode.
+        self.model.eval()
+        try:
+            return self._rollout(prompts, score_fn)
+        finally:
+            self.model.train()
+
+    def _rollout(self, prompts: list[str], score_fn: ScoreFn) -> Rollout:
         c = self.config
         room = self.n_ctx - c.max_new_tokens if self.n_ctx is not None else None
         ids = [sequences.encode_prompt(self.tokenizer, prompt) for prompt in prompts]
@@ -264,8 +316,9 @@ class PPOTrainer:
             scores = torch.where(sampled.ended, scores, scores - c.missing_eos_penalty)
         if c.reward_clip:
             scores = scores.clamp(-c.reward_clip, c.reward_clip)
-        if c.whiten_rewards and len(scores) > 1:
-            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        if c.whiten_rewards and len(scores) * self.group.world_size > 1:
+            every = self.group.gather(scores)  # the whole batch's statistics, on every rank
+            scores = (scores - every.mean()) / (every.std() + 1e-8)
 
         rated = torch.tensor(ratings, dtype=torch.float32) if ratings is not None else None
         return Rollout(query, query_mask, response, mask, logprobs, ref_logprobs, values, scores, raw, rated, texts)
@@ -315,7 +368,7 @@ class PPOTrainer:
         with torch.no_grad():
             rewards, kl = ppo.token_rewards(roll.scores, roll.logprobs, roll.ref_logprobs, roll.mask, self.kl_ctl.value)
             advantages, returns = ppo.gae(rewards, roll.values, roll.mask, c.gamma, c.lam)
-            advantages = ppo.whiten(advantages, roll.mask)
+            advantages = self.group.whiten(advantages, roll.mask)
 
         batch = roll.query.shape[0]
         keys = ("pg", "vf", "clip", "approxkl", "vclip", "entropy", "verr", "ratio")
@@ -323,8 +376,8 @@ class PPOTrainer:
         first_ratio_error = 0.0
         for epoch in range(c.ppo_epochs):
             order = torch.randperm(batch, generator=self.generator).tolist()
-            for start in range(0, batch, c.mini_batch_size):
-                minibatch = order[start : start + c.mini_batch_size]
+            for start in range(0, batch, self.mini_batch):
+                minibatch = order[start : start + self.mini_batch]
                 # TRL's accumulation: a minibatch is split into micro-batches for memory, and it is still one
                 # optimiser step, so no step straddles two minibatches or epochs and none is partial.
                 for micro in (
@@ -359,19 +412,34 @@ class PPOTrainer:
                         stats["entropy"].append(ppo.masked_mean(entropy, mask).item())
                 self._optimizer_step()
 
-        mean_kl = kl.sum(1).mean().item()
+        # The step's statistics over the whole batch: every rank's rows (in rank order), its loss averages
+        # averaged, its peaks maxed; the KL controller moves on the global KL, identically on every rank.
+        columns = [roll.raw_scores, kl.sum(1), roll.mask.sum(1)]
+        if roll.ratings is not None:
+            columns.append(roll.ratings)
+        rows = self.group.gather(torch.stack([column.float().to(self.device) for column in columns], 1))
+        batch = rows.shape[0]
+        raw_scores, kl_sums, lengths = rows[:, 0], rows[:, 1], rows[:, 2]
+        ratings = rows[:, 3] if roll.ratings is not None else None
+        local = torch.tensor([sum(v) / len(v) for v in stats.values()], dtype=torch.float64, device=self.device)
+        avg = dict(zip(stats, self.group.mean(local).tolist(), strict=True))
+        peaks = [first_ratio_error, roll.response.shape[1], roll.query.shape[1]]
+        first_ratio_error, response_width, query_width = self.group.max(
+            torch.tensor(peaks, dtype=torch.float64, device=self.device)
+        ).tolist()
+        truncated = self.group.sum(torch.tensor([float(self.truncated_prompts)], device=self.device)).item()
+        mean_kl = kl_sums.mean().item()
         kl_coef = self.kl_ctl.value
         self.kl_ctl.update(mean_kl, batch)
         self.step += 1
-        avg = {k: sum(v) / len(v) for k, v in stats.items()}
-        score_mean = roll.raw_scores.mean().item()
-        score_std = roll.raw_scores.std().item() if batch > 1 else 0.0
+        score_mean = raw_scores.mean().item()
+        score_std = raw_scores.std().item() if batch > 1 else 0.0
         metrics = {
             "objective/scores": score_mean,
             "objective/scores_std": score_std,
             "objective/kl": mean_kl,
             "objective/entropy": avg["entropy"],
-            "objective/non_score_reward": (-kl_coef * kl.sum(1)).mean().item(),
+            "objective/non_score_reward": (-kl_coef * kl_sums).mean().item(),
             "objective/rlhf_reward": score_mean - kl_coef * mean_kl,
             "loss/policy_avg": avg["pg"],
             "loss/value_avg": avg["vf"],
@@ -383,12 +451,12 @@ class PPOTrainer:
             "val/ratio": avg["ratio"],
             "policy/first_minibatch_ratio_error": first_ratio_error,
             "lr": self.scheduler.get_last_lr()[0],
-            "prompts_truncated": float(self.truncated_prompts),
+            "prompts_truncated": truncated,
             "policy/skipped_updates": float(self.skipped_updates),
-            "response_length": roll.mask.sum(1).mean().item(),
+            "response_length": lengths.mean().item(),
             # Widths the step's passes ran at (its longest response and prompt), for the dry-run cost model.
-            "tokens/response_width": float(roll.response.shape[1]),
-            "tokens/query_width": float(roll.query.shape[1]),
+            "tokens/response_width": response_width,
+            "tokens/query_width": query_width,
             "time/rollout_and_score_s": scored_at - started,
             "time/score_wait_s": self.score_wait_seconds,
             "time/step_s": time.monotonic() - started,
@@ -396,9 +464,9 @@ class PPOTrainer:
         h = self.history
         h.reward.append(score_mean)
         h.reward_std.append(score_std)
-        if roll.ratings is not None:
-            metrics["objective/ratings"] = roll.ratings.mean().item()
-            metrics["objective/ratings_std"] = roll.ratings.std().item() if batch > 1 else 0.0
+        if ratings is not None:
+            metrics["objective/ratings"] = ratings.mean().item()
+            metrics["objective/ratings_std"] = ratings.std().item() if batch > 1 else 0.0
             h.rating.append(metrics["objective/ratings"])
             h.rating_std.append(metrics["objective/ratings_std"])
         h.kl.append(mean_kl)
@@ -410,6 +478,7 @@ class PPOTrainer:
         return metrics
 
     def _optimizer_step(self) -> None:
+        self.group.average_gradients(self.trainable)  # every rank then takes the same step
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
         if self._fused and not self.scaler.is_enabled():
             self.skipped_updates += clip_and_step(self.optimizer, self.trainable, self.config.max_grad_norm)
@@ -437,8 +506,9 @@ class PPOTrainer:
         for _ in itertools.islice(stream, self.step * self.config.batch_size):
             pass
         while self.step < self.config.max_steps:
+            # Every rank draws the same global batch and keeps its share.
             batch = list(itertools.islice(stream, self.config.batch_size))
-            metrics = self.step_on(batch, score_fn)
+            metrics = self.step_on(self.group.shard(batch), score_fn)
             on_step(self.step, metrics)
             if checkpoint and self.config.checkpoint_interval and self.step % self.config.checkpoint_interval == 0:
                 checkpoint()
@@ -447,7 +517,12 @@ class PPOTrainer:
     # --- persistence ---------------------------------------------------------------------------------
     def save_checkpoint(self, path: pathlib.Path, extra: dict | None = None) -> None:
         """Trainable weights (value head included), optimizer, KL controller, step, curves and sampling
-        state, written atomically; `extra` is kept alongside (e.g. the reward-model version)."""
+        state, written atomically; `extra` is kept alongside (e.g. the reward-model version). Under data
+        parallelism rank 0 writes it (the weights are the same on every rank) and every other rank writes only
+        its own sampling state beside it (rank_path)."""
+        if not self.group.is_main:
+            self._write(rank_path(path, self.group.rank), {"step": self.step, **self._random_state()})
+            return
         trainable = {k: v for k, v in self.model.named_parameters() if v.requires_grad}
         state = {
             "step": self.step,
@@ -455,22 +530,42 @@ class PPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "sampler": self.sampler.get_state().cpu(),
             "truncated_prompts": self.truncated_prompts,
             "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
             "history": dataclasses.asdict(self.history),
+            "extra": extra or {},
+            **self._random_state(),
+        }
+        self._write(path, state)
+
+    def _random_state(self) -> dict:
+        return {
+            "sampler": self.sampler.get_state().cpu(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "extra": extra or {},
         }
+
+    @staticmethod
+    def _write(path: pathlib.Path, state: dict) -> None:
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
 
     @staticmethod
-    def read_checkpoint(path: pathlib.Path) -> dict | None:
-        """A checkpoint written by save_checkpoint, or None if there is none."""
-        return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    def read_checkpoint(path: pathlib.Path, rank: int = 0) -> dict | None:
+        """A checkpoint written by save_checkpoint, or None if there is none; for rank > 0 with that rank's
+        own sampling state when it saved one at the same step (else without: restore then reseeds it)."""
+        if not path.exists():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if rank:
+            own = rank_path(path, rank)
+            mine = torch.load(own, map_location="cpu", weights_only=False) if own.exists() else None
+            for key in ("sampler", "generator", "torch_rng"):
+                state.pop(key, None)
+            if mine is not None and mine["step"] == state["step"]:
+                state.update({k: v for k, v in mine.items() if k != "step"})
+        return state
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint (read_checkpoint) of the same configuration."""
@@ -485,13 +580,21 @@ class PPOTrainer:
         if "scheduler" in state:  # checkpoints from before the schedule keep a constant rate
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
-            self.sampler.set_state(state["sampler"])
             self.truncated_prompts = state["truncated_prompts"]
         self.kl_ctl.value = state["kl_coef"]
         self.step = state["step"]
         self.history = History(**state["history"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        if "generator" in state:
+            if "sampler" in state:
+                self.sampler.set_state(state["sampler"])
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        else:
+            # A rank without its own saved state (another number of ranks, or it had not saved at this step):
+            # fresh streams of its own for the steps from here, still distinct from every other rank's.
+            fresh = self.config.seed + self.group.rank + 1_000_003 * self.step
+            self.sampler.manual_seed(fresh)
+            self.generator.manual_seed(fresh)
 
     def save(self, folder: pathlib.Path) -> None:
         """policy/ (merged, loadable by AutoModelForCausalLM) and value_head.pt beside it."""

@@ -103,7 +103,8 @@ def _trl_arguments(algorithm: str, config: GroupPolicyConfig, output_dir: pathli
         "max_grad_norm": config.max_grad_norm,
         "seed": config.seed,
         "disable_dropout": True,  # as PPO: two passes over the same tokens must agree
-        "gradient_checkpointing": False,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "bf16": config.mixed_precision == "bf16" and not device.startswith("cpu"),
         "fp16": config.mixed_precision == "fp16" and not device.startswith("cpu"),
         "use_cpu": device.startswith("cpu"),
