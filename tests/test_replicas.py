@@ -7,25 +7,40 @@ real replicas of every service over one PostgreSQL (the `postgres` cases below).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import pathlib
 import threading
 
+import grpc
 import pytest
 
+from feedback_service.app import start as start_feedback
+from feedback_service.config import FeedbackServiceConfig
 from feedback_service.models import NewFeedback
 from feedback_service.store import FeedbackStore, commit_in_sequence_order
+from inference_service.app import start as start_inference
+from inference_service.config import InferenceServiceConfig
+from policy_service.app import start as start_policy
+from policy_service.config import PolicyServiceConfig
+from reward_service.app import start as start_reward
+from reward_service.config import RewardServiceConfig
 from rlhf.feedback.v1 import feedback_service_pb2 as fb
 from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
-from rlhf.runtime.config import client_service_config
+from rlhf.policy.v1 import policy_service_pb2 as pol
+from rlhf.reward.v1 import reward_service_pb2 as rw
+from rlhf.runtime.config import ServerConfig, client_service_config
 from rlhf.runtime.db import make_engine
 from rlhf.runtime.jobs import CANCELLED, INTERRUPTED, RUNNING, SUCCEEDED, JobManager, JobStore
+from rlhf.runtime.migrations import SCHEMAS
 from rlhf.runtime.registry import FEEDBACK_COUNT, SEQUENTIAL, Registry, registry_table
 from rlhf.runtime.tls import open_aio_channel
-from rlhf.sdk.clients import FeedbackClient
+from rlhf.sdk.clients import FeedbackClient, InferenceClient, PolicyClient, RewardClient
 from tests import test_hostile_jobs
-from tests.helpers import postgres_schema
-from tests.servers import feedback_thread
+from tests.helpers import postgres_schema, rated_answers
+from tests.servers import ServerThread, feedback_thread
 from tests.test_hostile_jobs import all_at_once, stores
 
 # A fresh jobs database per test, SQLite and PostgreSQL (each engine made by it is one "replica"'s).
@@ -34,7 +49,7 @@ database = test_hostile_jobs.database
 LEASE = 1.5  # seconds: a heartbeat every 0.5 s, so the tests see expiry quickly
 
 
-def replica(store: JobStore, tmp_path: pathlib.Path, owner: str, worker: str = "tests.workers.stops_on_cancel"):
+def replica(store: JobStore, tmp_path: pathlib.Path, owner: str, worker: str = "tests.workers.counts_steps"):
     async def on_success(job, result) -> str:
         return "v1"
 
@@ -56,14 +71,14 @@ def test_a_restarted_replica_interrupts_its_own_jobs_and_leaves_the_others_runni
         a, b = replica(first, tmp_path, "a"), replica(second, tmp_path, "b")
         await a.recover()
         await b.recover()
-        job_a = await a.submit("agent-a", {})
-        job_b = await b.submit("agent-b", {})
+        job_a = await a.submit("agent-a", {"steps": 600})
+        job_b = await b.submit("agent-b", {"steps": 120})  # 6 s: past the restart and several heartbeats
         await asyncio.wait_for(asyncio.gather(running(a, job_a.job_id), running(b, job_b.job_id)), 60)
         # Replica "a" starts again (its old process still around: it must stand back, not overwrite).
         a_again = replica(first, tmp_path, "a")
         await a_again.recover()
         after_restart = await b.get(job_a.job_id), await b.get(job_b.job_id)
-        await asyncio.sleep(3 * LEASE)  # several heartbeats of both: nobody touches b's job
+        await asyncio.sleep(2 * LEASE)  # several heartbeats of both: nobody touches b's job
         still = await a_again.get(job_b.job_id)
         # The old "a" saw that the job is no longer its own at the next progress and stopped its worker.
         stopped = await asyncio.wait_for(_until(lambda: job_a.job_id not in a._tasks), 30)
@@ -118,7 +133,7 @@ def test_cancel_and_watch_of_another_replicas_job(database, tmp_path):
         a, b = replica(first, tmp_path, "a"), replica(second, tmp_path, "b")
         await a.recover()
         await b.recover()
-        job = await a.submit("agent", {})
+        job = await a.submit("agent", {"steps": 600})
         seen = []
 
         async def watch_on_b():
@@ -277,3 +292,200 @@ def test_load_balancing_is_round_robin_unless_configured(monkeypatch):
     monkeypatch.setenv("RLHF_LOAD_BALANCING", "random")
     with pytest.raises(ValueError, match="RLHF_LOAD_BALANCING must be one of round_robin, pick_first"):
         client_service_config()
+
+
+# Two replicas of every service over one PostgreSQL. ----------------------------------------------------------
+
+REWARD_CONFIG = rw.RewardModelConfig(use_lora=False, num_epochs=1, batch_size=16, learning_rate=5e-4)
+QUICK = pol.TrainingConfig(
+    use_lora=True, learning_rate=1e-3, batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=8, seed=0
+)
+SERVICE_LEASE = 3.0  # seconds: short, so a heartbeat that failed to renew would show within the test
+
+
+class Fleet:
+    """Two replicas of each service, every service over its own schema of one PostgreSQL and one data dir
+    (the shared artifact volume); the services reach each other through both replicas' addresses."""
+
+    def __init__(self, data_dir: pathlib.Path, urls: dict[str, str]) -> None:
+        self.data_dir, self.urls = data_dir, urls
+        self.servers: dict[str, list[ServerThread]] = {}
+        self.servers["feedback"] = [self._start("feedback", i) for i in (1, 2)]
+        self.servers["reward"] = [self._start("reward", i) for i in (1, 2)]
+        self.servers["policy"] = [self._start("policy", i) for i in (1, 2)]
+        self.servers["inference"] = [self._start("inference", i) for i in (1, 2)]
+
+    def target(self, service: str) -> str:
+        """Both replicas of `service`, for gRPC's round-robin load balancing."""
+        return "ipv4:" + ",".join(server.address for server in self.servers[service])
+
+    def _server(self, service: str, replica: int) -> ServerConfig:
+        return ServerConfig(
+            service=service,
+            port=0,
+            data_dir=self.data_dir / service,
+            database_url=self.urls[service],
+            replica_id=f"{service}-{replica}",
+            job_lease_seconds=SERVICE_LEASE,
+        )
+
+    def _start(self, service: str, replica: int) -> ServerThread:
+        server = self._server(service, replica)
+        if service == "feedback":
+            return ServerThread(start_feedback, FeedbackServiceConfig.from_env(server=server)).__enter__()
+        if service == "reward":
+            config = RewardServiceConfig(server=server, feedback_address=self.target("feedback"))
+            return ServerThread(start_reward, config).__enter__()
+        if service == "policy":
+            config = PolicyServiceConfig(
+                server=server, feedback_address=self.target("feedback"), reward_address=self.target("reward")
+            )
+            return ServerThread(start_policy, config).__enter__()
+        config = InferenceServiceConfig.from_env(policy_addr=self.target("policy"))
+        return ServerThread(start_inference, dataclasses.replace(config, server=server)).__enter__()
+
+    def restart(self, service: str, replica: int) -> None:
+        self.servers[service][replica - 1].stop()
+        self.servers[service][replica - 1] = self._start(service, replica)
+
+    def address(self, service: str, replica: int) -> str:
+        return self.servers[service][replica - 1].address
+
+    def stop(self) -> None:
+        for service in ("inference", "policy", "reward", "feedback"):
+            for server in self.servers.get(service, []):
+                server.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path, tiny_model):
+    # Eight servers share this process: import transformers' model classes once, before their threads race to
+    # (its lazy module can fail one of two threads importing the same name at once).
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
+
+    with contextlib.ExitStack() as schemas:
+        urls = {service: schemas.enter_context(postgres_schema(f"fleet_{service}")) for service in SCHEMAS}
+        fleet = Fleet(tmp_path, urls)
+        try:
+            yield fleet
+        finally:
+            fleet.stop()
+
+
+def stream_ratings(address: str, agent_id: str, items: list[tuple[str, str, float]], ids: list[str]) -> list:
+    with grpc.insecure_channel(address) as channel:
+        requests = (
+            fb.StreamFeedbackRequest(
+                feedback=fb.SubmitFeedbackRequest(agent_id=agent_id, prompt=p, response=r, score=s, request_id=i)
+            )
+            for (p, r, s), i in zip(items, ids, strict=True)
+        )
+        return list(fb_grpc.FeedbackServiceStub(channel).StreamFeedback(requests, timeout=60))
+
+
+def exported(address: str, agent_id: str, watermark: int = 0) -> tuple[list[str], int]:
+    """(request ids of the agent's rows up to `watermark` (0: the newest), the export's watermark)."""
+    with FeedbackClient(address) as client:
+        ids, mark = [], watermark
+        for chunk in client.stub.ExportFeedback(fb.ExportFeedbackRequest(agent_id=agent_id, watermark=watermark)):
+            ids += [row.request_id for row in chunk.feedback]
+            mark = chunk.watermark
+    return ids, mark
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_two_replicas_of_every_service_over_one_postgresql(fleet):
+    # Feedback: two agents' streams to both replicas at once, each item sent to both (a client's retry landing
+    # on the other replica); meanwhile a reader takes a watermark on one replica and exports it from the other.
+    agents = ("replica-a", "replica-b")
+    items = {agent_id: rated_answers(120, seed=n) for n, agent_id in enumerate(agents)}
+    snapshots: list[tuple[str, int, list[str]]] = []
+    writing = threading.Event()
+
+    def read_snapshots() -> None:
+        while writing.is_set():
+            for agent_id in agents:
+                ids, mark = exported(fleet.address("feedback", 2), agent_id, 0)
+                snapshots.append((agent_id, mark, ids))
+
+    sends = [
+        (fleet.address("feedback", replica), agent_id, part)
+        for agent_id in agents
+        for replica in (1, 2)
+        for part in (slice(0, 60), slice(60, 120))
+    ]
+    writing.set()
+    reader = threading.Thread(target=read_snapshots)
+    reader.start()
+    with concurrent.futures.ThreadPoolExecutor(len(sends)) as pool:
+        acks = list(
+            pool.map(
+                lambda send: stream_ratings(
+                    send[0], send[1], items[send[1]][send[2]], [f"{send[1]}-{i}" for i in range(120)][send[2]]
+                ),
+                sends,
+            )
+        )
+    writing.clear()
+    reader.join(60)
+    assert all(ack.accepted for batch in acks for ack in batch)
+    for agent_id in agents:
+        ids, _ = exported(fleet.address("feedback", 1), agent_id)
+        assert sorted(ids) == sorted(f"{agent_id}-{i}" for i in range(120))  # each once: none lost, none twice
+    snapshots = [snapshot for snapshot in snapshots if snapshot[1]]  # 0: no row yet (and "the newest" to export)
+    assert len({mark for _, mark, _ in snapshots}) >= 2, snapshots  # taken while the rows arrived
+    for agent_id, mark, ids in snapshots:  # a watermark read during the writes still selects the same rows
+        again, _ = exported(fleet.address("feedback", 1), agent_id, mark)
+        assert again == ids
+
+    # Reward models: one per agent, each created on another replica; a second create for an agent that has an
+    # active job is refused whichever replica takes it.
+    with RewardClient(fleet.address("reward", 1)) as one, RewardClient(fleet.address("reward", 2)) as two:
+        jobs = [one.create_job(agents[0], REWARD_CONFIG), two.create_job(agents[1], REWARD_CONFIG)]
+        with pytest.raises(grpc.RpcError) as busy:
+            two.create_job(agents[0], REWARD_CONFIG)
+        assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        finals = [list(two.watch(job.job_id, timeout=300))[-1] for job in jobs]  # watched on the other replica
+    assert [(j.state, j.reward_model_version) for j in finals] == [(rw.JOB_STATE_SUCCEEDED, "v1")] * 2, finals
+
+    # Policies: a job on each policy replica; replica 1 restarts while both run. Its own job ends INTERRUPTED
+    # (truthfully); replica 2's keeps RUNNING and finishes; replica 2 then resumes replica 1's job.
+    policy_one = PolicyClient(fleet.address("policy", 1))
+    policy_two = PolicyClient(fleet.address("policy", 2))
+    try:
+        request = dict(config=QUICK, reward_model_version="v1")
+        first = policy_one.train(pol.TrainPolicyRequest(agent_id=agents[0], max_steps=30, **request)).job
+        second = policy_two.train(pol.TrainPolicyRequest(agent_id=agents[1], max_steps=12, **request)).job
+        for job_id in (first.job_id, second.job_id):
+            for state in policy_two.watch(job_id, timeout=300):
+                if state.state == pol.JOB_STATE_RUNNING and state.progress.step >= 1:
+                    break
+                assert state.state in (pol.JOB_STATE_QUEUED, pol.JOB_STATE_RUNNING), state.error
+        policy_one.close()
+        fleet.restart("policy", 1)
+        policy_one = PolicyClient(fleet.address("policy", 1))
+        interrupted = policy_one.get_job(first.job_id)
+        running = policy_one.get_job(second.job_id)
+        assert interrupted.state == pol.JOB_STATE_INTERRUPTED and "shut down" in interrupted.error
+        assert running.state == pol.JOB_STATE_RUNNING
+        finished = list(policy_one.watch(second.job_id, timeout=300))[-1]  # watched across replicas
+        assert finished.state == pol.JOB_STATE_SUCCEEDED and finished.policy_version == "v1", finished.error
+        policy_two.resume_job(first.job_id)
+        resumed = list(policy_one.watch(first.job_id, timeout=300))[-1]
+        assert resumed.state == pol.JOB_STATE_SUCCEEDED and resumed.resumed_from_step >= 1, resumed.error
+    finally:
+        policy_one.close()
+        policy_two.close()
+
+    # Inference: a deployment set on one replica routes every key to the same version on both.
+    with InferenceClient(fleet.address("inference", 1)) as one, InferenceClient(fleet.address("inference", 2)) as two:
+        one.set_deployment(agents[1], {"v1": 0.5, "base": 0.5})
+        chosen = {}
+        for i in range(12):
+            key = f"user-{i}"
+            answers = [c.generate(agents[1], "Hi?", routing_key=key, max_new_tokens=2, seed=0) for c in (one, two)]
+            assert answers[0].policy_version == answers[1].policy_version, key
+            assert two.get_generation(answers[0].generation_id).routing_key == key  # logged where both see it
+            chosen[key] = answers[0].policy_version
+    assert set(chosen.values()) == {"v1", "base"}, chosen
