@@ -3,7 +3,8 @@
 With a routing key the choice is a pure function of (agent, key, deployment revision): the key is hashed
 to a point in [0, 1) that falls into one target's share. So a user or session keeps its version while the
 deployment is unchanged, and over many keys the shares match the weights. Without a key the point is
-random. A new SetDeployment (new revision) reshuffles keys.
+random. A new SetDeployment (new revision) reshuffles keys. Nothing else goes in, and each request reads the
+deployment from the database, so every inference replica over one database routes a key alike.
 """
 
 from __future__ import annotations
