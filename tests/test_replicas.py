@@ -19,7 +19,6 @@ import pytest
 
 from feedback_service.app import start as start_feedback
 from feedback_service.config import FeedbackServiceConfig
-from feedback_service.models import NewFeedback
 from feedback_service.store import FeedbackStore, commit_in_sequence_order
 from inference_service.app import start as start_inference
 from inference_service.config import InferenceServiceConfig
@@ -41,6 +40,7 @@ from rlhf.sdk.clients import FeedbackClient, InferenceClient, PolicyClient, Rewa
 from tests import test_hostile_jobs
 from tests.helpers import postgres_schema, rated_answers
 from tests.servers import ServerThread, feedback_thread
+from tests.test_feedback_service import new_item
 from tests.test_hostile_jobs import all_at_once, stores
 
 # A fresh jobs database per test, SQLite and PostgreSQL (each engine made by it is one "replica"'s).
@@ -58,6 +58,13 @@ def replica(store: JobStore, tmp_path: pathlib.Path, owner: str, worker: str = "
     )
 
 
+async def started(store: JobStore, tmp_path: pathlib.Path, owner: str) -> JobManager:
+    """A replica's job manager once it has recovered (and its heartbeat runs)."""
+    jobs = replica(store, tmp_path, owner)
+    await jobs.recover()
+    return jobs
+
+
 async def running(jobs: JobManager, job_id: str) -> None:
     async for job in jobs.watch(job_id):
         if job.state == RUNNING and job.progress.get("step", 0) >= 1:
@@ -68,15 +75,12 @@ def test_a_restarted_replica_interrupts_its_own_jobs_and_leaves_the_others_runni
     first, second = stores(database, 2)
 
     async def scenario():
-        a, b = replica(first, tmp_path, "a"), replica(second, tmp_path, "b")
-        await a.recover()
-        await b.recover()
+        a, b = await started(first, tmp_path, "a"), await started(second, tmp_path, "b")
         job_a = await a.submit("agent-a", {"steps": 600})
         job_b = await b.submit("agent-b", {"steps": 120})  # 6 s: past the restart and several heartbeats
         await asyncio.wait_for(asyncio.gather(running(a, job_a.job_id), running(b, job_b.job_id)), 60)
         # Replica "a" starts again (its old process still around: it must stand back, not overwrite).
-        a_again = replica(first, tmp_path, "a")
-        await a_again.recover()
+        a_again = await started(first, tmp_path, "a")
         after_restart = await b.get(job_a.job_id), await b.get(job_b.job_id)
         await asyncio.sleep(2 * LEASE)  # several heartbeats of both: nobody touches b's job
         still = await a_again.get(job_b.job_id)
@@ -111,8 +115,7 @@ def test_the_jobs_of_a_replica_whose_lease_expired_are_interrupted_by_another(da
     assert store.request_cancel(asked.job_id)
 
     async def scenario():
-        b = replica(store, tmp_path, "b")
-        await b.recover()  # the leases are fresh: nothing to do yet
+        b = await started(store, tmp_path, "b")  # the leases are fresh: nothing to do yet
         fresh = await b.get(dead.job_id)
         ended = await asyncio.wait_for(_until(lambda: store.get(dead.job_id).terminal, 0.1), 10)
         await b.close()
@@ -130,9 +133,7 @@ def test_cancel_and_watch_of_another_replicas_job(database, tmp_path):
     first, second = stores(database, 2)
 
     async def scenario():
-        a, b = replica(first, tmp_path, "a"), replica(second, tmp_path, "b")
-        await a.recover()
-        await b.recover()
+        a, b = await started(first, tmp_path, "a"), await started(second, tmp_path, "b")
         job = await a.submit("agent", {"steps": 600})
         seen = []
 
@@ -202,25 +203,6 @@ def test_the_job_lease_is_configured_with_a_documented_default(monkeypatch):
 # Feedback export watermarks with several writers. -----------------------------------------------------------
 
 
-def feedback_item(agent_id: str, request_id: str) -> NewFeedback:
-    return NewFeedback(
-        agent_id=agent_id,
-        kind="rating",
-        prompt="p",
-        response="r",
-        score=0.5,
-        chosen="",
-        rejected="",
-        margin=None,
-        run_id="",
-        notes="",
-        generation_id="",
-        policy_version="",
-        request_id=request_id,
-        metadata_json="{}",
-    )
-
-
 @pytest.mark.postgres
 def test_a_watermark_never_passes_a_row_another_writer_has_yet_to_commit():
     """Writer A holds an uncommitted row of the agent; writer B's insert of the same agent waits for it, so no
@@ -231,17 +213,17 @@ def test_a_watermark_never_passes_a_row_another_writer_has_yet_to_commit():
             FeedbackStore(engines[0]).create_tables()
             writer_a, writer_b, reader = (FeedbackStore(engine) for engine in engines)
             with engines[0].begin() as conn:  # writer A, mid-transaction
-                commit_in_sequence_order(conn, [feedback_item("agent", "a")])
-                (held,) = writer_a._insert_group(conn, [feedback_item("agent", "a")])
+                commit_in_sequence_order(conn, [new_item("agent", "a")])
+                (held,) = writer_a._insert_group(conn, [new_item("agent", "a")])
                 done = threading.Event()
                 inserted: list = []
                 thread = threading.Thread(
-                    target=lambda: (inserted.extend(writer_b.insert_many([feedback_item("agent", "b")])), done.set())
+                    target=lambda: (inserted.extend(writer_b.insert_many([new_item("agent", "b")])), done.set())
                 )
                 thread.start()
                 waited = not done.wait(1.0)
                 watermark_meanwhile = reader.max_sequence("agent")
-                other_agent = writer_b.insert_many([feedback_item("other", "c")])  # other agents are not held up
+                other_agent = writer_b.insert_many([new_item("other", "c")])  # other agents are not held up
             thread.join(30)
             assert waited and watermark_meanwhile == 0 and other_agent[0].sequence
             assert inserted[0].sequence > held.sequence
