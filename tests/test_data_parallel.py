@@ -18,7 +18,7 @@ from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.sdk.clients import PolicyClient, RewardClient
 from tests.helpers import rated_answers, submit_ratings, wait_for
 from tests.stack import start_stack
-from tests.test_policy_service import worker_pids
+from tests.test_policy_service import start_policy_process, worker_pids
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RANK_SCRIPT = ROOT / "tests" / "workers" / "data_parallel_ppo.py"
@@ -111,6 +111,14 @@ def stack(tmp_path_factory, tiny_model):
         stack.stop()
 
 
+@pytest.fixture(scope="module")
+def reward_model(stack):
+    """JOB_AGENT's reward model v1."""
+    reward = RewardClient(stack.reward.address)
+    started = reward.create_job(JOB_AGENT, rw.RewardModelConfig(use_lora=False, num_epochs=1, batch_size=16))
+    assert list(reward.watch(started.job_id, timeout=300))[-1].state == rw.JOB_STATE_SUCCEEDED
+
+
 @pytest.fixture
 def policy(stack):
     with PolicyClient(stack.policy.address) as client:
@@ -156,11 +164,8 @@ def test_a_two_process_dry_run_is_accepted_and_shows_the_fields(policy):
 
 
 @pytest.mark.slow
-def test_a_two_process_job_trains_through_the_service_cancels_on_every_rank_and_resumes(stack, policy):
-    reward = RewardClient(stack.reward.address)
-    started = reward.create_job(JOB_AGENT, rw.RewardModelConfig(use_lora=False, num_epochs=1, batch_size=16))
-    assert list(reward.watch(started.job_id, timeout=300))[-1].state == rw.JOB_STATE_SUCCEEDED
-
+def start_two_process_job(policy: PolicyClient) -> pol.TrainingJob:
+    """JOB_AGENT's 2-process job, once it has done a step under torchrun."""
     job = policy.train(
         pol.TrainPolicyRequest(agent_id=JOB_AGENT, max_steps=RESUMABLE_STEPS, config=TWO, reward_model_version="v1")
     ).job
@@ -169,6 +174,12 @@ def test_a_two_process_job_trains_through_the_service_cancels_on_every_rank_and_
         if update.progress.phase == "training" and update.progress.step >= 1:
             break
     assert len(worker_pids(job.job_id)) >= 3  # torchrun and two ranks
+    return job
+
+
+@pytest.mark.slow
+def test_a_two_process_job_trains_through_the_service_cancels_on_every_rank_and_resumes(stack, policy, reward_model):
+    job = start_two_process_job(policy)
     policy.cancel_job(job.job_id)
     cancelled = list(policy.watch(job.job_id, timeout=120))[-1]
     assert cancelled.state == pol.JOB_STATE_CANCELLED and cancelled.error == "cancelled by request"
@@ -206,3 +217,22 @@ def test_num_processes_outside_torchrun_is_refused_with_what_to_do(tiny_model):
         from rlhf.training.distributed import Group
 
         PPOTrainer(TrainingConfig(batch_size=8, mini_batch_size=4), str(tiny_model), "cpu", Group(0, 8))
+
+
+@pytest.mark.slow
+def test_every_rank_stops_when_the_server_is_killed(stack, reward_model, tmp_path):
+    server = start_policy_process(tmp_path, stack)  # its own job database: JOB_AGENT is free there
+    try:
+        with PolicyClient(server.address) as client:
+            job = start_two_process_job(client)
+        server.kill()  # SIGKILL: torchrun is re-parented and its ranks are not, so they watch the server's pid
+        wait_for(lambda: not worker_pids(job.job_id), timeout=60)
+        from rlhf.training.ppo_trainer import PPOTrainer
+
+        checkpoint = PPOTrainer.read_checkpoint(
+            tmp_path / "artifacts" / "policies" / ".jobs" / job.job_id / "checkpoint.pt"
+        )
+        assert 1 <= checkpoint["step"] < RESUMABLE_STEPS
+    finally:
+        server.process.terminate()
+        server.process.wait(30)
