@@ -452,9 +452,10 @@ def train_group(context: JobContext) -> dict[str, Any]:
 
 
 def relaunch_under_torchrun(argv: list[str]) -> None:
-    """A PPO job configured for several processes: this process becomes torchrun (os.execv keeps its pid and
-    process group, so the job manager's cancel reaches torchrun, which passes it on to every rank), running
-    num_processes ranks of this module with the same arguments. Returns when one process is wanted."""
+    """A PPO job configured for several processes (or machines, RLHF_TORCHRUN_ARGS): this process becomes
+    torchrun (os.execv keeps its pid and process group, so the job manager's cancel reaches torchrun, which
+    passes it on to every rank), running num_processes ranks of this module with the same arguments. Returns
+    when one process is wanted."""
     if distributed.under_launcher():
         return
     parser = argparse.ArgumentParser(add_help=False)
@@ -464,8 +465,11 @@ def relaunch_under_torchrun(argv: list[str]) -> None:
         spec = json.loads((job_dir / "spec.json").read_text())
     except (TypeError, OSError, ValueError):
         return  # run_worker reports a missing or unreadable job folder
-    processes = int(spec.get("config", {}).get("num_processes", 1)) if spec.get("algorithm") == "ppo" else 1
-    if processes <= 1:
+    if spec.get("algorithm") != "ppo":
+        return
+    processes = int(spec.get("config", {}).get("num_processes", 1))
+    # Several machines (RLHF_TORCHRUN_ARGS names the rendezvous) need torchrun even for one rank on each.
+    if processes <= 1 and not os.environ.get(distributed.LAUNCHER_ARGS_ENV, "").strip():
         return
     os.environ[SERVER_PID_ENV] = str(os.getppid())
     command = distributed.launcher_argv(processes, "policy_service.worker", argv)

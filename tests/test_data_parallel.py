@@ -236,3 +236,58 @@ def test_every_rank_stops_when_the_server_is_killed(stack, reward_model, tmp_pat
     finally:
         server.process.terminate()
         server.process.wait(30)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_job_over_two_machines_meets_at_the_rendezvous_and_trains(stack, reward_model, tmp_path):
+    # Two "machines" on localhost: the service's (RLHF_TORCHRUN_ARGS names a c10d rendezvous) and a second one
+    # started by hand on the job's folder, as a second machine would over the shared volume; one rank each.
+    from tests.servers import ServiceProcess
+
+    rendezvous = f"--nnodes 2 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{free_port()} --rdzv-id two-machines"
+    server = ServiceProcess(
+        "policy_service",
+        tmp_path,
+        "--feedback-addr",
+        stack.feedback.address,
+        "--reward-addr",
+        stack.reward.address,
+        env={"RLHF_TORCHRUN_ARGS": f"{rendezvous} --rdzv-conf is_host=true"},
+    )
+    second = None
+    try:
+        with PolicyClient(server.address) as client:
+            config = config_with(num_processes=1, checkpoint_interval=1)
+            job = client.train(
+                pol.TrainPolicyRequest(agent_id=JOB_AGENT, max_steps=3, config=config, reward_model_version="v1")
+            ).job
+            folder = tmp_path / "artifacts" / "policies" / ".jobs" / job.job_id
+            wait_for(lambda: (folder / "spec.json").is_file(), timeout=60)
+            with open(tmp_path / "second.log", "wb") as log:
+                second = subprocess.Popen(
+                    [sys.executable, "-m", "torch.distributed.run", *rendezvous.split(), "--rdzv-conf", "is_host=false"]
+                    + ["--nproc-per-node", "1", "-m", "policy_service.worker", "--job-dir", str(folder)],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            final = list(client.watch(job.job_id, timeout=300))[-1]
+            assert final.state == pol.JOB_STATE_SUCCEEDED, final.error
+            assert second.wait(60) == 0, (tmp_path / "second.log").read_text()[-3000:]
+        # The second machine's rank trained beside rank 0: it kept its own sampling state at the last step.
+        from rlhf.training.ppo_trainer import PPOTrainer
+
+        assert PPOTrainer.read_checkpoint(folder / "checkpoint.rank1.pt")["step"] == 3
+    finally:
+        if second is not None and second.poll() is None:
+            second.kill()
+        server.process.terminate()
+        server.process.wait(30)
