@@ -24,8 +24,6 @@ from inference_service.app import start as start_inference
 from inference_service.config import InferenceServiceConfig
 from policy_service.app import start as start_policy
 from policy_service.config import PolicyServiceConfig
-from reward_service.app import start as start_reward
-from reward_service.config import RewardServiceConfig
 from rlhf.feedback.v1 import feedback_service_pb2 as fb
 from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
 from rlhf.policy.v1 import policy_service_pb2 as pol
@@ -38,10 +36,11 @@ from rlhf.runtime.registry import FEEDBACK_COUNT, SEQUENTIAL, Registry, registry
 from rlhf.runtime.tls import open_aio_channel
 from rlhf.sdk.clients import FeedbackClient, InferenceClient, PolicyClient, RewardClient
 from tests import test_hostile_jobs
-from tests.helpers import postgres_schema, rated_answers
-from tests.servers import ServerThread, feedback_thread
+from tests.helpers import postgres_schema, rated_answers, wait_for
+from tests.servers import ServerThread, ServiceProcess, feedback_thread
 from tests.test_feedback_service import new_item
 from tests.test_hostile_jobs import all_at_once, stores
+from tests.test_policy_service import worker_pids
 
 # A fresh jobs database per test, SQLite and PostgreSQL (each engine made by it is one "replica"'s).
 database = test_hostile_jobs.database
@@ -287,13 +286,16 @@ SERVICE_LEASE = 3.0  # seconds: short, so a heartbeat that failed to renew would
 
 class Fleet:
     """Two replicas of each service, every service over its own schema of one PostgreSQL and one data dir
-    (the shared artifact volume); the services reach each other through both replicas' addresses."""
+    (the shared artifact volume); the services reach each other through both replicas' addresses. The reward
+    replicas are processes of their own: they load reward models as policy jobs ask for scores, and
+    transformers' from_pretrained is not safe in two threads of one process at once (see the fixture)."""
 
     def __init__(self, data_dir: pathlib.Path, urls: dict[str, str]) -> None:
         self.data_dir, self.urls = data_dir, urls
-        self.servers: dict[str, list[ServerThread]] = {}
+        self.servers: dict[str, list[ServerThread | ServiceProcess]] = {}
         self.servers["feedback"] = [self._start("feedback", i) for i in (1, 2)]
-        self.servers["reward"] = [self._start("reward", i) for i in (1, 2)]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # their start is mostly importing torch
+            self.servers["reward"] = list(pool.map(lambda i: self.process("reward", i), (1, 2)))
         self.servers["policy"] = [self._start("policy", i) for i in (1, 2)]
         self.servers["inference"] = [self._start("inference", i) for i in (1, 2)]
 
@@ -315,9 +317,6 @@ class Fleet:
         server = self._server(service, replica)
         if service == "feedback":
             return ServerThread(start_feedback, FeedbackServiceConfig.from_env(server=server)).__enter__()
-        if service == "reward":
-            config = RewardServiceConfig(server=server, feedback_address=self.target("feedback"))
-            return ServerThread(start_reward, config).__enter__()
         if service == "policy":
             config = PolicyServiceConfig(
                 server=server, feedback_address=self.target("feedback"), reward_address=self.target("reward")
@@ -330,19 +329,37 @@ class Fleet:
         self.servers[service][replica - 1].stop()
         self.servers[service][replica - 1] = self._start(service, replica)
 
+    def process(self, service: str, replica: int) -> ServiceProcess:
+        """A replica of `service` (reward, policy) as a process of its own, over the same database and volume."""
+        server = self._server(service, replica)
+        env = {
+            "RLHF_REPLICA_ID": server.replica_id,
+            "RLHF_JOB_LEASE_SECONDS": str(server.job_lease_seconds),
+            "RLHF_FEEDBACK_ADDR": self.target("feedback"),
+        }
+        if service == "policy":
+            env["RLHF_REWARD_ADDR"] = self.target("reward")
+        return ServiceProcess(f"{service}_service", server.data_dir, "--database-url", server.database_url, env=env)
+
     def address(self, service: str, replica: int) -> str:
         return self.servers[service][replica - 1].address
 
     def stop(self) -> None:
         for service in ("inference", "policy", "reward", "feedback"):
             for server in self.servers.get(service, []):
-                server.stop()
+                if isinstance(server, ServiceProcess):
+                    server.process.terminate()  # a graceful stop, as the threads get
+                    server.process.wait(60)
+                else:
+                    server.stop()
 
 
 @pytest.fixture
 def fleet(tmp_path, tiny_model):
-    # Eight servers share this process: import transformers' model classes once, before their threads race to
-    # (its lazy module can fail one of two threads importing the same name at once).
+    # Six servers share this process: import transformers' model classes once, before their threads race to
+    # (its lazy module can fail one of two threads importing the same name at once). Loading models is not safe
+    # in two threads at once either (from_pretrained swaps PreTrainedModel.tie_weights for the whole process
+    # while it runs): the two inference replicas here load one at a time, as the test asks them in turn.
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
 
     with contextlib.ExitStack() as schemas:
@@ -432,18 +449,24 @@ def test_two_replicas_of_every_service_over_one_postgresql(fleet):
     assert [(j.state, j.reward_model_version) for j in finals] == [(rw.JOB_STATE_SUCCEEDED, "v1")] * 2, finals
 
     # Policies: a job on each policy replica; replica 1 restarts while both run. Its own job ends INTERRUPTED
-    # (truthfully); replica 2's keeps RUNNING and finishes; replica 2 then resumes replica 1's job.
+    # (truthfully); replica 2's keeps RUNNING and finishes.
     policy_one = PolicyClient(fleet.address("policy", 1))
     policy_two = PolicyClient(fleet.address("policy", 2))
     try:
         request = dict(config=QUICK, reward_model_version="v1")
-        first = policy_one.train(pol.TrainPolicyRequest(agent_id=agents[0], max_steps=30, **request)).job
-        second = policy_two.train(pol.TrainPolicyRequest(agent_id=agents[1], max_steps=12, **request)).job
-        for job_id in (first.job_id, second.job_id):
+
+        def training(job_id: str, step: int) -> None:
             for state in policy_two.watch(job_id, timeout=300):
-                if state.state == pol.JOB_STATE_RUNNING and state.progress.step >= 1:
-                    break
+                if state.state == pol.JOB_STATE_RUNNING and state.progress.step >= step:
+                    return
                 assert state.state in (pol.JOB_STATE_QUEUED, pol.JOB_STATE_RUNNING), state.error
+
+        # The second starts once both reward replicas have loaded the first's reward model (two steps' scores,
+        # round robin): a reward replica loads one model at a time (see the fixture).
+        first = policy_one.train(pol.TrainPolicyRequest(agent_id=agents[0], max_steps=500, **request)).job
+        training(first.job_id, 2)
+        second = policy_two.train(pol.TrainPolicyRequest(agent_id=agents[1], max_steps=12, **request)).job
+        training(second.job_id, 1)
         policy_one.close()
         fleet.restart("policy", 1)
         policy_one = PolicyClient(fleet.address("policy", 1))
@@ -453,9 +476,25 @@ def test_two_replicas_of_every_service_over_one_postgresql(fleet):
         assert running.state == pol.JOB_STATE_RUNNING
         finished = list(policy_one.watch(second.job_id, timeout=300))[-1]  # watched across replicas
         assert finished.state == pol.JOB_STATE_SUCCEEDED and finished.policy_version == "v1", finished.error
+        # Replica 2 resumes replica 1's job from its checkpoint; replica 1 cancels it (replica 2 stops it).
         policy_two.resume_job(first.job_id)
-        resumed = list(policy_one.watch(first.job_id, timeout=300))[-1]
-        assert resumed.state == pol.JOB_STATE_SUCCEEDED and resumed.resumed_from_step >= 1, resumed.error
+        training(first.job_id, interrupted.progress.step + 1)
+        policy_one.cancel_job(first.job_id)
+        cancelled = list(policy_one.watch(first.job_id, timeout=120))[-1]
+        assert cancelled.state == pol.JOB_STATE_CANCELLED and cancelled.resumed_from_step >= 1, cancelled.error
+
+        # A third replica, a process of its own, dies (SIGKILL: no shutdown code runs) while its job runs; once
+        # the job's lease expires another replica's heartbeat marks it INTERRUPTED, naming the dead replica.
+        with fleet.process("policy", 3) as third, PolicyClient(third.address) as policy_three:
+            doomed = policy_three.train(pol.TrainPolicyRequest(agent_id=agents[0], max_steps=500, **request)).job
+            for state in policy_two.watch(doomed.job_id, timeout=300):
+                if state.state == pol.JOB_STATE_RUNNING and state.progress.step >= 1:
+                    break
+            third.kill()
+        ended = list(policy_two.watch(doomed.job_id, timeout=60))[-1]
+        wait_for(lambda: not worker_pids(doomed.job_id), timeout=60)  # the orphaned worker stops by itself
+        assert ended.state == pol.JOB_STATE_INTERRUPTED, ended.error
+        assert "replica policy-3" in ended.error and "lease" in ended.error, ended.error
     finally:
         policy_one.close()
         policy_two.close()
