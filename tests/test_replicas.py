@@ -112,6 +112,8 @@ def test_the_jobs_of_a_replica_whose_lease_expired_are_interrupted_by_another(da
     alive = store.create("agent-alive", {}, owner="alive", lease_seconds=600)
     asked = store.create("agent-asked", {}, owner="dead", lease_seconds=LEASE)
     assert store.request_cancel(asked.job_id)
+    legacy = store.create("agent-legacy", {}, owner="", lease_seconds=600)
+    store.update(legacy.job_id, owner=None, lease_expires_at=None)  # as a version before replicas left it
 
     async def scenario():
         b = await started(store, tmp_path, "b")  # the leases are fresh: nothing to do yet
@@ -126,6 +128,8 @@ def test_the_jobs_of_a_replica_whose_lease_expired_are_interrupted_by_another(da
     assert gone.state == INTERRUPTED and "replica dead" in gone.error and "lease" in gone.error, gone.error
     assert store.get(asked.job_id).state == CANCELLED  # a cancel asked meanwhile is what it ends as
     assert store.get(alive.job_id).state == "QUEUED"  # a live replica's job is left alone
+    old = store.get(legacy.job_id)
+    assert old.state == INTERRUPTED and old.error.startswith("the server stopped while this job ran"), old.error
 
 
 def test_cancel_and_watch_of_another_replicas_job(database, tmp_path):

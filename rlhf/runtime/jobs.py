@@ -70,6 +70,8 @@ ACTIVE = (QUEUED, RUNNING)
 RESUMABLE = "resume it with ResumeTrainingJob (it continues from its last checkpoint), or start a new job"
 NOT_RESUMABLE = "start a new job"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED, INTERRUPTED)
+# Why a job that was running when its server stopped (and started again) is INTERRUPTED.
+STOPPED = "the server stopped while this job ran; {advice}"
 
 
 def utcnow() -> dt.datetime:
@@ -311,10 +313,10 @@ class JobStore:
             )
             return result.rowcount
 
-    def interrupt_expired(self, owner: str, reason: str) -> int:
-        """Active jobs of other owners whose lease expired (or that have none: rows from before replicas): their
-        replica died. They end INTERRUPTED with `reason` ("{owner}" filled in), or CANCELLED when a cancel was
-        asked meanwhile."""
+    def interrupt_expired(self, owner: str, reason: str, unowned_reason: str) -> int:
+        """Active jobs of other owners whose lease expired: their replica died. They end INTERRUPTED with `reason`
+        ("{owner}" filled in), or CANCELLED when a cancel was asked meanwhile. Active jobs without an owner (left
+        by a version before replicas) end INTERRUPTED with `unowned_reason`."""
         t = self.table
         now = utcnow()
         expired = and_(
@@ -328,7 +330,7 @@ class JobStore:
                 values = (
                     dict(state=CANCELLED, error="cancelled by request")
                     if row.cancel_requested_at is not None
-                    else dict(state=INTERRUPTED, error=reason.format(owner=row.owner or "unknown"))
+                    else dict(state=INTERRUPTED, error=reason.format(owner=row.owner) if row.owner else unowned_reason)
                 )
                 # The same condition again: a heartbeat that renewed the lease meanwhile wins.
                 count += conn.execute(
@@ -388,9 +390,7 @@ class JobManager:
     async def recover(self) -> None:
         """On start: end the jobs this replica left active before, and those of replicas whose lease expired;
         then keep this replica's leases alive (the heartbeat)."""
-        own = await asyncio.to_thread(
-            self.store.interrupt_own, self.owner, f"the server stopped while this job ran; {self.advice}"
-        )
+        own = await asyncio.to_thread(self.store.interrupt_own, self.owner, STOPPED.format(advice=self.advice))
         if own:
             log.warning("marked %d job(s) left running by this server before its restart as INTERRUPTED", own)
         await self._interrupt_expired()
@@ -402,7 +402,8 @@ class JobManager:
             f"the server running this job (replica {{owner}}) stopped while this job ran: its lease of "
             f"{self.lease_seconds:g} s expired; {self.advice}"
         )
-        count = await asyncio.to_thread(self.store.interrupt_expired, self.owner, reason)
+        unowned = STOPPED.format(advice=self.advice)
+        count = await asyncio.to_thread(self.store.interrupt_expired, self.owner, reason, unowned)
         if count:
             log.warning("ended %d job(s) of replicas whose lease expired", count)
 
