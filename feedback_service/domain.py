@@ -2,7 +2,8 @@
 
 Database calls block, so none runs on the event loop: writes go through one writer thread (SQLite allows one
 writer anyway, and serialised commits keep sequence order equal to commit order, which export watermarks
-rely on), reads through asyncio.to_thread.
+rely on; with several replicas on PostgreSQL the store keeps an agent's commits in order itself:
+store.commit_in_sequence_order), reads through asyncio.to_thread.
 """
 
 from __future__ import annotations
