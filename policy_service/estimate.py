@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rlhf.training.config import GROUP_CONFIGS, GroupPolicyConfig, RewardModelConfig, TrainingConfig
+from rlhf.training.logprobs import chunk_positions
 from rlhf.training.modeling import TINY_MODEL
 from rlhf.training.modelshape import ModelShape
 
@@ -500,21 +501,24 @@ def peak_memory(
       weights   full: 4·P·w  (policy, its gradients, AdamW's two moments) + P·w (the frozen reference copy)
                 LoRA: P·w (the reference is the same weights, adapters off) + 16·A (adapter weights,
                       gradients and moments in fp32; A = L x r x (d + d_out) per adapted module)
-      rollout   2·L·B·T·d·a (KV cache)  +  B·R·V·(a + 3·4)  (the batch's logits, their fp32 copy,
+      rollout   2·L·B·T·d·a (KV cache)  +  B·C·V·(a + 3·4)  (a chunk's logits, their fp32 copy,
                 log-softmax and gathered log-probs, for the policy and the reference in turn)
       training  m·T·L·(17·d + 2.5·h·T)·a  (activations kept for backward)  +  (L+1)·m·T·d·a (the hidden
-                states the value head reads)  +  m·R·V·(a + 4·4)  (logits, fp32 copy, log-softmax, the
-                entropy's softmax, their gradient)
+                states the value head reads)  +  m·C·V·(a + 4·4)  (a chunk's logits, fp32 copy, log-softmax,
+                the entropy's softmax, their gradient, recomputed chunk by chunk in the backward pass)
+
+    C is the chunk of positions the LM head runs on (rlhf.training.logprobs.chunk_positions: all R while the
+    pass's fp32 logits fit 32 MB, else as many as fit).
 
     The activations kept per token per layer are Korthikanti et al. 2022's count (17·d + 2.5·h·T values for a fused
     implementation). On CUDA (`device_kind` "cuda: ...", else config.device) the 2.5·h·T term, the attention scores
     kept for backward, is dropped: torch's flash and memory-efficient attention kernels keep one log-sum-exp per row
-    instead (on an H200 at the seed's settings, bench/README.md: full +15% to +19%, LoRA -1% to +22% without the
-    term; fp32 LoRA was +29% with it). transformers' GPT-2 blocks keep about twice that with their GELU written as
-    seven Python operations; the trainer swaps it for torch's fused kernel
-    (rlhf.training.modeling.fuse_activations), after which the peak-RSS growth of PPO steps matches the paper's
-    count: 0.96x (LoRA) and 1.03x (full) of the measurement on the 124M GPT-2 at the seed's settings
-    (bench/bench_memory.py), and within the bounds of tests/test_estimate.py on an 11M-parameter GPT-2.
+    instead (on an H200 at the seed's settings, before the LM head was chunked: fp32 LoRA +29% with the term, +22%
+    without). transformers' GPT-2 blocks keep about twice that with their GELU written as seven Python operations;
+    the trainer swaps it for torch's fused kernel (rlhf.training.modeling.fuse_activations), after which the
+    peak-RSS growth of PPO steps matches the paper's count: 0.96x (LoRA) and 1.03x (full) of the measurement on the
+    124M GPT-2 at the seed's settings (bench/bench_memory.py), and within the bounds of tests/test_estimate.py on an
+    11M-parameter GPT-2.
 
     peak = weights + max(rollout, training), with gradients (full) counted in `weights` throughout: they
     are freed between steps, but a step ends with them allocated. Activations dominate small models at long
@@ -536,8 +540,15 @@ def peak_memory(
     else:
         weights = 5 * p * w
     weights += 16 * (d + 1)  # value head
-    rollout = 2 * layers * b * t * d * a + b * r * vocab * (a + 3 * 4)
-    training = m * t * layers * (17 * d + scores * t) * a + (layers + 1) * m * t * d * a + m * r * vocab * (a + 4 * 4)
+    # The LM head runs on a chunk of positions at a time once a pass's whole logits would pass the budget
+    # (rlhf.training.logprobs): only one chunk's vocabulary-wide tensors are alive at once.
+    rollout_chunk, training_chunk = chunk_positions(b, r, vocab), chunk_positions(m, r, vocab)
+    rollout = 2 * layers * b * t * d * a + b * rollout_chunk * vocab * (a + 3 * 4)
+    training = (
+        m * t * layers * (17 * d + scores * t) * a
+        + (layers + 1) * m * t * d * a
+        + m * training_chunk * vocab * (a + 4 * 4)
+    )
     return {
         "weights": int(weights),
         "rollout": int(rollout),

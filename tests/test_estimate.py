@@ -128,7 +128,10 @@ def test_peak_memory_grows_with_what_it_should():
     full = dataclasses.replace(lora, use_lora=False)
     mem = lambda shape, config: peak_memory(shape, config, 32)["peak"]  # noqa: E731
     assert mem(gpt2, full) > 1.5 * mem(gpt2, lora)
-    assert mem(gpt2, dataclasses.replace(lora, batch_size=16)) > mem(gpt2, lora)
+    # The rollout's logits are chunked: a bigger batch costs its KV cache, which passes the update's
+    # activations only well above the seed's 8 rows.
+    assert mem(gpt2, dataclasses.replace(lora, batch_size=16)) >= mem(gpt2, lora)
+    assert mem(gpt2, dataclasses.replace(lora, batch_size=64)) > mem(gpt2, lora)
     assert mem(gpt2, dataclasses.replace(lora, mini_batch_size=8, batch_size=8)) > mem(gpt2, lora)
     assert mem(gpt2, dataclasses.replace(lora, max_new_tokens=256)) > mem(gpt2, lora)
     assert mem(gpt2, dataclasses.replace(lora, gradient_accumulation_steps=4)) < mem(gpt2, lora)

@@ -27,6 +27,7 @@ from rlhf.training import ppo, sequences
 from rlhf.training.config import TrainingConfig
 from rlhf.training.distributed import Group
 from rlhf.training.errors import TrainingError
+from rlhf.training.logprobs import output_head, token_logprobs
 from rlhf.training.modeling import add_lora, disable_dropout, fuse_activations
 from rlhf.training.scoring import Scores
 from rlhf.training.threads import use_cpu_threads
@@ -51,19 +52,23 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0, hidden_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and values of the last `keep` positions (all when 0); the LM head skips the rest."""
+        """Logits and values of the last `keep` positions (all when 0); the LM head skips the rest. With
+        `hidden_only`, the last hidden states of those positions instead of their logits (the caller applies
+        the head in chunks, rlhf.training.logprobs)."""
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_of(attention_mask),
             output_hidden_states=True,
-            **logits_to_keep(self.lm, keep),
+            **logits_to_keep(self.lm, 1 if hidden_only else keep),
         )
         hidden = out.hidden_states[-1]
         if keep:
             hidden = hidden[:, -keep:]
+        if hidden_only:
+            return hidden, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         logits = out.logits[:, -keep:] if keep else out.logits
         return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
@@ -204,6 +209,10 @@ class PPOTrainer:
         # setting for the reward model; RL runs without dropout, as TRL does).
         disable_dropout(self.model)
         self.model.train()  # dropout is 0 everywhere: train mode only enables gradient bookkeeping
+        # The LM heads that log-probs are taken with, a chunk of positions at a time (rlhf.training.logprobs); None
+        # where a model's logits are more than its output embedding of the last hidden state.
+        self.head = output_head(self.model.lm)
+        self.reference_head = output_head(self.reference) if self.reference is not None else self.head
         self.eos_ids = sequences.eos_token_ids(lm, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         # No weight decay (TRL's default): it would pull LoRA adapters and the value head towards 0.
@@ -329,6 +338,11 @@ class PPOTrainer:
         ids = torch.cat([query, response], 1)
         attention = torch.cat([query_mask, mask.long()], 1)
         keep = response.shape[1] + 1  # the positions that predict the response tokens, and the last one
+        if self.head is not None:
+            with self._autocast():
+                hidden, values = model(ids, attention, keep, hidden_only=True)
+                logprobs, entropy = token_logprobs(self.head, hidden[:, :-1], response, self.config.temperature)
+            return logprobs, values[:, :-1].float(), entropy
         with self._autocast():
             logits, values = model(ids, attention, keep)
         logp = self._log_softmax(logits[:, -keep:-1])
@@ -351,6 +365,15 @@ class PPOTrainer:
         reference = self.reference if self.reference is not None else self.model.lm
         adapters_off = self.model.lm.disable_adapter() if self.reference is None else contextlib.nullcontext()
         with adapters_off, self._autocast():
+            if self.reference_head is not None:
+                hidden = reference(
+                    input_ids=ids,
+                    attention_mask=attention,
+                    position_ids=position_ids_of(attention),
+                    output_hidden_states=True,
+                    **logits_to_keep(reference, 1),
+                ).hidden_states[-1]
+                return token_logprobs(self.reference_head, hidden[:, -keep:-1], response, self.config.temperature)[0]
             logits = reference(
                 input_ids=ids,
                 attention_mask=attention,

@@ -13,6 +13,8 @@ import os
 import torch
 from torch import nn
 
+from rlhf.training.cpu_memory import return_freed_memory
+
 # Below this many parameters one thread is faster than several. Measured with PPO steps on 2 cores: the tiny
 # model (0.3M) ran 1.1-2.3x faster on one thread; an 11M-parameter GPT-2 (6 layers, width 384) ran 1.4x faster
 # on two. The boundary lies between them.
@@ -37,6 +39,7 @@ def use_cpu_threads(model: nn.Module, configured: int, device: str) -> int:
     Process-wide: the worker runs one training job per process."""
     if device.split(":")[0] != "cpu":
         return torch.get_num_threads()
+    return_freed_memory()  # the other CPU setting of a training process: see rlhf.training.cpu_memory
     threads = cpu_threads_for(model, configured)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)

@@ -130,13 +130,13 @@ class GroupPolicyTrainer:
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        from rlhf.training.modeling import load_model, load_tokenizer
+        from rlhf.training.modeling import load_model, load_tokenizer, pick_device
 
         if algorithm not in ALGORITHMS:
             raise TrainingError(f"unknown algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
         self.algorithm = algorithm
         self.config = config
-        self.device = device
+        self.device = pick_device(device)
         self.output_dir = output_dir
         self.tokenizer = load_tokenizer(model_path, padding_side="left")
         self.model = load_model(AutoModelForCausalLM, model_path)
