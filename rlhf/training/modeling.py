@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 
 from rlhf.training.errors import ModelLoadError
 
@@ -94,10 +95,19 @@ def load_tokenizer(path: str, padding_side: str = "left"):
     return tokenizer
 
 
+# transformers' from_pretrained patches process-wide state while it runs (PreTrainedModel.tie_weights is
+# swapped for a stub and put back): two loads in two threads of one process could leave the stub in place
+# for good, after which every model loaded had an uninitialised (meta) LM head and a reward or inference
+# server answered INTERNAL. One load at a time per process.
+_LOADING = threading.Lock()
+
+
 def load_model(loader, path: str, **kwargs):
-    """`loader.from_pretrained(path)` with a clear error when the model can't be found or read."""
+    """`loader.from_pretrained(path)` with a clear error when the model can't be found or read; one load at
+    a time in this process (see _LOADING)."""
     try:
-        return loader.from_pretrained(path, **kwargs)
+        with _LOADING:
+            return loader.from_pretrained(path, **kwargs)
     except Exception as error:  # noqa: BLE001
         raise ModelLoadError(
             f"could not load model '{path}': {error}. Pass a local model folder (no model hub is "
