@@ -73,14 +73,22 @@ class Defaults:
     saving, from jobs run through the real services (tests/test_estimate.py's setting: feedback, reward and
     policy servers, worker processes), as the worker's phase timings record them.
     Tiny model build: build_info.json's "seconds" of builds on this machine (32-40 s).
-    GPU figures are not measured here (no GPU was available): they are assumptions, and GPU estimates should
-    be read as rough until a first run on the GPU calibrates them.
+    GPU: the per-call terms were fitted to PPO steps on one NVIDIA H200 (bench/bench_gpu.py, 2026-11-26: the
+    tiny model and a 124M GPT-2, full and LoRA, fp32 and bf16, batch 8, 128 new tokens; 3 steps each): a step
+    there is bound by per-call overhead (kernel launches, Python, one host sync per sampled token), not by
+    arithmetic, and the eight configurations lie within 0.83-1.14x of the fit (the default model before read
+    4-7x too short). The GPU's logit, flops and adam terms are still assumptions; a first run on the GPU
+    calibrates its own estimates.
     """
 
     # Per transformer layer per model call (Python and kernel-launch overhead of one forward; a backward
     # counts as two calls).
     layer_call_cpu = 8.2e-4
-    layer_call_gpu = 1.5e-4
+    layer_call_gpu = 6.9e-4
+    # Per model call beyond its layers (embeddings, masks, the LM head, sampling's host sync). On the CPU the
+    # fit above puts it inside layer_call_cpu.
+    model_call_cpu = 0.0
+    model_call_gpu = 2.0e-3
     # Per element of logits materialised (softmax, log-softmax, entropy, their gradients).
     logit_cpu = 1.33e-8
     logit_gpu = 2e-11
@@ -94,6 +102,11 @@ class Defaults:
     score_call = 0.012
     # PPO loop outside the steps, per step (progress events, cancellation checks).
     loop_per_step = 0.002
+    # Gradient all-reduce of data-parallel PPO (num_processes > 1), bytes per second: gloo over loopback on
+    # one machine, nccl on GPUs. Assumptions (not yet fitted); the gradients of the trainable parameters
+    # travel once per optimiser step.
+    allreduce_cpu = 1.0e9
+    allreduce_gpu = 5.0e10
     # The first ScoreBatch of a job beyond a step: the reward service loads the new reward model (the tiny
     # model: 0.05-0.1 s; 2.5-3 s instead when that process loads its very first model).
     first_score = 0.2
@@ -184,23 +197,31 @@ def trainable_parameters(shape: ModelShape, config) -> int:
 def ppo_step_seconds(
     shape: ModelShape, config: TrainingConfig, response_tokens: float, prompt_tokens: float, device_kind: str
 ) -> float:
-    """Seconds of one PPO step by the default cost model, at the given (batch-longest) widths."""
+    """Seconds of one PPO step by the default cost model, at the given (batch-longest) widths. With
+    num_processes N, each rank runs batch_size / N rows (the same number of passes) and the gradients are
+    all-reduced per optimiser step; with gradient checkpointing each update pass runs its forward twice."""
     d = Defaults
     gpu = _gpu(device_kind)
-    b, epochs = config.batch_size, config.ppo_epochs
+    ranks = max(1, config.num_processes)
+    b, epochs = max(1, config.batch_size // ranks), config.ppo_epochs
+    mini = max(1, config.mini_batch_size // ranks)
     tokens = response_tokens + prompt_tokens
-    minibatches = epochs * math.ceil(b / config.mini_batch_size)
-    micro = minibatches * min(config.gradient_accumulation_steps, config.mini_batch_size)
-    calls = response_tokens + 2 + 3 * micro  # generation, 2 scoring passes, forward + backward per micro-batch
-    passes = 1 + 2 + 3 * epochs  # over every token: generation, scoring, training (a backward counts 2)
+    minibatches = epochs * math.ceil(b / mini)
+    micro = minibatches * min(config.gradient_accumulation_steps, mini)
+    update = 4 if config.gradient_checkpointing else 3  # forward (twice when recomputed) + backward (counts 2)
+    calls = response_tokens + 2 + update * micro  # generation, 2 scoring passes, the update passes
+    passes = 1 + 2 + update * epochs  # over every token: generation, scoring, training
     # Logits exist for the response positions only (the LM head skips the prompt's).
     return (
         (d.layer_call_gpu if gpu else d.layer_call_cpu) * shape.layers * calls
+        + (d.model_call_gpu if gpu else d.model_call_cpu) * calls
         + (d.logit_gpu if gpu else d.logit_cpu) * b * response_tokens * shape.vocab * passes
         + 2 * shape.parameters * b * tokens * passes / (d.flops_gpu if gpu else d.flops_cpu)
         + (d.adam_gpu if gpu else d.adam_cpu) * minibatches * trainable_parameters(shape, config)
         + d.score_call
         + d.loop_per_step
+        + (4 * trainable_parameters(shape, config) * minibatches / (d.allreduce_gpu if gpu else d.allreduce_cpu))
+        * (ranks > 1)
     )
 
 
@@ -219,13 +240,22 @@ def group_step_seconds(
     extra = (1 if group.beta else 0) + (1 if group.num_iterations > 1 or ga > 1 else 0)
     # Per generated batch, then shared by its num_iterations steps.
     generation = (
-        (d.layer_call_gpu if gpu else d.layer_call_cpu) * shape.layers * (response_tokens + extra * ga)
+        (
+            (d.layer_call_gpu if gpu else d.layer_call_cpu) * shape.layers
+            + (d.model_call_gpu if gpu else d.model_call_cpu)
+        )
+        * (response_tokens + extra * ga)
         + (d.logit_gpu if gpu else d.logit_cpu) * rows * response_tokens * shape.vocab * (1 + extra)
         + 2 * shape.parameters * rows * tokens * (1 + extra) / (d.flops_gpu if gpu else d.flops_cpu)
         + d.score_call
     ) / group.num_iterations
     training = (
-        (d.layer_call_gpu if gpu else d.layer_call_cpu) * shape.layers * 3 * ga
+        (
+            (d.layer_call_gpu if gpu else d.layer_call_cpu) * shape.layers
+            + (d.model_call_gpu if gpu else d.model_call_cpu)
+        )
+        * 3
+        * ga
         + (d.logit_gpu if gpu else d.logit_cpu) * rows * response_tokens * shape.vocab * 3
         + 2 * shape.parameters * rows * tokens * 3 / (d.flops_gpu if gpu else d.flops_cpu)
         + (d.adam_gpu if gpu else d.adam_cpu) * trainable_parameters(shape, group)
@@ -325,6 +355,8 @@ def _same_model(run: Run, config: TrainingConfig, kind: str) -> bool:
         and c["base_model"] == config.base_model
         and bool(c["use_lora"]) == bool(config.use_lora)
         and (kind.startswith("cpu") or c.get("mixed_precision", "no") == config.mixed_precision)
+        and c.get("num_processes", 1) == config.num_processes
+        and bool(c.get("gradient_checkpointing", False)) == config.gradient_checkpointing
     )
 
 
@@ -496,7 +528,8 @@ def peak_memory(
     vocabulary V, a = activation bytes (2 under fp16/bf16 autocast on a GPU, else 4), T = the longest prompt
     + max_new_tokens (at most the context), R = max_new_tokens + 1 (the positions that get logits: the LM
     head skips the prompt's), B = batch_size, m = rows of one micro-batch (mini_batch_size /
-    gradient_accumulation_steps):
+    gradient_accumulation_steps); with num_processes N the figure is per rank (B and m divided by N); with
+    gradient_checkpointing the activations term counts one layer (the one being recomputed) instead of L:
 
       weights   full: 4·P·w  (policy, its gradients, AdamW's two moments) + P·w (the frozen reference copy)
                 LoRA: P·w (the reference is the same weights, adapters off) + 16·A (adapter weights,
@@ -533,8 +566,9 @@ def peak_memory(
     if shape.context:
         t = min(t, shape.context)
     r = config.max_new_tokens + 1
-    b = config.batch_size
-    m = max(1, math.ceil(config.mini_batch_size / config.gradient_accumulation_steps))
+    ranks = max(1, config.num_processes)  # the figure is per rank: each holds batch_size / N rows
+    b = max(1, config.batch_size // ranks)
+    m = max(1, math.ceil(config.mini_batch_size // ranks / config.gradient_accumulation_steps))
     if config.use_lora:
         weights = p * w + 16 * lora_parameters(shape, config)
     else:
@@ -544,8 +578,11 @@ def peak_memory(
     # (rlhf.training.logprobs): only one chunk's vocabulary-wide tensors are alive at once.
     rollout_chunk, training_chunk = chunk_positions(b, r, vocab), chunk_positions(m, r, vocab)
     rollout = 2 * layers * b * t * d * a + b * rollout_chunk * vocab * (a + 3 * 4)
+    # Activations kept for backward: every layer's, or with gradient checkpointing each layer's input plus
+    # one layer's whole set while it is recomputed.
+    kept_layers = 1 if config.gradient_checkpointing else layers
     training = (
-        m * t * layers * (17 * d + scores * t) * a
+        m * t * kept_layers * (17 * d + scores * t) * a
         + (layers + 1) * m * t * d * a
         + m * training_chunk * vocab * (a + 4 * 4)
     )

@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from policy_service.estimate import Defaults, Run, estimate, expected_widths, peak_memory
+from policy_service.estimate import Defaults, Run, estimate, expected_widths, peak_memory, ppo_step_seconds
 from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.sdk.clients import PolicyClient
@@ -21,6 +21,7 @@ from rlhf.training.config import RewardModelConfig, TrainingConfig
 from rlhf.training.modelshape import describe_model, shape_from_config
 from rlhf.training.tinymodel import TINY_CONFIG, TINY_PARAMETERS
 from tests.helpers import rated_answers, submit_ratings
+from tests.servers import ROOT
 from tests.stack import policy_server, start_stack
 
 CPU = "cpu (2 cores)"
@@ -141,6 +142,38 @@ def test_peak_memory_grows_with_what_it_should():
     assert 2e9 < mem(gpt2, full) < 10e9 and 0.5e9 < mem(gpt2, lora) < 3e9
     medium = shape_from_config("gpt2-medium", {**GPT2, "n_embd": 1024, "n_layer": 24, "n_head": 16})
     assert mem(medium, full) > mem(gpt2, full)
+
+
+def test_data_parallel_and_gradient_checkpointing_change_the_estimate_as_they_change_the_run():
+    gpt2 = shape_from_config("gpt2", GPT2)
+    config = TrainingConfig(base_model="gpt2", batch_size=8, mini_batch_size=4)
+    one = ppo_step_seconds(gpt2, config, 128, 20, "cpu (2 cores)")
+    two = ppo_step_seconds(gpt2, dataclasses.replace(config, num_processes=2), 128, 20, "cpu (2 cores)")
+    assert 0.45 * one < two < 0.6 * one  # each rank half the rows, plus the gradients' all-reduce
+    mem = lambda c: peak_memory(gpt2, c, 20)  # noqa: E731
+    assert mem(dataclasses.replace(config, num_processes=2))["training"] < mem(config)["training"]
+    checkpointed = dataclasses.replace(config, gradient_checkpointing=True)
+    assert mem(checkpointed)["training"] < 0.6 * mem(config)["training"]
+    assert mem(checkpointed)["weights"] == mem(config)["weights"]
+    assert ppo_step_seconds(gpt2, checkpointed, 128, 20, "cpu (2 cores)") > one  # the forward runs twice
+
+
+def test_the_gpu_cost_model_follows_the_h200_measurements(tiny_model):
+    """bench/bench_gpu.py's PPO steps on one H200 (recorded in bench/recorded/): the default cost model's GPU
+    figures (fitted to them) within +-25% of each measured configuration."""
+    recorded = json.loads((ROOT / "bench" / "recorded" / "bench_gpu_h200_2026-11-26.json").read_text())
+    shapes = {"tiny": describe_model(str(tiny_model)), "gpt2": shape_from_config("gpt2", GPT2)}
+    for key, row in recorded["parts"]["ppo"]["rows"].items():
+        name, mode, precision = key.split("/")
+        config = TrainingConfig(
+            use_lora=mode == "lora",
+            batch_size=8,
+            mini_batch_size=4,
+            max_new_tokens=128,
+            mixed_precision="no" if precision == "fp32" else precision,
+        )
+        predicted = ppo_step_seconds(shapes[name], config, row["response_length"], 20, "cuda: NVIDIA H200")
+        assert 0.75 < row["step_s_median"] / predicted < 1.25, (key, row["step_s_median"], predicted)
 
 
 MEASURE = r"""
