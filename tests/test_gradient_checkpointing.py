@@ -73,3 +73,24 @@ def test_a_grpo_step_runs_with_gradient_checkpointing_through_trl(tiny_model, tm
     assert trainer.trainer.args.gradient_checkpointing is True
     assert trainer.trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.trainer.model.modules())
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_reward_model_training_with_checkpointing_learns_the_same(tiny_model, tmp_path, use_lora):
+    from rlhf.sdk import learning_task
+    from rlhf.training.config import RewardModelConfig
+    from rlhf.training.reward_training import Rating, prepare_model, train_reward_model
+
+    rated = [Rating(f"question {i}", "yes " * (i % 7 + 1), (i % 7) / 6) for i in range(40)]
+    results = {}
+    for checkpointing in (False, True):
+        config = RewardModelConfig(
+            use_lora=use_lora, learning_rate=5e-4, num_epochs=2, batch_size=8, gradient_checkpointing=checkpointing
+        )
+        if checkpointing:  # the option reaches the model
+            model = prepare_model(config, str(tiny_model), learning_task.load_tokenizer(str(tiny_model), "right"))
+            assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        results[checkpointing] = train_reward_model(rated, config, str(tiny_model), tmp_path / str(checkpointing))
+    plain, recomputed = results[False]["metrics"], results[True]["metrics"]
+    assert recomputed["validation_loss"] == pytest.approx(plain["validation_loss"], rel=1e-4, abs=1e-6)
+    assert recomputed["pearson"] == pytest.approx(plain["pearson"], rel=1e-4, abs=1e-6)

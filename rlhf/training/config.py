@@ -119,6 +119,9 @@ class RewardModelConfig(ModelTrainingConfig):
     validation_fraction: float = 0.1
     # Stop after this many epochs without validation-loss improvement; 0 disables early stopping.
     early_stopping_patience: int = 0
+    # Recompute the base model's activations in the backward pass instead of keeping them (less memory, about
+    # a third more compute), as TrainingConfig.gradient_checkpointing does for the policy.
+    gradient_checkpointing: bool = False
 
 
 @dataclasses.dataclass

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import threading
 
 from rlhf.training.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
 
 # The name that stands for the project's own tiny model (built on first use, see rlhf.training.tinymodel).
 TINY_MODEL = "rlhf-tiny"
@@ -158,3 +161,19 @@ def fuse_activations(model) -> int:
                 setattr(parent, name, GELUTanh())
                 swapped += 1
     return swapped
+
+
+def use_gradient_checkpointing(lm) -> bool:
+    """Recompute `lm`'s activations in the backward pass instead of keeping them. Non-reentrant: correct with
+    frozen weights and no_grad passes around it. The embeddings' output requires grad so that LoRA adapters,
+    whose inputs come from frozen layers, still get gradients through recomputed blocks. False (with a
+    warning) where the architecture does not support it."""
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        log.warning("%s does not support gradient checkpointing; training without it", type(lm).__name__)
+        return False
+    if hasattr(lm, "activation_checkpointing_enable"):  # the newer name in transformers 5; the old one warns
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.enable_input_require_grads()
+    return True

@@ -28,7 +28,7 @@ from rlhf.training.config import TrainingConfig
 from rlhf.training.distributed import Group
 from rlhf.training.errors import TrainingError
 from rlhf.training.logprobs import output_head, token_logprobs
-from rlhf.training.modeling import add_lora, disable_dropout, fuse_activations
+from rlhf.training.modeling import add_lora, disable_dropout, fuse_activations, use_gradient_checkpointing
 from rlhf.training.scoring import Scores
 from rlhf.training.threads import use_cpu_threads
 
@@ -77,22 +77,6 @@ def logits_to_keep(lm: nn.Module, keep: int) -> dict[str, int]:
     """`logits_to_keep=keep` for models that take it: the LM head (vocab x width per position, most of a
     small model's compute) then runs on the response positions only, not the prompt's."""
     return {"logits_to_keep": keep} if keep and sequences.forward_keywords(lm)[1] else {}
-
-
-def use_gradient_checkpointing(lm: nn.Module) -> bool:
-    """Recompute `lm`'s activations in the backward pass instead of keeping them. Non-reentrant: correct with
-    frozen weights and no_grad passes around it. The embeddings' output requires grad so that LoRA adapters,
-    whose inputs come from frozen layers, still get gradients through recomputed blocks. False (with a
-    warning) where the architecture does not support it."""
-    if not getattr(lm, "supports_gradient_checkpointing", False):
-        log.warning("%s does not support gradient checkpointing; training without it", type(lm).__name__)
-        return False
-    if hasattr(lm, "activation_checkpointing_enable"):  # the newer name in transformers 5; the old one warns
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm.enable_input_require_grads()
-    return True
 
 
 def rank_path(checkpoint: pathlib.Path, rank: int) -> pathlib.Path:

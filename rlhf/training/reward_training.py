@@ -69,7 +69,7 @@ def prepare_model(config: RewardModelConfig, base_path: str, tokenizer: Any) -> 
     RewardTrainer does), LoRA adapters when asked for (their dropout stays: the regulariser asked for)."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.training.modeling import add_lora, disable_dropout, load_model
+    from rlhf.training.modeling import add_lora, disable_dropout, load_model, use_gradient_checkpointing
     from rlhf.training.sequences import context_length
 
     model = load_model(AutoModelForSequenceClassification, base_path, num_labels=1)
@@ -81,6 +81,8 @@ def prepare_model(config: RewardModelConfig, base_path: str, tokenizer: Any) -> 
             f"use at most {window}"
         )
     disable_dropout(model)
+    if config.gradient_checkpointing:
+        use_gradient_checkpointing(model)
     if config.use_lora:
         model = add_lora(model, config, "SEQ_CLS")
     return model
