@@ -8,8 +8,8 @@ freed memory does not hide the other's): it loads the trainer, runs --steps PPO 
 reward function (the reward model lives in another service and is not part of the policy worker's
 memory), and reports
   * CPU: peak resident set size of the process (ru_maxrss) and the same less the resident size before the
-    trainer was built (Python, torch and transformers themselves, ~0.3-0.5 GB), which is what the dry run
-    estimates;
+    trainer was built, after a warm-up step on the tiny model (Python, torch, transformers and peft
+    themselves, ~0.3-0.6 GB), which is what the dry run estimates;
   * GPU, when one is present (--device cuda): torch.cuda.max_memory_allocated.
 The goal (issue "Use the hardware"): LoRA's peak at most a third of full fine-tuning's; the dry run's
 estimate within +-25% of the measured training memory.
@@ -72,6 +72,19 @@ def child(args: argparse.Namespace) -> None:
         seed=0,
     )
     gpu = args.device.startswith("cuda")
+    # A warm-up step on the tiny model first (as tests/test_estimate.py measures): it loads the code a step
+    # runs (transformers' model modules, peft, kernels), which is the runtime's, not this run's memory.
+    import gc
+
+    tiny, _ = common.ensure_tiny_model()
+    warm = PPOTrainer(
+        TrainingConfig(use_lora=config.use_lora, batch_size=2, mini_batch_size=2, ppo_epochs=1, max_new_tokens=4),
+        str(tiny),
+        args.device,
+    )
+    warm.step_on(corpus.prompts(2, seed=1), lambda _p, responses: [0.0 for _ in responses])
+    del warm
+    gc.collect()
     before = rss_bytes()
     started = time.monotonic()
     trainer = PPOTrainer(config, args.model, args.device)
