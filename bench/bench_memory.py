@@ -85,6 +85,9 @@ def child(args: argparse.Namespace) -> None:
     warm.step_on(corpus.prompts(2, seed=1), lambda _p, responses: [0.0 for _ in responses])
     del warm
     gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # the peak of this run, not the warm-up's
     before = rss_bytes()
     started = time.monotonic()
     trainer = PPOTrainer(config, args.model, args.device)
