@@ -239,6 +239,13 @@ def main() -> None:
 
     import torch
 
+    if GPU and not torch.cuda.is_available():
+        # `make bench` runs every benchmark; without a GPU this one has nothing to measure.
+        print(
+            "SKIPPED: no CUDA device here. On a GPU machine: python bench/bench_gpu.py; to check the script on "
+            "a CPU: RLHF_BENCH_DEVICE=cpu python bench/bench_gpu.py --smoke"
+        )
+        return
     info = common.machine()
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     info["transformers"] = __import__("transformers").__version__
