@@ -365,3 +365,15 @@ def test_the_readme_command_lines_parse_and_its_config_file_is_a_training_config
     assert parsed.HasField("use_lora") and parsed.batch_size == 8
     rows = block.split("cat > feedback.jsonl <<'EOF'\n", 1)[1].split("\nEOF", 1)[0].splitlines()
     assert len(rows) >= 10 and all(json.loads(row)["prompt"] for row in rows)  # enough to train on
+
+
+def test_serve_metrics_sets_each_services_metrics_port_and_keeps_one_given():
+    from rlhf.runtime.config import METRICS_PORTS
+    from rlhf.sdk.cli.stack import metrics_ports_in
+
+    env = {"RLHF_POLICY_METRICS_PORT": "19153"}
+    ports = metrics_ports_in(env)
+    assert ports == {**METRICS_PORTS, "policy": 19153}
+    assert env["RLHF_FEEDBACK_METRICS_PORT"] == str(METRICS_PORTS["feedback"])
+    args = build_parser().parse_args(["serve", "all", "--metrics"])
+    assert args.metrics is True

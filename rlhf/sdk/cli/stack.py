@@ -7,9 +7,10 @@ import argparse
 import os
 import pathlib
 import threading
+from collections.abc import MutableMapping
 from typing import Any
 
-from rlhf.runtime.config import DEFAULT_PORTS, data_dir_default
+from rlhf.runtime.config import DEFAULT_PORTS, METRICS_PORTS, data_dir_default
 from rlhf.sdk.cli import output
 from rlhf.sdk.cli.common import add_parser
 
@@ -41,6 +42,15 @@ def _prebuild_tiny_model(data_dir: pathlib.Path) -> threading.Thread | None:
     return thread
 
 
+def metrics_ports_in(env: MutableMapping[str, str]) -> dict[str, int]:
+    """`serve --metrics`: each service's RLHF_<SERVICE>_METRICS_PORT (which the services and their restarts
+    read) set to its METRICS_PORTS default, unless the environment already names one. Returns the ports."""
+    ports = {}
+    for service, port in METRICS_PORTS.items():
+        ports[service] = int(env.setdefault(f"RLHF_{service.upper()}_METRICS_PORT", str(port)))
+    return ports
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from rlhf.sdk.extras import require_server_extra
 
@@ -48,6 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from rlhf.sdk.supervisor import MODULES, Stack, serve
 
     ports = {s: getattr(args, f"{s}_port") for s in DEFAULT_PORTS}
+    if args.metrics:
+        metrics_ports_in(os.environ)
     data_dir = args.data_dir.resolve()
     stack = Stack(data_dir=data_dir, host=args.host, ports=ports)
     services = list(MODULES) if args.service == "all" else [args.service]
@@ -108,6 +120,13 @@ def register(sub: Any) -> None:
             default=int(os.environ.get(f"RLHF_{service.upper()}_PORT", port)),
             help=f"port of the {service} service (RLHF_{service.upper()}_PORT)",
         )
+    serve.add_argument(
+        "--metrics",
+        action="store_true",
+        help="serve each service's Prometheus metrics at GET /metrics on "
+        + ", ".join(f"{s} {p}" for s, p in METRICS_PORTS.items())
+        + " (RLHF_<SERVICE>_METRICS_PORT overrides each; the gateway serves /metrics on its own port)",
+    )
     serve.add_argument(
         "--no-model-build",
         action="store_true",
