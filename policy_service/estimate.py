@@ -194,6 +194,14 @@ def trainable_parameters(shape: ModelShape, config) -> int:
     return (shape.parameters if not config.use_lora else lora_parameters(shape, config)) + shape.width + 1
 
 
+def call_seconds(shape: ModelShape, gpu: bool) -> float:
+    """Overhead of one model call (a forward; a backward counts as two): per layer, plus the call itself."""
+    d = Defaults
+    return (d.layer_call_gpu if gpu else d.layer_call_cpu) * shape.layers + (
+        d.model_call_gpu if gpu else d.model_call_cpu
+    )
+
+
 def ppo_step_seconds(
     shape: ModelShape, config: TrainingConfig, response_tokens: float, prompt_tokens: float, device_kind: str
 ) -> float:
@@ -211,17 +219,18 @@ def ppo_step_seconds(
     update = 4 if config.gradient_checkpointing else 3  # forward (twice when recomputed) + backward (counts 2)
     calls = response_tokens + 2 + update * micro  # generation, 2 scoring passes, the update passes
     passes = 1 + 2 + update * epochs  # over every token: generation, scoring, training
+    # The gradients' all-reduce of data-parallel ranks, once per optimiser step.
+    trainable = trainable_parameters(shape, config)
+    allreduce = 4 * trainable * minibatches / (d.allreduce_gpu if gpu else d.allreduce_cpu) if ranks > 1 else 0.0
     # Logits exist for the response positions only (the LM head skips the prompt's).
     return (
-        (d.layer_call_gpu if gpu else d.layer_call_cpu) * shape.layers * calls
-        + (d.model_call_gpu if gpu else d.model_call_cpu) * calls
+        call_seconds(shape, gpu) * calls
         + (d.logit_gpu if gpu else d.logit_cpu) * b * response_tokens * shape.vocab * passes
         + 2 * shape.parameters * b * tokens * passes / (d.flops_gpu if gpu else d.flops_cpu)
-        + (d.adam_gpu if gpu else d.adam_cpu) * minibatches * trainable_parameters(shape, config)
+        + (d.adam_gpu if gpu else d.adam_cpu) * minibatches * trainable
         + d.score_call
         + d.loop_per_step
-        + (4 * trainable_parameters(shape, config) * minibatches / (d.allreduce_gpu if gpu else d.allreduce_cpu))
-        * (ranks > 1)
+        + allreduce
     )
 
 
@@ -240,22 +249,13 @@ def group_step_seconds(
     extra = (1 if group.beta else 0) + (1 if group.num_iterations > 1 or ga > 1 else 0)
     # Per generated batch, then shared by its num_iterations steps.
     generation = (
-        (
-            (d.layer_call_gpu if gpu else d.layer_call_cpu) * shape.layers
-            + (d.model_call_gpu if gpu else d.model_call_cpu)
-        )
-        * (response_tokens + extra * ga)
+        call_seconds(shape, gpu) * (response_tokens + extra * ga)
         + (d.logit_gpu if gpu else d.logit_cpu) * rows * response_tokens * shape.vocab * (1 + extra)
         + 2 * shape.parameters * rows * tokens * (1 + extra) / (d.flops_gpu if gpu else d.flops_cpu)
         + d.score_call
     ) / group.num_iterations
     training = (
-        (
-            (d.layer_call_gpu if gpu else d.layer_call_cpu) * shape.layers
-            + (d.model_call_gpu if gpu else d.model_call_cpu)
-        )
-        * 3
-        * ga
+        call_seconds(shape, gpu) * 3 * ga
         + (d.logit_gpu if gpu else d.logit_cpu) * rows * response_tokens * shape.vocab * 3
         + 2 * shape.parameters * rows * tokens * 3 / (d.flops_gpu if gpu else d.flops_cpu)
         + (d.adam_gpu if gpu else d.adam_cpu) * trainable_parameters(shape, group)
