@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rlhf.training import ppo
+
 # Largest fp32 logits tensor computed in one piece (bytes). Above it, chunks of positions that fit it.
 LOGITS_BUDGET_BYTES = 32 * 2**20
 
@@ -60,15 +62,17 @@ def output_head(lm: Any) -> nn.Module | None:
     return head
 
 
-def _chunk(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float):
-    logits = head(hidden).float()
+def log_softmax_at(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probabilities at the sampling temperature, in fp32 (no copies when already fp32 at 1.0)."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    logp = logits.log_softmax(-1)
-    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():  # a metric: no graph, nothing kept for backward
-        entropy = -(logp.exp() * logp).sum(-1)
-    return chosen, entropy
+    return logits.log_softmax(-1)
+
+
+def _chunk(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float):
+    logp = log_softmax_at(head(hidden), temperature)
+    return ppo.gather_logprobs(logp, tokens), ppo.entropy_from_logprobs(logp)  # entropy: a metric, no graph
 
 
 def token_logprobs(

@@ -27,7 +27,7 @@ from rlhf.training import ppo, sequences
 from rlhf.training.config import TrainingConfig
 from rlhf.training.distributed import Group
 from rlhf.training.errors import TrainingError
-from rlhf.training.logprobs import output_head, token_logprobs
+from rlhf.training.logprobs import log_softmax_at, output_head, token_logprobs
 from rlhf.training.modeling import add_lora, disable_dropout, fuse_activations, use_gradient_checkpointing
 from rlhf.training.scoring import Scores
 from rlhf.training.threads import use_cpu_threads
@@ -329,16 +329,9 @@ class PPOTrainer:
             return logprobs, values[:, :-1].float(), entropy
         with self._autocast():
             logits, values = model(ids, attention, keep)
-        logp = self._log_softmax(logits[:, -keep:-1])
+        logp = log_softmax_at(logits[:, -keep:-1], self.config.temperature)
         del logits  # the vocabulary-wide logits are not kept for backward (the log-softmax is)
         return ppo.gather_logprobs(logp, response), values[:, -keep:-1].float(), ppo.entropy_from_logprobs(logp)
-
-    def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities at the sampling temperature, in fp32 (no copies when already fp32 at 1.0)."""
-        logits = logits.float()
-        if self.config.temperature != 1.0:
-            logits = logits / self.config.temperature
-        return logits.log_softmax(-1)
 
     def _reference_logprobs(self, query, query_mask, response, mask) -> torch.Tensor:
         """Log-probs of the response tokens under the reference: the frozen copy, or with LoRA the same
@@ -364,7 +357,7 @@ class PPOTrainer:
                 position_ids=position_ids_of(attention),
                 **logits_to_keep(reference, keep),
             ).logits
-        return ppo.gather_logprobs(self._log_softmax(logits[:, -keep:-1]), response)
+        return ppo.gather_logprobs(log_softmax_at(logits[:, -keep:-1], self.config.temperature), response)
 
     # --- one PPO step --------------------------------------------------------------------------------
     def step_on(self, prompts: list[str], score_fn: ScoreFn) -> dict[str, float]:
