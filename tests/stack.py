@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
+from collections.abc import Iterator
 
 from feedback_service.app import start as start_feedback
 from feedback_service.config import FeedbackServiceConfig
@@ -13,7 +15,7 @@ from policy_service.app import start as start_policy
 from policy_service.config import PolicyServiceConfig
 from reward_service.app import start as start_reward
 from reward_service.config import RewardServiceConfig
-from tests.helpers import server_config
+from tests.helpers import rated_answers, server_config, submit_ratings
 from tests.servers import ServerThread
 
 
@@ -63,3 +65,17 @@ def start_stack(data_dir: pathlib.Path, with_inference: bool = True) -> Stack:
             start_inference, InferenceServiceConfig.from_env(data_dir=data_dir, port=0, policy_addr=policy.address)
         ).__enter__()
     return Stack(data_dir, feedback, reward, policy, inference)
+
+
+@contextlib.contextmanager
+def stack_with_ratings(data_dir: pathlib.Path, ratings: dict[str, int], seed: int) -> Iterator[Stack]:
+    """Feedback, reward and policy servers (no inference) with `ratings[agent]` rated answers (seeded) stored
+    for each agent; stopped on exit."""
+    stack = start_stack(data_dir, with_inference=False)
+    try:
+        with stack.feedback.channel() as channel:
+            for agent_id, count in ratings.items():
+                submit_ratings(channel, agent_id, rated_answers(count, seed=seed))
+        yield stack
+    finally:
+        stack.stop()

@@ -16,8 +16,8 @@ import pytest
 from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.sdk.clients import PolicyClient, RewardClient
-from tests.helpers import rated_answers, submit_ratings, wait_for
-from tests.stack import start_stack
+from tests.helpers import wait_for
+from tests.stack import stack_with_ratings
 from tests.test_policy_service import start_policy_process, worker_pids
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -101,14 +101,8 @@ ACTIVE = (pol.JOB_STATE_QUEUED, pol.JOB_STATE_RUNNING)
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model):
-    stack = start_stack(tmp_path_factory.mktemp("dp"), with_inference=False)
-    try:
-        with stack.feedback.channel() as channel:
-            for agent_id in (AGENT, JOB_AGENT):
-                submit_ratings(channel, agent_id, rated_answers(60, seed=2))
+    with stack_with_ratings(tmp_path_factory.mktemp("dp"), {AGENT: 60, JOB_AGENT: 60}, seed=2) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")

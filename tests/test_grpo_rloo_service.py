@@ -14,8 +14,7 @@ import pytest
 from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.sdk.clients import PolicyClient, RewardClient
-from tests.helpers import rated_answers, submit_ratings
-from tests.stack import policy_server, reward_server, start_stack
+from tests.stack import policy_server, reward_server, stack_with_ratings
 
 AGENT = "group-agent"  # dry runs and request checks only
 SHARED = pol.TrainingConfig(use_lora=True, learning_rate=1e-3, batch_size=4, max_new_tokens=8, seed=0)
@@ -33,14 +32,9 @@ OUTAGE = "outage-grpo"  # its own reward and policy servers
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model):
-    stack = start_stack(tmp_path_factory.mktemp("group"), with_inference=False)
-    try:
-        with stack.feedback.channel() as channel:
-            for agent_id in (AGENT, OUTAGE, *JOB_AGENTS):
-                submit_ratings(channel, agent_id, rated_answers(60, seed=3))
+    ratings = dict.fromkeys((AGENT, OUTAGE, *JOB_AGENTS), 60)
+    with stack_with_ratings(tmp_path_factory.mktemp("group"), ratings, seed=3) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")

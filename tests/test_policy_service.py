@@ -14,9 +14,9 @@ import pytest
 from rlhf.policy.v1 import policy_service_pb2 as pol
 from rlhf.reward.v1 import reward_service_pb2 as rw
 from rlhf.sdk.clients import PolicyClient, RewardClient
-from tests.helpers import rated_answers, submit_ratings, wait_for
+from tests.helpers import wait_for
 from tests.servers import ServerThread, ServiceProcess
-from tests.stack import policy_server, reward_server, start_stack
+from tests.stack import policy_server, reward_server, stack_with_ratings
 
 AGENT = "policy-agent"  # dry runs and request checks: feedback, no reward model, never a job
 QUICK = pol.TrainingConfig(
@@ -38,15 +38,9 @@ def agent(name: str) -> str:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model):
     """Feedback, reward and policy servers with feedback for every agent; no model trained yet."""
-    stack = start_stack(tmp_path_factory.mktemp("policy"), with_inference=False)
-    try:
-        with stack.feedback.channel() as channel:
-            for agent_id in (AGENT, agent("outage"), *map(agent, WITH_REWARD_MODEL)):
-                submit_ratings(channel, agent_id, rated_answers(60, seed=2))
-            submit_ratings(channel, "few", rated_answers(3, seed=2))
+    ratings = {**dict.fromkeys((AGENT, agent("outage"), *map(agent, WITH_REWARD_MODEL)), 60), "few": 3}
+    with stack_with_ratings(tmp_path_factory.mktemp("policy"), ratings, seed=2) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")
