@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhf.training.modelcache import ModelCache as SharedModelCache
+from rlhf.training.modelcache import parameter_bytes
 from rlhf.training.modeling import load_model, load_tokenizer, pick_device, serving_dtype
 
 
@@ -25,16 +26,13 @@ class LoadedModel:
 def load_for_inference(path: str, device: str, dtype: str = "auto") -> LoadedModel:
     """Blocking: tokenizer and causal LM from `path`, in eval mode on `device` in `dtype` (see
     rlhf.training.modeling.serving_dtype: "auto" is float32 on CPUs, bf16/fp16 on CUDA)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device)
     tokenizer = load_tokenizer(path, padding_side="left")
     model = load_model(AutoModelForCausalLM, path)
     model.to(device=device, dtype=serving_dtype(dtype, device)).eval()
-    with torch.no_grad():
-        nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    return LoadedModel(path=path, tokenizer=tokenizer, model=model, device=device, nbytes=nbytes)
+    return LoadedModel(path=path, tokenizer=tokenizer, model=model, device=device, nbytes=parameter_bytes([model]))
 
 
 class ModelCache(SharedModelCache[LoadedModel]):

@@ -18,8 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from rlhf.runtime.jobs import QUEUED, RUNNING, TERMINAL, JobStore
-from rlhf.runtime.metrics import parameter_bytes
-from rlhf.training.modelcache import ModelCache
+from rlhf.training.modelcache import ModelCache, parameter_bytes
 
 log = logging.getLogger(__name__)
 

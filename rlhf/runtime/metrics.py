@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
@@ -75,12 +74,3 @@ class ServerMetrics:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
-
-
-def parameter_bytes(modules: Iterable[Any]) -> int:
-    """Bytes of the parameters and buffers of torch modules (without importing torch here)."""
-    total = 0
-    for module in modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            total += tensor.numel() * tensor.element_size()
-    return total

@@ -11,11 +11,21 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
 
 V = TypeVar("V")
 log = logging.getLogger(__name__)
+
+
+def parameter_bytes(modules: Iterable[Any]) -> int:
+    """Bytes of the parameters and buffers of torch modules (without importing torch here): what a cached
+    model holds, for the cache's byte limit and the metrics."""
+    total = 0
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 class ModelCache(Generic[V]):
