@@ -43,6 +43,13 @@ LIST_DEFAULT_PAGE_SIZE = 100
 LIST_MAX_PAGE_SIZE = 1000
 
 
+def _outcomes(acks: list[Ack]) -> dict[str, int]:
+    """How many of `acks` were stored, duplicate and rejected (sums rather than a per-ack Counter update)."""
+    accepted = sum(ack.accepted for ack in acks)
+    duplicate = sum(ack.duplicate for ack in acks)
+    return {"stored": accepted - duplicate, "duplicate": duplicate, "rejected": len(acks) - accepted}
+
+
 class FeedbackDomain:
     """Everything the feedback service does, callable from any transport (the gRPC servicer, tests)."""
 
@@ -110,7 +117,6 @@ class FeedbackDomain:
         reader = asyncio.create_task(self._read(batches, buffer))
         committer = asyncio.create_task(self._commit_groups(buffer, outbox))
         counts = collections.Counter[str]()
-        counted = collections.Counter[str]()
         try:
             while True:
                 acks = await outbox.get()
@@ -118,10 +124,9 @@ class FeedbackDomain:
                     break
                 if isinstance(acks, BaseException):
                     raise acks
-                for ack in acks:
-                    counts["duplicate" if ack.duplicate else "stored" if ack.accepted else "rejected"] += 1
-                self.items.update(counts - counted)  # this group's outcomes
-                counted = counts.copy()
+                group = _outcomes(acks)
+                counts.update(group)
+                self.items.update(group)
                 yield acks
         finally:
             reader.cancel()
@@ -175,28 +180,15 @@ class FeedbackDomain:
         # goes on; the rows are stored with their versions, so an ack still means "attributed and committed".
         valid = await self._attributor.attribute_many(valid)
         stored = iter(await self._write(self._store.insert_many, valid) if valid else [])
+        # Positional Acks (index, request_id, sequence, accepted, duplicate, reason, field): once per item.
         acks: list[Ack] = []
         for pending in group:
-            if pending.error is not None:
-                acks.append(
-                    Ack(
-                        index=pending.index,
-                        request_id=pending.request_id,
-                        reason=pending.error.message,
-                        field=pending.error.field,
-                    )
-                )
-                continue
-            result = next(stored)
-            acks.append(
-                Ack(
-                    index=pending.index,
-                    request_id=pending.request_id,
-                    sequence=result.sequence,
-                    accepted=True,
-                    duplicate=result.duplicate,
-                )
-            )
+            error = pending.error
+            if error is None:
+                result = next(stored)
+                acks.append(Ack(pending.index, pending.request_id, result.sequence, True, result.duplicate))
+            else:
+                acks.append(Ack(pending.index, pending.request_id, 0, False, False, error.message, error.field))
         return acks
 
     async def delete(self, agent_id: str, ids: list[str], everything: bool) -> int:

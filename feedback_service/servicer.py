@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import collections
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from feedback_service.domain import FeedbackDomain
-from feedback_service.models import COMPARISON, RATING, FeedbackInput, FeedbackRecord, ListFilters, Stats
+from feedback_service.models import COMPARISON, RATING, Ack, FeedbackInput, FeedbackRecord, ListFilters, Stats
 from rlhf.feedback.v1 import feedback_service_pb2 as pb
 from rlhf.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
 from rlhf.runtime.decoding import Undecodable, bad_string_field, per_item, wire_fields
 from rlhf.runtime.errors import InvalidArgument, translate_errors
+
+T = TypeVar("T", pb.FeedbackAck, pb.StreamFeedbackResponse)
 
 _KIND_FROM_PB: dict[int, str] = {
     pb.FEEDBACK_KIND_UNSPECIFIED: "",
@@ -49,22 +52,29 @@ def _timestamp(micros: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=rest * 1000)
 
 
+def _plain_map(container: object) -> dict[str, str]:
+    """A protobuf map as a dict: dict(container) goes through the Mapping ABC's keys view (~0.8 µs for one
+    entry); iterating and indexing the container directly is ~2.5x faster."""
+    return {key: container[key] for key in container} if container else {}  # type: ignore[attr-defined, index]
+
+
 def _input(request: pb.SubmitFeedbackRequest) -> FeedbackInput:
+    # Positional, in FeedbackInput's field order: this runs once per streamed item, and keywords cost ~0.6 µs.
     return FeedbackInput(
-        agent_id=request.agent_id,
-        prompt=request.prompt,
-        response=request.response,
-        score=request.score if request.HasField("score") else None,
-        chosen=request.chosen,
-        rejected=request.rejected,
-        margin=request.margin if request.HasField("margin") else None,
-        run_id=request.run_id,
-        notes=request.notes,
-        generation_id=request.generation_id,
-        policy_version=request.policy_version,
-        metadata=dict(request.metadata),
-        request_id=request.request_id,
-        kind=_kind(request.kind),
+        request.agent_id,
+        request.prompt,
+        request.response,
+        request.score if request.HasField("score") else None,
+        request.chosen,
+        request.rejected,
+        request.margin if request.HasField("margin") else None,
+        request.run_id,
+        request.notes,
+        request.generation_id,
+        request.policy_version,
+        _plain_map(request.metadata),
+        request.request_id,
+        _kind(request.kind),
     )
 
 
@@ -162,13 +172,31 @@ class _BatchedIndexes:
         self._ranges: collections.deque[tuple[int, int]] = collections.deque()
 
     def add(self, start: int, end: int) -> None:
-        self._ranges.append((start, end))
+        ranges = self._ranges
+        if ranges and ranges[-1][1] == start:  # adjacent batches make one range (see holds_all)
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((start, end))
 
     def holds(self, index: int) -> bool:
+        return self.holds_all(index, index)
+
+    def holds_all(self, first: int, last: int) -> bool:
+        """Whether every index from `first` to `last` came in `items`."""
         ranges = self._ranges
-        while ranges and ranges[0][1] <= index:
+        while ranges and ranges[0][1] <= first:
             ranges.popleft()
-        return bool(ranges) and ranges[0][0] <= index
+        return bool(ranges) and ranges[0][0] <= first and last < ranges[0][1]
+
+
+def _ack(form: type[T], ack: Ack) -> T:
+    """`ack` as a FeedbackAck, or as a StreamFeedbackResponse for an item sent alone. Only the fields an
+    accepted or a rejected item has are passed: this runs once per streamed item, and each keyword costs."""
+    if ack.accepted:
+        return form(
+            request_id=ack.request_id, id=str(ack.sequence), accepted=True, duplicate=ack.duplicate, index=ack.index
+        )
+    return form(request_id=ack.request_id, reason=ack.reason, field=ack.field, index=ack.index)
 
 
 @translate_errors
@@ -208,25 +236,18 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
 
         Response, Result = pb.StreamFeedbackResponse, pb.FeedbackAck
         async for acks in self._domain.ingest_batches(batches()):
+            if acks and batched.holds_all(acks[0].index, acks[-1].index):  # the usual case: all in `results`
+                yield Response(results=[_ack(Result, ack) for ack in acks])
+                continue
             results: list[pb.FeedbackAck] = []
             for ack in acks:
-                form = Result if batched.holds(ack.index) else Response
-                message = form(
-                    request_id=ack.request_id,
-                    id=str(ack.sequence) if ack.accepted else "",
-                    accepted=ack.accepted,
-                    duplicate=ack.duplicate,
-                    reason=ack.reason,
-                    field=ack.field,
-                    index=ack.index,
-                )
-                if form is Result:
-                    results.append(message)
+                if batched.holds(ack.index):
+                    results.append(_ack(Result, ack))
                     continue
                 if results:  # keep acks in index order across the two forms
                     yield Response(results=results)
                     results = []
-                yield message
+                yield _ack(Response, ack)
             if results:
                 yield Response(results=results)
 

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import operator
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -101,9 +102,22 @@ SHARED_COLUMNS = tuple(field.name for field in dataclasses.fields(FeedbackFields
 
 # The columns an insert fills, in the order of _row's tuples.
 ROW_COLUMNS = (*SHARED_COLUMNS, "metadata", "created_at")
-# SQLite: rows per INSERT statement (a multi-row VALUES list). 999 is the smallest host-parameter limit any
-# SQLite has had (3.32+ allow 32766).
-_SQLITE_ROWS_PER_INSERT = 999 // len(ROW_COLUMNS)
+# SQLite: most rows per INSERT statement (a multi-row VALUES list), within the connection's host-parameter
+# limit (999 where it cannot be read: the smallest any SQLite has had; 3.32+ allow 32766). A stream's whole
+# commit group then goes in one statement: every statement costs the writer thread a GIL hand-off.
+_SQLITE_MAX_ROWS_PER_INSERT = 1024
+_SQLITE_MIN_PARAMETER_LIMIT = 999
+
+
+def _sqlite_rows_per_insert(conn: Connection) -> int:
+    driver = conn.connection.driver_connection
+    getlimit = getattr(driver, "getlimit", None)  # Python 3.11+
+    limit = getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if getlimit else _SQLITE_MIN_PARAMETER_LIMIT
+    return max(1, min(_SQLITE_MAX_ROWS_PER_INSERT, limit // len(ROW_COLUMNS)))
+
+
+class _StoredBefore(Exception):
+    """The optimistic SQLite insert skipped a row whose (agent_id, request_id) was stored before."""
 
 
 @functools.cache
@@ -114,7 +128,10 @@ def _sqlite_insert(rows: int) -> str:
     insert's whole cost; with a thread spinning beside it executemany fell to ~900 rows/s, the multi-row
     statement to ~13,000)."""
     one = f"({', '.join('?' * len(ROW_COLUMNS))})"
-    return f"INSERT INTO feedback ({', '.join(ROW_COLUMNS)}) VALUES {', '.join([one] * rows)}"
+    return (
+        f"INSERT INTO feedback ({', '.join(ROW_COLUMNS)}) VALUES {', '.join([one] * rows)}"
+        " ON CONFLICT (agent_id, request_id) DO NOTHING"
+    )
 
 
 _PG_INSERT = (
@@ -237,15 +254,57 @@ class FeedbackStore:
         """
         if not items:
             return []
+        # SQLite: first insert without looking anything up (a lookup of every id cost ~40% of the insert, and
+        # retries are rare); if the insert skipped a row stored before, roll back and take the lookup path.
+        distinct = len({(item.agent_id, item.request_id) for item in items}) == len(items)
+        optimistic = distinct and self._engine.dialect.name == "sqlite"
         for attempt in range(_INSERT_ATTEMPTS):
             try:
                 with self._engine.begin() as conn:
                     commit_in_sequence_order(conn, items)
+                    if optimistic:
+                        return self._insert_new_sqlite(conn, items)
                     return self._insert_group(conn, items)
+            except _StoredBefore:
+                optimistic = False
             except IntegrityError:
                 if attempt == _INSERT_ATTEMPTS - 1:
                     raise
-        raise AssertionError("unreachable")
+        with self._engine.begin() as conn:  # the optimistic try took the last attempt
+            return self._insert_group(conn, items)
+
+    def _insert_new_sqlite(self, conn: Connection, items: Sequence[NewFeedback]) -> list[Stored]:
+        """Insert `items` (no (agent_id, request_id) twice among them) expecting none was stored before;
+        _StoredBefore (and so a rollback) when one was."""
+        now_us = time.time_ns() // 1000
+        rows = [_row(item, now_us) for item in items]
+        sequences = self._insert_sqlite_rows(conn, rows)
+        if sequences is None:
+            raise _StoredBefore
+        return [
+            Stored(sequence, now_us, False, item.kind, item.score, item.policy_version)
+            for sequence, item in zip(sequences, items, strict=True)
+        ]
+
+    @staticmethod
+    def _insert_sqlite_rows(conn: Connection, rows: list[tuple[Any, ...]]) -> range | None:
+        """SQLite: insert `rows` and return their sequences in order; None when a row was skipped because its
+        (agent_id, request_id) was stored before.
+
+        SQLAlchemy answers RETURNING with a guaranteed order one row per statement on SQLite, which is ~3x
+        slower. Instead: multi-row INSERTs (rows keep their VALUES order), then count back from
+        last_insert_rowid(). Exact, because this transaction holds SQLite's single write lock (no other insert
+        can interleave) and AUTOINCREMENT hands out consecutive values above every sequence ever used. The
+        statement goes to the driver as is, with tuples: SQLAlchemy's per-row parameter processing cost about
+        as much as SQLite's insert itself."""
+        inserted = 0
+        for chunk in _chunks(rows, _sqlite_rows_per_insert(conn)):
+            result = conn.exec_driver_sql(_sqlite_insert(len(chunk)), tuple(itertools.chain.from_iterable(chunk)))
+            inserted += result.rowcount
+        if inserted != len(rows):
+            return None
+        last = int(conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one())
+        return range(last - len(rows) + 1, last + 1)
 
     def _existing(self, conn: Connection, items: Sequence[NewFeedback]) -> dict[tuple[str, str], Stored]:
         wanted: dict[str, set[str]] = {}
@@ -312,17 +371,10 @@ class FeedbackStore:
         """Insert `rows` (tuples in ROW_COLUMNS order) and return their sequences in the same order; with
         psycopg, None for a row whose (agent_id, request_id) was stored before (nothing inserted)."""
         if conn.dialect.name == "sqlite":
-            # SQLAlchemy answers RETURNING with a guaranteed order one row per statement on SQLite, which
-            # is ~3x slower. Instead: multi-row INSERTs (rows keep their VALUES order), then count back from
-            # last_insert_rowid(). Exact,
-            # because this transaction holds SQLite's single write lock (no other insert can interleave)
-            # and AUTOINCREMENT hands out consecutive values above every sequence ever used. The statement
-            # goes to the driver as is, with tuples: SQLAlchemy's per-row parameter processing cost about
-            # as much as SQLite's insert itself.
-            for chunk in _chunks(rows, _SQLITE_ROWS_PER_INSERT):
-                conn.exec_driver_sql(_sqlite_insert(len(chunk)), tuple(itertools.chain.from_iterable(chunk)))
-            last = int(conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one())
-            return list(range(last - len(rows) + 1, last + 1))
+            sequences = self._insert_sqlite_rows(conn, rows)
+            if sequences is None:  # stored by another writer since this transaction looked every id up
+                raise IntegrityError(_PG_INSERT, None, LookupError("a row was stored concurrently"))
+            return list(sequences)
         if conn.dialect.driver == "psycopg":
             # psycopg 3: one prepared INSERT ... RETURNING per row, pipelined (one round trip for the batch), in
             # this transaction. A fixed statement text, unlike a multi-row VALUES list, which psycopg re-parses

@@ -74,21 +74,22 @@ class FeedbackValidator:
         ):
             if value:
                 _text(value, name, ids, required=False)
+        # Positional, in NewFeedback's field order (FeedbackFields, then metadata_json): once per streamed item.
         return NewFeedback(
-            agent_id=raw.agent_id,
-            kind=kind,
-            prompt=raw.prompt,
-            response=raw.response,
-            score=raw.score,
-            chosen=raw.chosen,
-            rejected=raw.rejected,
-            margin=raw.margin,
-            run_id=raw.run_id,
-            notes=raw.notes,
-            generation_id=raw.generation_id,
-            policy_version=raw.policy_version,
-            metadata_json=self._metadata_json(raw.metadata) if raw.metadata else "{}",
-            request_id=raw.request_id or new_request_id(),
+            raw.agent_id,
+            kind,
+            raw.prompt,
+            raw.response,
+            raw.score,
+            raw.chosen,
+            raw.rejected,
+            raw.margin,
+            raw.run_id,
+            raw.notes,
+            raw.generation_id,
+            raw.policy_version,
+            raw.request_id or new_request_id(),
+            self._metadata_json(raw.metadata) if raw.metadata else "{}",
         )
 
     def _metadata_json(self, metadata: dict[str, str]) -> str:

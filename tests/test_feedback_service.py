@@ -593,6 +593,29 @@ def test_store_insert_many_is_idempotent_and_survives_a_race(
     assert sorted(r.request_id for r in rows) == ["a", "b", "c"]
 
 
+def test_store_answers_match_the_rows_on_every_insert_path(
+    store: FeedbackStore, agent: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite inserts without a lookup first and rolls back when an id was stored before; the sequences it
+    answers are counted back from the last rowid, across several INSERT statements per group."""
+    import feedback_service.store as store_module
+
+    monkeypatch.setattr(store_module, "_SQLITE_MAX_ROWS_PER_INSERT", 7)  # 20 items: 3 statements
+    fresh = store.insert_many([new_item(agent, f"new-{i}", score=i / 20) for i in range(20)])
+    # One stored before, in the middle of new ones: nothing of the first (optimistic) try may remain.
+    mixed = store.insert_many([new_item(agent, "late-0"), new_item(agent, "new-5"), new_item(agent, "late-1")])
+    assert [s.duplicate for s in fresh] == [False] * 20
+    assert [s.duplicate for s in mixed] == [False, True, False]
+    assert mixed[1].sequence == fresh[5].sequence and mixed[1].score == fresh[5].score
+    rows = {r.request_id: r for r in store.list_feedback(agent, ListFilters(), limit=100)}
+    assert len(rows) == 22
+    answered = {f"new-{i}": s for i, s in enumerate(fresh)} | {"late-0": mixed[0], "late-1": mixed[2]}
+    for request_id, stored in answered.items():
+        assert rows[request_id].sequence == stored.sequence, request_id
+        assert rows[request_id].score == stored.score
+    assert len({s.sequence for s in answered.values()}) == 22
+
+
 def test_stream_buffering_is_bounded(tmp_path: pathlib.Path) -> None:
     """A client that stops reading acks stops the server from reading more items (bounded memory)."""
     group, capacity = 8, 32

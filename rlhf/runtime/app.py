@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import pathlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -37,6 +38,22 @@ def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# Allocations between young-generation collections (Python's default is 700). A streamed batch of 512 items
+# holds a few thousand young objects for a few milliseconds; at 700, each was traversed and promoted again
+# and again (about 1.4 µs of every streamed item's 5 µs of decoding went to the collector).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_garbage_collection() -> None:
+    """Once a server has started: move what start-up allocated (modules, models' Python objects, the
+    server) out of the collector's reach (gc.freeze), so full collections no longer walk it, and collect
+    the young generation less often. Cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def run_service(
     component: str, start: Callable[[Any], Awaitable[RunningServer]], config: Any, server: ServerConfig
 ) -> None:
@@ -44,6 +61,7 @@ def run_service(
 
     async def serve() -> None:
         running = await start(config)
+        tune_garbage_collection()
         await serve_until_signal(running, server.grace_seconds)
 
     try:
