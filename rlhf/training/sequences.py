@@ -103,6 +103,33 @@ def left_pad(rows: list[list[int]], pad_id: int, device: str) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
+class ModelStep:
+    """A step of the KV-cached decode through the model's own forward (any architecture): feeds the next
+    tokens and returns the last position's logits and, with `with_hidden`, its last hidden state."""
+
+    def __init__(self, lm: Any, query_mask: torch.Tensor, with_hidden: bool) -> None:
+        self.lm = lm
+        self.keyword, self.extra = forward_keywords(lm)
+        self.attention = query_mask
+        self.with_hidden = with_hidden
+        self.cache = None
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.cache is not None:  # each step after the prompt adds one position
+            self.attention = torch.cat([self.attention, self.attention.new_ones((ids.shape[0], 1))], dim=1)
+        out = self.lm(
+            input_ids=ids,
+            attention_mask=self.attention,
+            position_ids=positions,
+            use_cache=True,
+            output_hidden_states=self.with_hidden,
+            **{self.keyword: self.cache},
+            **self.extra,
+        )
+        self.cache = out[self.keyword] if self.keyword == "cache" else out.past_key_values
+        return out.logits[:, -1], (out.hidden_states[-1][:, -1] if self.with_hidden else None)
+
+
 @torch.no_grad()
 def sample(
     lm: Any,
@@ -114,42 +141,40 @@ def sample(
     generator: torch.Generator,
     autocast: Any = None,
     with_hidden: bool = False,
+    fast: bool = True,
 ) -> Sampled:
     """Sample responses from the model's full softmax at `temperature` (no top-k/top-p, no repetition
     penalty or other settings from the checkpoint's generation config): exactly the distribution PPO
     computes log-probabilities, KL and entropy under. Stops early once every row has ended.
 
     Also returns each sampled token's log-probability and, with `with_hidden`, the last hidden states, so
-    PPO can take its old log-probs and values from the sampling passes instead of a second forward pass."""
+    PPO can take its old log-probs and values from the sampling passes instead of a second forward pass.
+
+    With `fast`, models that rlhf.training.fast_decode runs exactly (GPT-2) decode through it, which skips
+    transformers' per-call overhead and computes the same; False forces the model's own forward."""
     import contextlib
+
+    from rlhf.training import fast_decode
 
     device = generator.device
     query, query_mask = left_pad(prompt_ids, pad_id, str(device))
-    keyword, extra = forward_keywords(lm)
+    step = (fast_decode.decoder(lm, query_mask, max_new_tokens) if fast else None) or ModelStep(
+        lm, query_mask, with_hidden
+    )
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     batch = query.shape[0]
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     ended = torch.zeros(batch, dtype=torch.bool, device=device)
     logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     hidden: list[torch.Tensor] = []
-    attention = query_mask
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    inputs, cache, steps = query, None, 0
+    positions = (query_mask.cumsum(-1) - 1).clamp(min=0)
+    inputs, steps = query, 0
     for t in range(max_new_tokens):
         with autocast or contextlib.nullcontext():
-            out = lm(
-                input_ids=inputs,
-                attention_mask=attention,
-                position_ids=positions,
-                use_cache=True,
-                output_hidden_states=with_hidden,
-                **{keyword: cache},
-                **extra,
-            )
-        cache = out[keyword] if keyword == "cache" else out.past_key_values
+            logits, last_hidden = step.step(inputs, positions)
         if with_hidden:
-            hidden.append(out.hidden_states[-1][:, -1])
-        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+            hidden.append(last_hidden)
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
         token = torch.multinomial(logp.exp(), 1, generator=generator)
         logprobs[:, t] = logp.gather(1, token).squeeze(1)
         token = torch.where(ended, torch.full_like(token.squeeze(1), pad_id), token.squeeze(1))
@@ -159,7 +184,6 @@ def sample(
         if bool(ended.all()):
             break
         inputs = token.unsqueeze(1)
-        attention = torch.cat([attention, attention.new_ones((batch, 1))], dim=1)
         positions = positions[:, -1:] + 1
     response = tokens[:, :steps]
     mask = response_mask(response, eos_ids)

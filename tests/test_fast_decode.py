@@ -1,0 +1,183 @@
+"""The GPT-2 fast decode path (rlhf.training.fast_decode) computes what the model's own forward does: logits
+and last hidden states against an uncached full forward, the same sampled tokens as the generic path in
+sequences.sample, with and without LoRA; models it does not run exactly take the generic path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.training import fast_decode, sequences
+from tests.test_seed_library import tiny_local_model
+
+# Left-padded to 9: rows of different lengths, so a position or padding mistake shows in the padded rows.
+PROMPTS = [[5, 9, 13], [7, 8, 9, 10, 11, 12, 13, 14, 15], [20], [30, 31, 32, 33, 34]]
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def with_lora(lm):
+    """`lm` with LoRA on every projection, its B weights nonzero so the adapters change the output."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["c_attn", "c_proj", "c_fc"]
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=True)
+    model = get_peft_model(lm, config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model
+
+
+def random_gpt2(**overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=2, **overrides)
+    return GPT2LMHeadModel(config).eval()
+
+
+@torch.no_grad()
+def decode_against_full_forward(lm, prompts, new_tokens: int, pad_id: int):
+    """Feeds `prompts` then `new_tokens` fixed random tokens through the fast decoder and returns the largest
+    differences of its logits and hidden states from one uncached forward over the whole sequence."""
+    query, query_mask = sequences.left_pad(prompts, pad_id, "cpu")
+    continuation = torch.randint(0, 40, (len(prompts), new_tokens), generator=torch.Generator().manual_seed(2))
+    decoder = fast_decode.decoder(lm, query_mask, new_tokens)
+    assert decoder is not None, fast_decode.refusal(lm)
+    positions = (query_mask.cumsum(-1) - 1).clamp(min=0)
+    inputs, logits, hidden = query, [], []
+    for t in range(new_tokens):
+        step_logits, step_hidden = decoder.step(inputs, positions)
+        logits.append(step_logits)
+        hidden.append(step_hidden)
+        inputs, positions = continuation[:, t : t + 1], positions[:, -1:] + 1
+
+    ids = torch.cat([query, continuation], 1)
+    attention = torch.cat([query_mask, torch.ones_like(continuation)], 1)
+    full = lm(
+        input_ids=ids,
+        attention_mask=attention,
+        position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+        output_hidden_states=True,
+    )
+    # The position before each fed token predicts it: from the prompt's last to the second-to-last new one.
+    at = slice(query.shape[1] - 1, ids.shape[1] - 1)
+    logit_diff = (torch.stack(logits, 1) - full.logits[:, at]).abs().max().item()
+    hidden_diff = (torch.stack(hidden, 1) - full.hidden_states[-1][:, at]).abs().max().item()
+    return logit_diff, hidden_diff
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fast_decode_gives_the_logits_and_hidden_states_of_a_full_forward(tiny_model, lora):
+    lm = with_lora(load(tiny_model)) if lora else load(tiny_model)
+    if lora:  # the adapters matter: skipping them would show
+        base = load(tiny_model)
+        ids = torch.tensor([PROMPTS[1]])
+        with torch.no_grad():
+            assert (lm(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 0.1
+    logit_diff, hidden_diff = decode_against_full_forward(lm, PROMPTS, 12, pad_id=1)
+    assert logit_diff < 1e-4 and hidden_diff < 1e-4, (logit_diff, hidden_diff)
+
+
+def test_layer_scaled_and_unscaled_attention_decode_exactly():
+    lm = random_gpt2(scale_attn_by_inverse_layer_idx=True, scale_attn_weights=False)
+    logit_diff, hidden_diff = decode_against_full_forward(lm, PROMPTS, 6, pad_id=0)
+    assert logit_diff < 1e-4 and hidden_diff < 1e-4, (logit_diff, hidden_diff)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sample_draws_the_same_tokens_on_the_fast_and_the_generic_path(tiny_model, lora):
+    lm = with_lora(load(tiny_model)) if lora else load(tiny_model)
+    prompts = PROMPTS * 2
+
+    def draw(fast: bool) -> sequences.Sampled:
+        generator = torch.Generator().manual_seed(7)
+        return sequences.sample(lm, prompts, 24, 0.9, {0}, 1, generator, with_hidden=True, fast=fast)
+
+    generic = draw(False)
+    # transformers installs (inert) output-capturing hooks on the first forward asking for hidden states;
+    # they must not turn the fast path off.
+    assert fast_decode.refusal(lm) is None
+    fast = draw(True)
+    assert torch.equal(fast.response, generic.response)
+    assert torch.equal(fast.mask, generic.mask) and torch.equal(fast.ended, generic.ended)
+    assert fast.response.shape[1] > 10  # enough steps to mean something
+    torch.testing.assert_close(fast.logprobs, generic.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.hidden, generic.hidden, atol=1e-5, rtol=1e-5)
+    # Both against one uncached forward over prompt + response: the log-probs of what was drawn.
+    ids = torch.cat([fast.query, fast.response], 1)
+    attention = torch.cat([fast.query_mask, torch.ones_like(fast.response)], 1)
+    with torch.no_grad():
+        logits = lm(
+            input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0)
+        ).logits
+    logp = torch.log_softmax(logits[:, fast.query.shape[1] - 1 : -1] / 0.9, -1)
+    expected = logp.gather(2, fast.response.unsqueeze(2)).squeeze(2) * fast.mask
+    torch.testing.assert_close(fast.logprobs, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_fast_path_honours_autocast(tiny_model):
+    lm = load(tiny_model)
+    query, query_mask = sequences.left_pad(PROMPTS, 1, "cpu")
+    positions = (query_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder = fast_decode.decoder(lm, query_mask, 4)
+        logits, hidden = decoder.step(query, positions)
+        generic_logits, generic_hidden = sequences.ModelStep(lm, query_mask, True).step(query, positions)
+    assert decoder.keys[0].dtype == torch.bfloat16  # the cache holds what autocast's projections give
+    assert logits.dtype == generic_logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), generic_logits.float(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(hidden.float(), generic_hidden.float(), atol=0.05, rtol=0.02)
+
+
+def test_an_architecture_it_does_not_implement_takes_the_generic_path(tiny_model, tmp_path):
+    llama = load(tiny_local_model("llama", tmp_path / "llama", str(tiny_model)))
+    assert "not a GPT2LMHeadModel" in fast_decode.refusal(llama)
+    assert fast_decode.decoder(llama, torch.ones((1, 3), dtype=torch.long), 4) is None
+
+    def draw(fast: bool) -> sequences.Sampled:
+        return sequences.sample(llama, PROMPTS, 6, 1.0, {0}, 1, torch.Generator().manual_seed(3), fast=fast)
+
+    assert torch.equal(draw(True).response, draw(False).response)
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda: random_gpt2(reorder_and_upcast_attn=True), "reorder_and_upcast_attn"),
+        (lambda: random_gpt2(add_cross_attention=True), "cross-attention"),
+        (lambda: random_gpt2().train(), "dropout is on"),
+        (lambda: hooked(random_gpt2()), "has forward hooks"),
+        (lambda: prompt_tuned(random_gpt2()), "prompt learning"),
+    ],
+    ids=["upcast", "cross-attention", "dropout", "hook", "prompt-tuning"],
+)
+def test_gpt2_settings_it_does_not_implement_are_refused(change, reason):
+    assert reason in fast_decode.refusal(change())
+
+
+def test_training_mode_without_dropout_qualifies():
+    # The PPO trainer keeps its model in train mode with every dropout at 0.
+    from rlhf.training.modeling import disable_dropout
+
+    lm = random_gpt2().train()
+    disable_dropout(lm)
+    assert fast_decode.refusal(lm) is None
+
+
+def hooked(lm):
+    lm.transformer.h[0].register_forward_hook(lambda module, args, output: output * 2)
+    return lm
+
+
+def prompt_tuned(lm):
+    from peft import PromptTuningConfig, get_peft_model
+
+    return get_peft_model(lm, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
