@@ -50,6 +50,31 @@ def _outcomes(acks: list[Ack]) -> dict[str, int]:
     return {"stored": accepted - duplicate, "duplicate": duplicate, "rejected": len(acks) - accepted}
 
 
+def _retrieve(future: asyncio.Future[object]) -> None:
+    """Mark a dropped future's exception as seen (asyncio logs unretrieved ones)."""
+    if not future.cancelled():
+        future.exception()
+
+
+class _GroupsAfterFailure:
+    """One stream's writes, run one after another in the writer thread: once one fails, the later ones raise
+    (their items stay unacknowledged and unstored, for the client to send again) instead of writing."""
+
+    def __init__(self) -> None:
+        self._failed = False  # read and written only in the writer thread
+
+    def insert(
+        self, insert_many: Callable[[list[NewFeedback]], list[Stored]], items: list[NewFeedback]
+    ) -> list[Stored]:
+        if self._failed:
+            raise RuntimeError("an earlier group of this stream failed to commit")
+        try:
+            return insert_many(items)
+        except BaseException:
+            self._failed = True
+            raise
+
+
 class FeedbackDomain:
     """Everything the feedback service does, callable from any transport (the gRPC servicer, tests)."""
 
@@ -113,17 +138,18 @@ class FeedbackDomain:
         """
         cfg = self._config
         buffer = GroupBuffer(cfg.stream_group_size, cfg.stream_max_buffered)
-        outbox: asyncio.Queue[list[Ack] | None | BaseException] = asyncio.Queue(2)
+        outbox: asyncio.Queue[asyncio.Future[list[Ack]] | None | BaseException] = asyncio.Queue(1)
         reader = asyncio.create_task(self._read(batches, buffer))
         committer = asyncio.create_task(self._commit_groups(buffer, outbox))
         counts = collections.Counter[str]()
         try:
             while True:
-                acks = await outbox.get()
-                if acks is None:
+                entry = await outbox.get()
+                if entry is None:
                     break
-                if isinstance(acks, BaseException):
-                    raise acks
+                if isinstance(entry, BaseException):
+                    raise entry
+                acks = await entry
                 group = _outcomes(acks)
                 counts.update(group)
                 self.items.update(group)
@@ -131,6 +157,11 @@ class FeedbackDomain:
         finally:
             reader.cancel()
             committer.cancel()
+            while not outbox.empty():  # commits started whose acks will not be sent
+                entry = outbox.get_nowait()
+                if isinstance(entry, asyncio.Future):
+                    entry.cancel()
+                    entry.add_done_callback(_retrieve)
         log.info(
             "feedback stream ended: %d stored, %d duplicate, %d rejected",
             counts["stored"],
@@ -160,13 +191,25 @@ class FeedbackDomain:
         buffer.close()
 
     async def _commit_groups(
-        self, buffer: GroupBuffer, outbox: asyncio.Queue[list[Ack] | None | BaseException]
+        self, buffer: GroupBuffer, outbox: asyncio.Queue[asyncio.Future[list[Ack]] | None | BaseException]
     ) -> None:
+        """Start each group's commit in order and hand it on (a future of its acks) at once: while the caller
+        waits for one group's acks, the next group's write is already queued in the writer thread, so the
+        writer goes from group to group without waiting for the event loop (which may be busy validating a
+        whole message; the writer sat idle ~40% of the time before). A failed write ends the stream, and the
+        groups queued behind it write nothing (_GroupsAfterFailure): what is stored stays a prefix."""
         wait = self._config.stream_group_wait_ms / 1000
         end: BaseException | None = None
+        failure = _GroupsAfterFailure()
         try:
             while (group := await buffer.take(wait)) is not None:
-                await outbox.put(await self._commit(group))
+                commit = asyncio.ensure_future(self._commit(group, failure))
+                try:
+                    await outbox.put(commit)
+                except asyncio.CancelledError:
+                    commit.cancel()
+                    commit.add_done_callback(_retrieve)
+                    raise
             end = buffer.error
         except asyncio.CancelledError:
             raise
@@ -174,12 +217,12 @@ class FeedbackDomain:
             end = error
         await outbox.put(end)
 
-    async def _commit(self, group: list[Pending]) -> list[Ack]:
+    async def _commit(self, group: list[Pending], failure: _GroupsAfterFailure) -> list[Ack]:
         valid = [p.item for p in group if p.item is not None]
         # Attribution here, not on the read path: one batch of concurrent lookups per group, while reading
         # goes on; the rows are stored with their versions, so an ack still means "attributed and committed".
         valid = await self._attributor.attribute_many(valid)
-        stored = iter(await self._write(self._store.insert_many, valid) if valid else [])
+        stored = iter(await self._write(failure.insert, self._store.insert_many, valid) if valid else [])
         # Positional Acks (index, request_id, sequence, accepted, duplicate, reason, field): once per item.
         acks: list[Ack] = []
         for pending in group:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TypeVar
 
 import grpc
@@ -170,8 +170,13 @@ class _BatchedIndexes:
 
     def __init__(self) -> None:
         self._ranges: collections.deque[tuple[int, int]] = collections.deque()
+        self.end = 0  # the stream's item count so far (the next message's first index)
 
     def add(self, start: int, end: int) -> None:
+        """Note a message ending at index `end` whose items from `start` on came in `items`."""
+        self.end = end
+        if start == end:
+            return
         ranges = self._ranges
         if ranges and ranges[-1][1] == start:  # adjacent batches make one range (see holds_all)
             ranges[-1] = (ranges[-1][0], end)
@@ -199,6 +204,80 @@ def _ack(form: type[T], ack: Ack) -> T:
     return form(request_id=ack.request_id, reason=ack.reason, field=ack.field, index=ack.index)
 
 
+class _Acknowledger:
+    """The forms of one stream's acknowledgements: an item sent alone in `feedback` gets a response of its
+    own; items sent in `items` get FeedbackAcks in `results`, or, once the client asked for compact acks,
+    those stored as new rows (with a request_id the client chose) go in StoredRanges. Each kind of a group's
+    acks goes in its own responses, in index order."""
+
+    def __init__(self) -> None:
+        self.batched = _BatchedIndexes()
+        self.compact = False  # the client asked for StoredRanges (StreamFeedbackRequest.compact_acks)
+        self.unnamed: set[int] = set()  # with compact: indexes of batched items sent without a request_id
+
+    def received(self, request: pb.StreamFeedbackRequest | None, inputs: list[FeedbackInput], in_items: int) -> None:
+        """Note one message: its inputs (the last `in_items` came in `items`) start where the last ended."""
+        self.compact = self.compact or (request is not None and request.compact_acks)
+        end = self.batched.end + len(inputs)
+        self.batched.add(end - in_items, end)
+        if self.compact and in_items and not all(item.request_id for item in inputs):
+            start = end - len(inputs)
+            self.unnamed.update(start + i for i, item in enumerate(inputs) if not item.request_id)
+
+    def responses(self, acks: list[Ack]) -> Iterator[pb.StreamFeedbackResponse]:
+        if not acks:
+            return
+        first, last = acks[0], acks[-1]
+        if self.batched.holds_all(first.index, last.index):  # the usual cases: one response for the group
+            if not self.compact:
+                yield pb.StreamFeedbackResponse(results=[_ack(pb.FeedbackAck, ack) for ack in acks])
+                return
+            if (
+                not self.unnamed
+                and last.sequence - first.sequence == len(acks) - 1
+                and all(ack.accepted and not ack.duplicate for ack in acks)
+            ):
+                stored = pb.StoredRange(first_index=first.index, count=len(acks), first_id=first.sequence)
+                yield pb.StreamFeedbackResponse(stored_ranges=[stored])
+                return
+        ranges: list[list[int]] = []  # [first_index, count, first_id]
+        results: list[pb.FeedbackAck] = []
+        for ack in acks:
+            index = ack.index
+            batched = self.batched.holds(index)
+            if batched and self.compact and ack.accepted and not ack.duplicate and index not in self.unnamed:
+                if results:
+                    yield pb.StreamFeedbackResponse(results=results)
+                    results = []
+                run = ranges[-1] if ranges else None
+                if run is not None and index == run[0] + run[1] and ack.sequence == run[2] + run[1]:
+                    run[1] += 1
+                else:
+                    ranges.append([index, 1, ack.sequence])
+                continue
+            self.unnamed.discard(index)
+            if ranges:
+                yield _stored_ranges(ranges)
+                ranges = []
+            if batched:
+                results.append(_ack(pb.FeedbackAck, ack))
+                continue
+            if results:
+                yield pb.StreamFeedbackResponse(results=results)
+                results = []
+            yield _ack(pb.StreamFeedbackResponse, ack)
+        if ranges:
+            yield _stored_ranges(ranges)
+        if results:
+            yield pb.StreamFeedbackResponse(results=results)
+
+
+def _stored_ranges(ranges: list[list[int]]) -> pb.StreamFeedbackResponse:
+    return pb.StreamFeedbackResponse(
+        stored_ranges=[pb.StoredRange(first_index=i, count=n, first_id=s) for i, n, s in ranges]
+    )
+
+
 @translate_errors
 class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     def __init__(self, domain: FeedbackDomain) -> None:
@@ -223,33 +302,21 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     async def StreamFeedback(
         self, request_iterator: AsyncIterator[pb.StreamFeedbackRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamFeedbackResponse]:
-        batched = _BatchedIndexes()
+        acknowledger = _Acknowledger()
 
         async def batches() -> AsyncIterator[list[FeedbackInput]]:
-            index = 0
             async for request in request_iterator:
-                inputs, in_items = _split_undecodable(request) if isinstance(request, Undecodable) else _inputs(request)
-                index += len(inputs)
-                if in_items:
-                    batched.add(index - in_items, index)
+                if isinstance(request, Undecodable):
+                    inputs, in_items = _split_undecodable(request)
+                    acknowledger.received(None, inputs, in_items)
+                else:
+                    inputs, in_items = _inputs(request)
+                    acknowledger.received(request, inputs, in_items)
                 yield inputs
 
-        Response, Result = pb.StreamFeedbackResponse, pb.FeedbackAck
         async for acks in self._domain.ingest_batches(batches()):
-            if acks and batched.holds_all(acks[0].index, acks[-1].index):  # the usual case: all in `results`
-                yield Response(results=[_ack(Result, ack) for ack in acks])
-                continue
-            results: list[pb.FeedbackAck] = []
-            for ack in acks:
-                if batched.holds(ack.index):
-                    results.append(_ack(Result, ack))
-                    continue
-                if results:  # keep acks in index order across the two forms
-                    yield Response(results=results)
-                    results = []
-                yield _ack(Response, ack)
-            if results:
-                yield Response(results=results)
+            for response in acknowledger.responses(acks):
+                yield response
 
     async def ListFeedback(
         self, request: pb.ListFeedbackRequest, context: grpc.aio.ServicerContext

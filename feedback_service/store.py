@@ -122,16 +122,22 @@ class _StoredBefore(Exception):
 
 @functools.cache
 def _sqlite_insert(rows: int) -> str:
-    """INSERT of `rows` rows in one statement. One statement per chunk rather than executemany: sqlite3's
-    executemany releases and retakes the GIL around every row, and with the event loop's thread busy each
-    retake waited its turn (the writer thread spent half its time in executemany at ~15 µs a row, twice a raw
-    insert's whole cost; with a thread spinning beside it executemany fell to ~900 rows/s, the multi-row
-    statement to ~13,000)."""
+    """INSERT of `rows` rows in one statement, skipping rows whose (agent_id, request_id) is stored. One
+    statement per chunk rather than executemany: sqlite3's executemany releases and retakes the GIL around
+    every row, and with the event loop's thread busy each retake waited its turn (the writer thread spent half
+    its time in executemany at ~15 µs a row, twice a raw insert's whole cost; with a thread spinning beside it
+    executemany fell to ~900 rows/s, the multi-row statement to ~13,000). (Numbered parameters, ?1 for the
+    created_at every row shares, would save building a tuple per row, but SQLite binds them ~10% slower.)"""
     one = f"({', '.join('?' * len(ROW_COLUMNS))})"
     return (
         f"INSERT INTO feedback ({', '.join(ROW_COLUMNS)}) VALUES {', '.join([one] * rows)}"
         " ON CONFLICT (agent_id, request_id) DO NOTHING"
     )
+
+
+def _sqlite_parameters(items: Sequence[NewFeedback], now_us: int) -> tuple[Any, ...]:
+    """The parameters of _sqlite_insert(len(items)), row after row."""
+    return tuple(itertools.chain.from_iterable((*_ROW_FIELDS(item), now_us) for item in items))
 
 
 _PG_INSERT = (
@@ -255,9 +261,9 @@ class FeedbackStore:
         if not items:
             return []
         # SQLite: first insert without looking anything up (a lookup of every id cost ~40% of the insert, and
-        # retries are rare); if the insert skipped a row stored before, roll back and take the lookup path.
-        distinct = len({(item.agent_id, item.request_id) for item in items}) == len(items)
-        optimistic = distinct and self._engine.dialect.name == "sqlite"
+        # retries are rare); if the insert skipped a row (stored before, or twice in `items`), roll back and
+        # take the lookup path.
+        optimistic = self._engine.dialect.name == "sqlite"
         for attempt in range(_INSERT_ATTEMPTS):
             try:
                 with self._engine.begin() as conn:
@@ -274,11 +280,10 @@ class FeedbackStore:
             return self._insert_group(conn, items)
 
     def _insert_new_sqlite(self, conn: Connection, items: Sequence[NewFeedback]) -> list[Stored]:
-        """Insert `items` (no (agent_id, request_id) twice among them) expecting none was stored before;
-        _StoredBefore (and so a rollback) when one was."""
+        """Insert `items` expecting each (agent_id, request_id) to be new; _StoredBefore (and so a rollback)
+        when one was stored before or comes twice."""
         now_us = time.time_ns() // 1000
-        rows = [_row(item, now_us) for item in items]
-        sequences = self._insert_sqlite_rows(conn, rows)
+        sequences = self._insert_sqlite(conn, items, now_us)
         if sequences is None:
             raise _StoredBefore
         return [
@@ -287,24 +292,24 @@ class FeedbackStore:
         ]
 
     @staticmethod
-    def _insert_sqlite_rows(conn: Connection, rows: list[tuple[Any, ...]]) -> range | None:
-        """SQLite: insert `rows` and return their sequences in order; None when a row was skipped because its
-        (agent_id, request_id) was stored before.
+    def _insert_sqlite(conn: Connection, items: Sequence[NewFeedback], now_us: int) -> range | None:
+        """SQLite: insert `items` and return their sequences in order; None when a row was skipped because its
+        (agent_id, request_id) was stored before (or came twice in `items`).
 
         SQLAlchemy answers RETURNING with a guaranteed order one row per statement on SQLite, which is ~3x
         slower. Instead: multi-row INSERTs (rows keep their VALUES order), then count back from
         last_insert_rowid(). Exact, because this transaction holds SQLite's single write lock (no other insert
         can interleave) and AUTOINCREMENT hands out consecutive values above every sequence ever used. The
-        statement goes to the driver as is, with tuples: SQLAlchemy's per-row parameter processing cost about
-        as much as SQLite's insert itself."""
-        inserted = 0
-        for chunk in _chunks(rows, _sqlite_rows_per_insert(conn)):
-            result = conn.exec_driver_sql(_sqlite_insert(len(chunk)), tuple(itertools.chain.from_iterable(chunk)))
+        statement goes to the driver as is: SQLAlchemy's per-row parameter processing cost about as much as
+        SQLite's insert itself."""
+        inserted = last = 0
+        for chunk in _chunks(items, _sqlite_rows_per_insert(conn)):
+            result = conn.exec_driver_sql(_sqlite_insert(len(chunk)), _sqlite_parameters(chunk, now_us))
             inserted += result.rowcount
-        if inserted != len(rows):
+            last = result.lastrowid  # sqlite3_last_insert_rowid(): no statement (each costs a GIL hand-off)
+        if inserted != len(items):
             return None
-        last = int(conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one())
-        return range(last - len(rows) + 1, last + 1)
+        return range(last - len(items) + 1, last + 1)
 
     def _existing(self, conn: Connection, items: Sequence[NewFeedback]) -> dict[tuple[str, str], Stored]:
         wanted: dict[str, set[str]] = {}
@@ -333,7 +338,7 @@ class FeedbackStore:
         known = {} if insert_first else self._existing(conn, items)
         now_us = time.time_ns() // 1000
         first_index: dict[tuple[str, str], int] = {}
-        rows: list[tuple[Any, ...]] = []
+        new: list[NewFeedback] = []
         positions: list[int] = []
         for index, item in enumerate(items):
             key = (item.agent_id, item.request_id)
@@ -341,10 +346,10 @@ class FeedbackStore:
                 continue
             first_index[key] = index
             positions.append(index)
-            rows.append(_row(item, now_us))
+            new.append(item)
         results: list[Stored | None] = [None] * len(items)
-        if rows:
-            sequences = self._insert_rows(conn, rows)
+        if new:
+            sequences = self._insert_rows(conn, new, now_us)
             conflicts = [items[index] for index, sequence in zip(positions, sequences, strict=True) if sequence is None]
             if conflicts:
                 known = self._existing(conn, conflicts)
@@ -367,14 +372,15 @@ class FeedbackStore:
             out.append(result)
         return out
 
-    def _insert_rows(self, conn: Connection, rows: list[tuple[Any, ...]]) -> list[int | None]:
-        """Insert `rows` (tuples in ROW_COLUMNS order) and return their sequences in the same order; with
-        psycopg, None for a row whose (agent_id, request_id) was stored before (nothing inserted)."""
+    def _insert_rows(self, conn: Connection, items: list[NewFeedback], now_us: int) -> list[int | None]:
+        """Insert `items` (created at `now_us`) and return their sequences in the same order; with psycopg,
+        None for an item whose (agent_id, request_id) was stored before (nothing inserted)."""
         if conn.dialect.name == "sqlite":
-            sequences = self._insert_sqlite_rows(conn, rows)
+            sequences = self._insert_sqlite(conn, items, now_us)
             if sequences is None:  # stored by another writer since this transaction looked every id up
                 raise IntegrityError(_PG_INSERT, None, LookupError("a row was stored concurrently"))
             return list(sequences)
+        rows = [_row(item, now_us) for item in items]
         if conn.dialect.driver == "psycopg":
             # psycopg 3: one prepared INSERT ... RETURNING per row, pipelined (one round trip for the batch), in
             # this transaction. A fixed statement text, unlike a multi-row VALUES list, which psycopg re-parses

@@ -126,6 +126,59 @@ def test_duplicates_inside_and_across_batches(stub: pb_grpc.FeedbackServiceStub,
     assert len(list_all(stub, agent)) == 3
 
 
+def expanded(responses: list[pb.StreamFeedbackResponse]) -> list[tuple[int, str, str]]:
+    """(index, id, form) of every acknowledgement in order; form: "range", "result" or "single"."""
+    out = []
+    for response in responses:
+        forms = [bool(response.stored_ranges), bool(response.results), bool(response.request_id)]
+        assert sum(forms) == 1, f"a response carries exactly one form: {response}"
+        for stored in response.stored_ranges:
+            out += [(stored.first_index + k, str(stored.first_id + k), "range") for k in range(stored.count)]
+        out += [(ack.index, ack.id, "result") for ack in response.results]
+        if response.request_id:
+            out.append((response.index, response.id, "single"))
+    return out
+
+
+def test_compact_acks_acknowledge_new_rows_in_ranges_and_the_rest_one_by_one(
+    stub: pb_grpc.FeedbackServiceStub, agent: str
+) -> None:
+    item = lambda key, **fields: rating(agent, request_id=key, **fields)  # noqa: E731
+    stub.SubmitFeedback(item("old"))  # stored before the stream: its replay is a duplicate
+    messages = [
+        pb.StreamFeedbackRequest(items=[item(f"n{i}") for i in range(5)], compact_acks=True),
+        # The flag holds for the rest of the stream.
+        pb.StreamFeedbackRequest(
+            items=[item("n5"), item("old"), item("n6"), item("bad", score=3.0), item(""), item("n7")]
+        ),
+        pb.StreamFeedbackRequest(feedback=item("n8")),
+        pb.StreamFeedbackRequest(items=[item("n9"), item("n10")]),
+    ]
+    responses = list(stub.StreamFeedback(iter(messages), timeout=30))
+    acks = expanded(responses)
+    assert [index for index, _, _ in acks] == list(range(14)), "every item once, in index order"
+    forms = [form for _, _, form in acks]
+    assert forms == ["range"] * 6 + ["result", "range", "result", "result", "range", "single", "range", "range"]
+    results = {ack.index: ack for r in responses for ack in r.results}
+    assert results[6].duplicate and results[6].request_id == "old"
+    assert (results[8].accepted, results[8].field) == (False, "score")
+    assert results[9].accepted and len(results[9].request_id) == 32  # made up by the server, so sent back
+    rows = {row.request_id: row.id for row in list_all(stub, agent)}
+    sent = ["n0", "n1", "n2", "n3", "n4", "n5", "old", "n6", "bad", results[9].request_id, "n7", "n8", "n9", "n10"]
+    for (index, row_id, form), request_id in zip(acks, sent, strict=True):
+        if request_id != "bad":
+            assert rows[request_id] == row_id, (index, form)
+    assert len(rows) == 13
+
+
+def test_without_compact_acks_every_batched_item_has_its_own_ack(stub: pb_grpc.FeedbackServiceStub, agent: str) -> None:
+    """Clients that predate compact acks (the flag unset) get one FeedbackAck per batched item, as before."""
+    messages = [pb.StreamFeedbackRequest(items=[rating(agent, request_id=f"p{i}") for i in range(300)])]
+    responses = list(stub.StreamFeedback(iter(messages), timeout=30))
+    assert not any(r.stored_ranges for r in responses)
+    assert [a.index for a in flat(responses)] == list(range(300))
+
+
 def test_kill_9_after_batched_acks_loses_nothing(tmp_path: pathlib.Path) -> None:
     """Every item acknowledged in a batch response before a SIGKILL is in the database after a restart."""
     agent, count, batch, kill_after = f"crash-{uuid.uuid4().hex[:8]}", 20_000, 100, 1000
@@ -170,12 +223,18 @@ def test_the_sender_batches_what_is_queued(server: ServerThread, agent: str) -> 
 
 
 def test_the_client_stream_batches_and_yields_one_ack_per_item(server: ServerThread, agent: str) -> None:
-    items = [rating(agent, request_id=f"c{i}") for i in range(1000)] + [rating(agent, score=-1.0)]
+    """The client asks for compact acks and turns each StoredRange back into a FeedbackAck per item."""
+    items = [rating(agent, request_id=f"c{i}") for i in range(1000)]
+    items += [rating(agent, score=-1.0), rating(agent, request_id="c3"), rating(agent, request_id="c1000")]
     with FeedbackClient(server.address) as client:
         acks = list(client.stream(items, timeout=60))
-    assert [a.index for a in acks] == list(range(1001))
-    assert all(a.accepted for a in acks[:-1]) and (acks[-1].accepted, acks[-1].field) == (False, "score")
-    assert len(acks[-1].request_id) == 32  # a request_id was given to the item that had none
+        rows = {row.request_id: row.id for row in client.export(agent)[0]}
+    assert [a.index for a in acks] == list(range(1003))
+    assert all(a.accepted for a in acks[:1000]) and (acks[1000].accepted, acks[1000].field) == (False, "score")
+    assert len(acks[1000].request_id) == 32  # a request_id was given to the item that had none
+    assert acks[1001].duplicate and acks[1001].id == acks[3].id
+    assert [a.request_id for a in acks[:1000]] == [f"c{i}" for i in range(1000)]
+    assert {a.request_id: a.id for a in acks if a.accepted} == rows
 
 
 class Generations(inf_grpc.InferenceServiceServicer):

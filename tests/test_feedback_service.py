@@ -616,6 +616,60 @@ def test_store_answers_match_the_rows_on_every_insert_path(
     assert len({s.sequence for s in answered.values()}) == 22
 
 
+class _FailingStore(FeedbackStore):
+    """A real SQLite store whose `fail_on`-th group write fails after a while, as a full disk would."""
+
+    def __init__(self, engine, fail_on: int) -> None:  # noqa: ANN001
+        super().__init__(engine)
+        self.fail_on, self.writes = fail_on, 0
+
+    def insert_many(self, items):  # noqa: ANN001, ANN201
+        self.writes += 1
+        if self.writes == self.fail_on:
+            import time
+
+            time.sleep(0.2)  # the next groups are queued behind this write meanwhile
+            raise OSError("database or disk is full")
+        return super().insert_many(items)
+
+
+def test_a_failed_group_commit_ends_the_stream_and_nothing_after_it_is_stored(tmp_path: pathlib.Path) -> None:
+    """Commits are pipelined (the next group's write waits in the writer thread while the previous group's
+    acks go out); when one fails, the stream fails and the groups queued behind it write nothing."""
+    group = 8
+    config = FeedbackServiceConfig.from_env(
+        server=ServerConfig(service="feedback", data_dir=tmp_path), stream_group_size=group, stream_max_buffered=64
+    )
+    engine = make_engine(f"sqlite:///{tmp_path / 'feedback.db'}")
+    store = _FailingStore(engine, fail_on=3)
+    store.create_tables()
+    domain = FeedbackDomain(store, config)
+
+    async def source() -> AsyncIterator[list[FeedbackInput]]:
+        yield [
+            FeedbackInput(agent_id="failing", prompt="p", response="r", score=0.5, request_id=f"r{i}")
+            for i in range(10 * group)
+        ]
+
+    async def scenario() -> tuple[list[int], BaseException | None]:
+        acked: list[int] = []
+        try:
+            async for acks in domain.ingest_batches(source()):
+                acked.extend(ack.index for ack in acks if ack.accepted)
+        except OSError as error:
+            return acked, error
+        finally:
+            await domain.close()
+        return acked, None
+
+    acked, error = asyncio.run(scenario())
+    rows = store.list_feedback("failing", ListFilters(), limit=1000)
+    engine.dispose()
+    assert error is not None and "disk is full" in str(error)
+    assert acked == list(range(2 * group)), "the two groups before the failure, and nothing else"
+    assert sorted(int(r.request_id[1:]) for r in rows) == acked
+
+
 def test_stream_buffering_is_bounded(tmp_path: pathlib.Path) -> None:
     """A client that stops reading acks stops the server from reading more items (bounded memory)."""
     group, capacity = 8, 32
@@ -648,8 +702,9 @@ def test_stream_buffering_is_bounded(tmp_path: pathlib.Path) -> None:
 
     stalled_at, received = asyncio.run(scenario())
     engine.dispose()
-    # Taken by the caller + 2 queued groups + 1 group committing + the buffer + 1 item in hand.
-    assert stalled_at <= group + 2 * group + group + capacity + 1
+    # Taken by the caller + 1 group whose commit is handed on + 1 group committing (queued behind it) + the
+    # buffer + 1 item in hand.
+    assert stalled_at <= group + group + group + capacity + 1
     assert received == 2000
 
 

@@ -15,6 +15,7 @@ feedback service stores once: a replay returns the original row with `duplicate`
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import enum
 import functools
@@ -313,13 +314,40 @@ async def _amap(function: Callable[[Any], Any], items: Iterable[Any] | AsyncIter
 # -- the services' methods, written once -----------------------------------------------------------------
 
 
-def _stream_message(items: list[fb.SubmitFeedbackRequest]) -> fb.StreamFeedbackRequest:
-    # One item alone goes in the original single form (acknowledged the original way).
-    return fb.StreamFeedbackRequest(feedback=items[0]) if len(items) == 1 else fb.StreamFeedbackRequest(items=items)
+def stream_message(items: list[fb.SubmitFeedbackRequest]) -> fb.StreamFeedbackRequest:
+    """One StreamFeedback message of `items`, asking for compact acknowledgements. One item alone goes in the
+    original single form (acknowledged the original way)."""
+    if len(items) == 1:
+        return fb.StreamFeedbackRequest(feedback=items[0], compact_acks=True)
+    return fb.StreamFeedbackRequest(items=items, compact_acks=True)
 
 
-def _stream_acks(answer: fb.StreamFeedbackResponse) -> Iterable[Any]:
-    return answer.results or (answer,)
+class _StreamAcks:
+    """One StreamFeedback call's request_ids in index order, so that the server's compact acknowledgements
+    (StoredRanges) become one FeedbackAck per item again, as callers of stream() get them. Messages are built
+    (message) before they are sent and acknowledgements come in index order, each item once, so the ids of
+    acknowledged items leave from the front (deque: the two run on different threads)."""
+
+    def __init__(self) -> None:
+        self._request_ids: collections.deque[str] = collections.deque()
+
+    def message(self, items: list[fb.SubmitFeedbackRequest]) -> fb.StreamFeedbackRequest:
+        self._request_ids.extend(item.request_id for item in items)
+        return stream_message(items)
+
+    def acks(self, answer: fb.StreamFeedbackResponse) -> Iterable[fb.StreamFeedbackResponse | fb.FeedbackAck]:
+        pop = self._request_ids.popleft
+        if not answer.stored_ranges:
+            acks = answer.results or (answer,)
+            for _ in range(len(acks)):
+                pop()
+            return acks
+        Ack = fb.FeedbackAck
+        return [
+            Ack(request_id=pop(), id=str(stored.first_id + k), accepted=True, index=stored.first_index + k)
+            for stored in answer.stored_ranges
+            for k in range(stored.count)
+        ]
 
 
 def _export_result(chunks: list[fb.ExportFeedbackResponse]) -> tuple[list[fb.Feedback], int]:
@@ -350,15 +378,16 @@ class _FeedbackCalls(_Client):
         in a batch). Whatever `requests` has ready goes in one message, up to `batch_items` (1: one message
         per item). Items without a request_id get one. For a long-lived stream that survives restarts, use
         rlhf.sdk.sender.FeedbackSender."""
+        acks = _StreamAcks()
         return Call(
             "StreamFeedback",
             requests,
             timeout,
             Shape.BIDI,
             prepare=with_request_id,
-            batch=_stream_message,
+            batch=acks.message,
             batch_items=batch_items,
-            expand=_stream_acks,
+            expand=acks.acks,
         )
 
     @rpc

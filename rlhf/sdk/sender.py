@@ -27,7 +27,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import grpc
@@ -35,7 +35,7 @@ import grpc
 from rlhf.feedback.v1 import feedback_service_pb2 as fb
 from rlhf.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
 from rlhf.runtime.config import service_address
-from rlhf.sdk.clients import channel, feedback_request, with_request_id
+from rlhf.sdk.clients import channel, feedback_request, stream_message, with_request_id
 
 log = logging.getLogger(__name__)
 _POLL = 0.05  # how often a waiting stream checks whether it should end (seconds)
@@ -302,8 +302,11 @@ class FeedbackSender:
             sent: list[int] = []  # the number of the item at each index of this stream
             call = self._call = stub.StreamFeedback(self._requests(stream, sent))
             for response in call:
-                # A batch's acks come in `results`; a single item's in the response itself.
-                for ack in response.results or (response,):
+                # Items stored as new rows come in `stored_ranges` (compact acks), other acks of a batch in
+                # `results`, and a single item's in the response itself.
+                if response.stored_ranges:
+                    self._acknowledge_stored(response.stored_ranges, sent)
+                for ack in response.results or (() if response.stored_ranges else (response,)):
                     self._acknowledge(ack, sent)
                 acknowledged = True
             return acknowledged, ""
@@ -355,10 +358,8 @@ class FeedbackSender:
                 resent = self._transmitted.intersection(numbers)
                 self._counts["resent"] += len(resent)
                 self._transmitted.update(numbers)
-            if len(items) == 1:
-                yield fb.StreamFeedbackRequest(feedback=items[0])  # one item: the original single form
-            elif items:
-                yield fb.StreamFeedbackRequest(items=items)
+            if items:
+                yield stream_message(items)
 
     def _next_batch(self, stream: int) -> list[int] | None:
         """The numbers of the next message's items: waits for one, then takes whatever else is ready (re-sends
@@ -426,6 +427,20 @@ class FeedbackSender:
                     self._resend.append(number)
                     return None
                 return number
+
+    def _acknowledge_stored(self, ranges: Iterable[fb.StoredRange], sent: list[int]) -> None:
+        """Items the service stored as new rows, a range at a time (compact acks)."""
+        with self._lock:
+            for stored in ranges:
+                for index in range(stored.first_index, stored.first_index + stored.count):
+                    number = sent[index] if 0 <= index < len(sent) else None
+                    self._transmitted.discard(number)
+                    if self._unacked.pop(number, None) is None:  # type: ignore[arg-type]
+                        log.error("acknowledgement for an item this stream did not send (index %d)", index)
+                        continue
+                    self._counts["acknowledged"] += 1
+                    self._counts["pending"] -= 1
+            self._lock.notify_all()
 
     def _acknowledge(self, ack: fb.StreamFeedbackResponse, sent: list[int]) -> None:
         with self._lock:
