@@ -104,3 +104,26 @@ def test_python_dash_m_on_a_taken_port_exits_with_a_clear_message(first: ServerT
     assert "already in use" in stderr and f"127.0.0.1:{port}" in stderr, stderr
     assert "Traceback" not in stderr, stderr
     assert_only_first_answers(first, "first-after-cli", 3)
+
+
+def test_work_after_start_runs_once_signals_stop_the_server_gracefully(tmp_path: pathlib.Path) -> None:
+    """A service's start-up work after it listens (collecting garbage before freezing start-up objects) runs
+    once SIGINT/SIGTERM are handled: a signal in that moment stops the server gracefully. Before, such work ran
+    first and a Ctrl-C meanwhile killed the reward service of `rlhf serve all` without its shutdown."""
+    import os
+    import signal
+
+    from rlhf.runtime.server import serve_until_signal
+
+    stopped: list[bool] = []
+
+    async def note_stop() -> None:
+        stopped.append(True)
+
+    async def main() -> None:
+        running = await start_server(ServerConfig(service="feedback", data_dir=tmp_path, port=0), [])
+        running.on_stop.append(note_stop)
+        await serve_until_signal(running, 1.0, when_handled=lambda: os.kill(os.getpid(), signal.SIGINT))
+
+    asyncio.run(main())  # a KeyboardInterrupt here would mean the signal came before its handler
+    assert stopped == [True]

@@ -61,8 +61,7 @@ def run_service(
 
     async def serve() -> None:
         running = await start(config)
-        tune_garbage_collection()
-        await serve_until_signal(running, server.grace_seconds)
+        await serve_until_signal(running, server.grace_seconds, when_handled=tune_garbage_collection)
 
     try:
         asyncio.run(serve())

@@ -123,12 +123,18 @@ async def start_server(config: ServerConfig, bindings: list[ServiceBinding]) -> 
     )
 
 
-async def serve_until_signal(running: RunningServer, grace: float) -> None:
-    """Block until SIGINT or SIGTERM, then shut down gracefully."""
+async def serve_until_signal(
+    running: RunningServer, grace: float, when_handled: Callable[[], None] | None = None
+) -> None:
+    """Block until SIGINT or SIGTERM, then shut down gracefully. `when_handled` runs once the signals are
+    handled (work done before would delay the handlers, and a signal meanwhile would kill the process
+    without its graceful shutdown)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if when_handled is not None:
+        when_handled()
     await stop.wait()
     log.info("shutting down (grace %.1fs)", grace)
     await running.stop(grace)
