@@ -428,27 +428,30 @@ class FeedbackSender:
                     return None
                 return number
 
+    def _settle(self, index: int, sent: list[int]) -> fb.SubmitFeedbackRequest | None:
+        """Take the item at stream `index` out of the unacknowledged ones (under the lock); None, logged, for an
+        index this stream did not send."""
+        number = sent[index] if 0 <= index < len(sent) else None
+        item = self._unacked.pop(number, None) if number is not None else None
+        self._transmitted.discard(number)
+        if item is None:
+            log.error("acknowledgement for an item this stream did not send (index %d)", index)
+        return item
+
     def _acknowledge_stored(self, ranges: Iterable[fb.StoredRange], sent: list[int]) -> None:
         """Items the service stored as new rows, a range at a time (compact acks)."""
         with self._lock:
             for stored in ranges:
                 for index in range(stored.first_index, stored.first_index + stored.count):
-                    number = sent[index] if 0 <= index < len(sent) else None
-                    self._transmitted.discard(number)
-                    if self._unacked.pop(number, None) is None:  # type: ignore[arg-type]
-                        log.error("acknowledgement for an item this stream did not send (index %d)", index)
-                        continue
-                    self._counts["acknowledged"] += 1
-                    self._counts["pending"] -= 1
+                    if self._settle(index, sent) is not None:
+                        self._counts["acknowledged"] += 1
+                        self._counts["pending"] -= 1
             self._lock.notify_all()
 
     def _acknowledge(self, ack: fb.StreamFeedbackResponse, sent: list[int]) -> None:
         with self._lock:
-            number = sent[ack.index] if 0 <= ack.index < len(sent) else None
-            item = self._unacked.pop(number, None) if number is not None else None
-            self._transmitted.discard(number)
+            item = self._settle(ack.index, sent)
             if item is None:
-                log.error("acknowledgement for an item this stream did not send (index %d)", ack.index)
                 return
             if ack.accepted:
                 self._counts["acknowledged"] += 1
