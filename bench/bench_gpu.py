@@ -15,9 +15,11 @@ in its own process with its own time limit, so one failure does not hide the oth
   * generation: the inference engine (continuous batching) on the GPU in float32 and bf16, one request and 16
     concurrent ones, against one-at-a-time generation (the sequential engine), on both models;
   * memory: bench/bench_memory.py --device cuda in bf16 and fp32 (LoRA against full fine-tuning, the dry run's
-    estimate).
+    estimate);
+  * sampling: PPO's rollout sampling on the fast GPT-2 path (rlhf.training.fast_decode) against the model's own
+    forward, fp32 and bf16, both models: time per decoding step and whether one seed gives the same tokens.
 
-    python bench/bench_gpu.py [--parts learning,ppo,fp16,generation,memory] [--steps 3] [--limit-scale 1]
+    python bench/bench_gpu.py [--parts learning,ppo,fp16,generation,memory,sampling] [--steps 3] [--limit-scale 1]
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ import warnings
 
 import _common as common  # noqa: E402  (sets sys.path and the environment)
 
-PARTS = ("learning", "ppo", "fp16", "generation", "memory")
+PARTS = ("learning", "ppo", "fp16", "generation", "memory", "sampling")
 # The device every part runs on; RLHF_BENCH_DEVICE=cpu makes a (slow) smoke run of the script itself.
 # Seconds each part may run before it counts as failed (a GPU takes a fraction of these).
-LIMITS = {"learning": 150, "ppo": 180, "fp16": 60, "generation": 120, "memory": 150}
+LIMITS = {"learning": 150, "ppo": 180, "fp16": 60, "generation": 120, "memory": 150, "sampling": 120}
 DEVICE = os.environ.get("RLHF_BENCH_DEVICE", "cuda")
 GPU = DEVICE.startswith("cuda")
 warnings.filterwarnings("ignore", category=UserWarning, module="peft")
@@ -211,6 +213,67 @@ def part_memory(args: argparse.Namespace) -> dict:
         subprocess.run(command, check=True)
         out[precision] = json.loads((common.RESULTS / "bench_memory.json").read_text())
     return out
+
+
+def _timed_sample(model, prompts: list[list[int]], new_tokens: int, precision: str, fast: bool):
+    """One call of sequences.sample at temperature 1 with a fixed seed: (seconds, what it sampled)."""
+    import contextlib
+
+    import torch
+
+    from rlhf.training import sequences
+
+    generator = torch.Generator(device=DEVICE).manual_seed(11)
+    bf16 = torch.autocast(DEVICE.split(":")[0], dtype=torch.bfloat16)
+    if GPU:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    autocast = bf16 if precision == "bf16" else contextlib.nullcontext()
+    out = sequences.sample(model, prompts, new_tokens, 1.0, set(), 0, generator, autocast, True, fast=fast)
+    if GPU:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, out
+
+
+def part_sampling(args: argparse.Namespace) -> dict:
+    """PPO's rollout sampling (sequences.sample) on the fast GPT-2 path against the model's own forward: the
+    same seed on both, so the tokens should match; where GPU kernels round differently they may part ways,
+    and the row says at which step and how far the log-probs of the shared prefix differ."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.training import corpus, fast_decode, sequences
+
+    new_tokens = 8 if args.smoke else 128
+    rows = {}
+    for name, path in _models(["tiny"] if args.smoke else ["tiny", "gpt2"]).items():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        prompts = [sequences.encode_prompt(tokenizer, p) for p in corpus.prompts(8, seed=5)]
+        model = AutoModelForCausalLM.from_pretrained(path).to(DEVICE).eval()
+        assert fast_decode.refusal(model) is None, fast_decode.refusal(model)
+        for precision in ("fp32", "bf16"):
+            timings: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(3):  # interleaved; the first round warms up
+                for fast in (False, True):
+                    timings[fast].append(_timed_sample(model, prompts, new_tokens, precision, fast)[0])
+            generic = _timed_sample(model, prompts, new_tokens, precision, False)[1]
+            fast_out = _timed_sample(model, prompts, new_tokens, precision, True)[1]
+            same = (generic.response == fast_out.response).all(0)
+            parted = int((~same).nonzero()[0]) if not bool(same.all()) else None
+            shared = slice(0, parted if parted is not None else generic.response.shape[1])
+            steps = generic.response.shape[1]
+            generic_s, fast_s = common.median(timings[False][1:]), common.median(timings[True][1:])
+            rows[f"{name}/{precision}"] = {
+                "steps": steps,
+                "generic_ms_per_step": 1000 * generic_s / steps,
+                "fast_ms_per_step": 1000 * fast_s / steps,
+                "speedup": generic_s / fast_s,
+                "same_tokens": parted is None,
+                "first_differing_step": parted,
+                "logprob_max_diff_shared": float((generic.logprobs - fast_out.logprobs)[:, shared].abs().max()),
+            }
+            print(name, precision, json.dumps(rows[f"{name}/{precision}"]), flush=True)
+        del model
+    return {"settings": {"batch": 8, "new_tokens": new_tokens, "temperature": 1.0}, "rows": rows}
 
 
 def run_part(name: str, args: argparse.Namespace) -> None:

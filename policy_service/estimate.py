@@ -531,9 +531,11 @@ def peak_memory(
     gradient_accumulation_steps); with num_processes N the figure is per rank (B and m divided by N); with
     gradient_checkpointing the activations term counts one layer (the one being recomputed) instead of L:
 
-      weights   full: 4·P·w  (policy, its gradients, AdamW's two moments) + P·w (the frozen reference copy)
-                LoRA: P·w (the reference is the same weights, adapters off) + 16·A (adapter weights,
+      weights   full: 4·P·w  (policy, its gradients, AdamW's two moments) + F (the frozen reference copy)
+                LoRA: F (the reference is the same weights, adapters off) + 16·A (adapter weights,
                       gradients and moments in fp32; A = L x r x (d + d_out) per adapted module)
+                F = P·w, less 12·L·d²·(w − 2) under fp16/bf16 autocast on a GPU: the frozen linear layers'
+                weights (~12·L·d² of them) are kept in the autocast dtype there
       rollout   2·L·B·T·d·a (KV cache)  +  B·C·V·(a + 3·4)  (a chunk's logits, their fp32 copy,
                 log-softmax and gathered log-probs, for the policy and the reference in turn)
       training  m·T·L·(17·d + 2.5·h·T)·a  (activations kept for backward)  +  (L+1)·m·T·d·a (the hidden
@@ -569,10 +571,15 @@ def peak_memory(
     ranks = max(1, config.num_processes)  # the figure is per rank: each holds batch_size / N rows
     b = max(1, config.batch_size // ranks)
     m = max(1, math.ceil(config.mini_batch_size // ranks / config.gradient_accumulation_steps))
+    # The frozen weights (LoRA's base, the full mode's reference): under GPU autocast their linear layers' ~12·L·d²
+    # weights are kept in its 2-byte dtype (rlhf.training.modeling.store_frozen_matrices).
+    frozen = p * w
+    if gpu_autocast and w > 2:
+        frozen -= min(p, 12 * layers * d * d) * (w - 2)
     if config.use_lora:
-        weights = p * w + 16 * lora_parameters(shape, config)
+        weights = frozen + 16 * lora_parameters(shape, config)
     else:
-        weights = 5 * p * w
+        weights = 4 * p * w + frozen
     weights += 16 * (d + 1)  # value head
     # The LM head runs on a chunk of positions at a time once a pass's whole logits would pass the budget
     # (rlhf.training.logprobs): only one chunk's vocabulary-wide tensors are alive at once.

@@ -138,6 +138,12 @@ def test_peak_memory_grows_with_what_it_should():
     assert mem(gpt2, dataclasses.replace(lora, gradient_accumulation_steps=4)) < mem(gpt2, lora)
     half = dataclasses.replace(gpt2, weight_bytes=2)
     assert mem(half, full) < mem(gpt2, full)
+    # Under bf16 autocast on a GPU the frozen linear weights (LoRA's base, the reference) are kept in bf16.
+    for config in (lora, full):
+        on_gpu = dataclasses.replace(config, device="cuda")
+        fp32 = peak_memory(gpt2, on_gpu, 32)
+        bf16 = peak_memory(gpt2, dataclasses.replace(on_gpu, mixed_precision="bf16"), 32)
+        assert fp32["weights"] - bf16["weights"] == 12 * 12 * 768 * 768 * 2
     # The seed's table (GPT-2 124M: ~8 GB full, ~2 GB LoRA r=8) in order of magnitude; ours counts no runtime.
     assert 2e9 < mem(gpt2, full) < 10e9 and 0.5e9 < mem(gpt2, lora) < 3e9
     medium = shape_from_config("gpt2-medium", {**GPT2, "n_embd": 1024, "n_layer": 24, "n_head": 16})

@@ -145,6 +145,36 @@ def add_lora(model, config, task_type: str):
     )
 
 
+def store_frozen_matrices(model, dtype) -> list[str]:
+    """Store the frozen weights and biases of `model`'s linear layers (nn.Linear, transformers' Conv1D) in
+    `dtype`, the autocast dtype (fp16/bf16), and return their names.
+
+    Under autocast every matmul casts its fp32 operands to that dtype anyway, so the layers compute exactly the
+    same (the cast is the same rounding, done once instead of per call). What it saves, for LoRA on a GPU: half
+    the frozen weights' memory, and the per-call copies, since autograd keeps each call's cast weight for the
+    backward pass (autocast caches casts only of weights that require grad). On GPT-2 124M in bf16 those copies
+    made LoRA's peak larger than in fp32 (bench/bench_gpu.py). Weights shared with an embedding (a tied LM
+    head) stay as they are: the embedding lookup is not autocast. Afterwards every forward pass must run under
+    autocast(dtype), and a merge must start from the checkpoint's own weights (PPOTrainer.save reloads them)."""
+    import torch
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    stored = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)) or id(module.weight) in embeddings:
+            continue
+        for name in ("weight", "bias"):
+            parameter = getattr(module, name, None)
+            if parameter is None or parameter.requires_grad or not parameter.is_floating_point():
+                continue
+            with torch.no_grad():
+                parameter.data = parameter.data.to(dtype)
+            stored.append(f"{module_name}.{name}")
+    return stored
+
+
 def fuse_activations(model) -> int:
     """Swap transformers' tanh-approximated GELU modules written as Python arithmetic (NewGELUActivation,
     "gelu_new", GPT-2's; FastGELUActivation) for GELUTanh, torch's single kernel of the same formula (which

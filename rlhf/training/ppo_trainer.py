@@ -28,7 +28,13 @@ from rlhf.training.config import TrainingConfig
 from rlhf.training.distributed import Group
 from rlhf.training.errors import TrainingError
 from rlhf.training.logprobs import log_softmax_at, output_head, token_logprobs
-from rlhf.training.modeling import add_lora, disable_dropout, fuse_activations, use_gradient_checkpointing
+from rlhf.training.modeling import (
+    add_lora,
+    disable_dropout,
+    fuse_activations,
+    store_frozen_matrices,
+    use_gradient_checkpointing,
+)
 from rlhf.training.scoring import Scores
 from rlhf.training.threads import use_cpu_threads
 
@@ -197,6 +203,13 @@ class PPOTrainer:
         # where a model's logits are more than its output embedding of the last hidden state.
         self.head = output_head(self.model.lm)
         self.reference_head = output_head(self.reference) if self.reference is not None else self.head
+        # Under fp16/bf16 autocast the frozen linear weights (LoRA's base, the full mode's reference) are kept
+        # in that dtype: the same results, less memory (store_frozen_matrices). After the forward passes above,
+        # which run without autocast; every pass from here runs under it.
+        self.model_path = model_path
+        self.half_stored: list[str] = []
+        if self.amp is not None:
+            self.half_stored = store_frozen_matrices(self.model.lm if config.use_lora else self.reference, self.amp)
         self.eos_ids = sequences.eos_token_ids(lm, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         # No weight decay (TRL's default): it would pull LoRA adapters and the value head towards 0.
@@ -596,11 +609,26 @@ class PPOTrainer:
             self.sampler.manual_seed(fresh)
             self.generator.manual_seed(fresh)
 
+    def _full_precision_copy(self) -> nn.Module:
+        """The LoRA policy on the checkpoint's weights as loaded (reloaded, on the CPU) with this run's trained
+        adapters copied in."""
+        from transformers import AutoModelForCausalLM
+
+        from rlhf.training.modeling import load_model
+
+        copy = add_lora(load_model(AutoModelForCausalLM, self.model_path), self.config, "CAUSAL_LM")
+        trained = {name: p.detach().cpu() for name, p in self.model.lm.named_parameters() if p.requires_grad}
+        unexpected = copy.load_state_dict(trained, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"trained weights the reloaded model does not have: {sorted(unexpected)[:3]}")
+        return copy
+
     def save(self, folder: pathlib.Path) -> None:
         """policy/ (merged, loadable by AutoModelForCausalLM) and value_head.pt beside it."""
         lm = self.model.lm
         if self.config.use_lora:
-            lm = lm.merge_and_unload()
+            # Merged into the checkpoint's own weights: the frozen ones may be held in fp16/bf16 here.
+            lm = (self._full_precision_copy() if self.half_stored else lm).merge_and_unload()
         policy_dir = folder / "policy"
         policy_dir.mkdir(parents=True, exist_ok=True)
         lm.save_pretrained(policy_dir)
