@@ -48,6 +48,7 @@ from inference_service.generation import (
 )
 from inference_service.models import LoadedModel
 from rlhf.training import sequences
+from rlhf.training.threads import run_here_with
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,7 @@ class BatchingEngine:
         return request
 
     def _run(self) -> None:
+        run_here_with(self.loaded.cpu_threads)  # this thread's own intra-op threads (rlhf.training.threads)
         batch = _Batch(self)
         while True:
             with self._lock:

@@ -185,6 +185,8 @@ class TokenLoop:
     def __iter__(self) -> Iterator[str]:
         import torch
 
+        from rlhf.training.threads import run_here_with
+
         model, device = self._loaded.model, self._loaded.device
         steps = plan(self._loaded, self._prompt, self.params)
         tracker = TextTracker(self._loaded.tokenizer, self.params, steps)
@@ -196,6 +198,8 @@ class TokenLoop:
         while not tracker.finished:
             if self._cancelled.is_set():
                 return
+            # Per step: a streamed request's steps run in whichever pool thread is free (rlhf.training.threads).
+            run_here_with(self._loaded.cpu_threads)
             with torch.inference_mode():
                 out = model(input_ids=inputs, attention_mask=mask, use_cache=True, **{cache_kw: past}, **extra)
                 past = out["cache"] if cache_kw == "cache" else out.past_key_values

@@ -21,6 +21,9 @@ class LoadedModel:
     nbytes: int
     # Its generation engine (inference_service.engine.engine_for), made on first use.
     engine: Any = None
+    # Intra-op CPU threads each thread generating with it uses (rlhf.training.threads.serving_threads; None
+    # on GPUs).
+    cpu_threads: int | None = None
 
 
 def load_for_inference(path: str, device: str, dtype: str = "auto") -> LoadedModel:
@@ -28,11 +31,20 @@ def load_for_inference(path: str, device: str, dtype: str = "auto") -> LoadedMod
     rlhf.training.modeling.serving_dtype: "auto" is float32 on CPUs, bf16/fp16 on CUDA)."""
     from transformers import AutoModelForCausalLM
 
+    from rlhf.training.threads import serving_threads
+
     device = pick_device(device)
     tokenizer = load_tokenizer(path, padding_side="left")
     model = load_model(AutoModelForCausalLM, path)
     model.to(device=device, dtype=serving_dtype(dtype, device)).eval()
-    return LoadedModel(path=path, tokenizer=tokenizer, model=model, device=device, nbytes=parameter_bytes([model]))
+    return LoadedModel(
+        path=path,
+        tokenizer=tokenizer,
+        model=model,
+        device=device,
+        nbytes=parameter_bytes([model]),
+        cpu_threads=serving_threads(model, device),
+    )
 
 
 class ModelCache(SharedModelCache[LoadedModel]):

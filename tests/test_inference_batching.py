@@ -8,11 +8,13 @@ The batching server's engine is inspected for its largest batch, to show request
 from __future__ import annotations
 
 import pathlib
+import re
 import sys
 import time
 
 import grpc
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -176,3 +178,36 @@ def test_batching_off_serves_each_request_alone(servers):
     (_, thread), _, alone = servers
     alone.Generate(_request(PROMPTS[0], max_new_tokens=2), timeout=60)
     assert isinstance(_engine(thread), SequentialEngine)
+
+
+def _thread_counts() -> tuple[int, int | None]:
+    """The calling thread's OpenMP and (where torch has it) MKL thread counts, as torch reports them."""
+    info = torch.__config__.parallel_info()
+    omp = int(re.search(r"omp_get_max_threads\(\) : (\d+)", info).group(1))
+    mkl = re.search(r"mkl_get_max_threads\(\) : (\d+)", info)
+    return omp, int(mkl.group(1)) if mkl else None
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["generate", "stream"])
+def test_the_tiny_model_is_served_on_one_intra_op_thread_in_whichever_thread_runs_it(servers, streamed):
+    """OpenMP and MKL keep their thread counts per calling thread: without setting them in the engine's (or
+    the pool's) own thread, a small model's every operation fans out over all cores and waits for sleeping
+    workers (2.6x slower decoding of the tiny model on 2 cores; rlhf.training.threads)."""
+    (batched, alone), batching_stub, alone_stub = servers
+    for thread, stub in ((batched, batching_stub), (alone, alone_stub)):
+        stub.Generate(_request(PROMPTS[0], max_new_tokens=1), timeout=60)  # loaded
+        domain = thread.running.bindings[0].servicer.domain
+        loaded = domain.models._models[domain._base_path]
+        assert loaded.cpu_threads == 1  # a model under 5M parameters on a CPU
+        seen: list[tuple[int, int | None]] = []
+        hook = loaded.model.register_forward_pre_hook(lambda *_, seen=seen: seen.append(_thread_counts()))
+        try:
+            request = _request(PROMPTS[1], max_new_tokens=6, seed=3, **LONG)
+            if streamed:
+                list(stub.GenerateStream(_stream(request), timeout=60))
+            else:
+                stub.Generate(request, timeout=60)
+        finally:
+            hook.remove()
+        assert len(seen) >= 6
+        assert all(omp == 1 and mkl in (None, 1) for omp, mkl in seen), seen

@@ -25,6 +25,8 @@ class LoadedRewardModel:
     # (encoded batch) -> one reward per row; None: the sequence classifier's logit. A RewardModel subclass
     # (the seed's custom reward form) puts its own forward here.
     forward: Callable[[Any], Any] | None = None
+    # Intra-op CPU threads a scoring call uses (rlhf.training.threads.serving_threads; None: leave torch's).
+    cpu_threads: int | None = None
 
 
 @dataclasses.dataclass
@@ -49,12 +51,15 @@ def load_reward_model(model_path: str, device: str) -> LoadedRewardModel:
     from transformers import AutoModelForSequenceClassification
 
     from rlhf.training.modeling import load_model, load_tokenizer, pick_device
+    from rlhf.training.threads import serving_threads
 
     device = pick_device(device)
     tokenizer = load_tokenizer(model_path, padding_side="right")
     model = load_model(AutoModelForSequenceClassification, model_path).to(device).eval()
     max_length = trained_max_length(model_path, context_length(model))
-    return LoadedRewardModel(tokenizer, model, read_normalization(model_path), device, max_length)
+    normalization = read_normalization(model_path)
+    threads = serving_threads(model, device)
+    return LoadedRewardModel(tokenizer, model, normalization, device, max_length, cpu_threads=threads)
 
 
 class Scorer:
@@ -70,6 +75,8 @@ class Scorer:
         """Blocking: one Scored per pair, in order; empty texts are reported per item."""
         import torch
 
+        from rlhf.training.threads import run_here_with
+
         results = [Scored() for _ in pairs]
         texts: list[tuple[int, str]] = []
         for index, (prompt, response) in enumerate(pairs):
@@ -80,6 +87,7 @@ class Scorer:
             else:
                 texts.append((index, pair_text(loaded.tokenizer, prompt, response)))
         texts.sort(key=lambda item: len(item[1]))  # similar lengths share a batch: less padding
+        run_here_with(loaded.cpu_threads)  # scoring runs in a pool thread (rlhf.training.threads)
         with torch.inference_mode():
             for start in range(0, len(texts), self.micro_batch):
                 if deadline is not None and time.monotonic() > deadline:

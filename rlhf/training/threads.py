@@ -1,4 +1,5 @@
-"""How many CPU threads a training run's matrix maths uses.
+"""How many CPU threads a model's matrix maths uses: in training runs, and in the threads that serve models
+(generation, reward scoring).
 
 A small model's operations are too short to split: with two or more intra-op threads each one pays the
 fan-out and wake-up of the thread pool, and on 2 cores the threads also fight the reward service's process.
@@ -35,12 +36,30 @@ def cpu_threads_for(model: nn.Module, configured: int) -> int:
 
 
 def use_cpu_threads(model: nn.Module, configured: int, device: str) -> int:
-    """Set the process's intra-op thread count for training `model` on `device` (CPU only); returns it.
-    Process-wide: the worker runs one training job per process."""
+    """Set the intra-op thread count for training `model` on `device` (CPU only); returns it. Training runs
+    in the worker process's main thread, one job per process."""
     if device.split(":")[0] != "cpu":
         return torch.get_num_threads()
     return_freed_memory()  # the other CPU setting of a training process: see rlhf.training.cpu_memory
     threads = cpu_threads_for(model, configured)
-    if threads != torch.get_num_threads():
-        torch.set_num_threads(threads)
+    run_here_with(threads)
     return threads
+
+
+def serving_threads(model: nn.Module, device: str) -> int | None:
+    """The intra-op threads to serve `model` with (generation, scoring): cpu_threads_for's choice on a CPU,
+    None elsewhere (leave torch's setting)."""
+    return cpu_threads_for(model, 0) if device.split(":")[0] == "cpu" else None
+
+
+def run_here_with(threads: int | None) -> None:
+    """Make the calling thread's CPU operations use `threads` intra-op threads (None: leave them).
+
+    OpenMP and MKL keep this count per calling thread, and a thread that torch did not start runs on every
+    core whatever torch.set_num_threads said in another one. With OMP_WAIT_POLICY=PASSIVE (the services'
+    setting, rlhf.runtime.environment) each parallel region then pays the sleeping workers' wake-up, ~70 µs
+    on the 2-vCPU VM: the tiny model decoded 2.6x slower in the inference engine's thread than on one
+    thread. So every thread that runs a model calls this first (cheap: call it per step where a loop may
+    move between threads)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
