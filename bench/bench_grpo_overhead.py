@@ -76,7 +76,8 @@ def run_trl(
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_path)
-    use_cpu_threads(model, config.cpu_threads, "cpu")  # the threads ours runs with (one for the tiny model)
+    # The threads ours runs with (one for the tiny model), and its memory setting.
+    use_cpu_threads(model, config.cpu_threads, "cpu", config.use_lora)
 
     def reward_model(prompts, completions, **_):
         started = time.perf_counter()

@@ -193,7 +193,7 @@ class PPOTrainer:
             disable_dropout(self.reference)
             self.reference.requires_grad_(False)
         self.model = PolicyWithValueHead(lm).to(device)
-        self.cpu_threads = use_cpu_threads(self.model, config.cpu_threads, device)
+        self.cpu_threads = use_cpu_threads(self.model, config.cpu_threads, device, config.use_lora)
         # After peft: its LoRA dropout layers exist only now. With any dropout left on, two passes over the
         # same tokens differ and the PPO ratio drifts from 1 before an update (lora_dropout stays a valid
         # setting for the reward model; RL runs without dropout, as TRL does).

@@ -135,7 +135,7 @@ def train_reward_model(
     normalization = {"kind": "rating" if examples.ratings else "comparison", "mean": mean, "std": std}
 
     model.to(device)
-    use_cpu_threads(model, config.cpu_threads, device)
+    use_cpu_threads(model, config.cpu_threads, device, config.use_lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
     # fp16 needs loss scaling or small gradients underflow to 0.

@@ -50,12 +50,13 @@ class Scored:
 def load_reward_model(model_path: str, device: str) -> LoadedRewardModel:
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.training.modeling import load_model, load_tokenizer, pick_device
+    from rlhf.training.modeling import fuse_activations, load_model, load_tokenizer, pick_device
     from rlhf.training.threads import serving_threads
 
     device = pick_device(device)
     tokenizer = load_tokenizer(model_path, padding_side="right")
     model = load_model(AutoModelForSequenceClassification, model_path).to(device).eval()
+    fuse_activations(model)  # GPT-2's GELU as one kernel instead of seven (the same formula)
     max_length = trained_max_length(model_path, context_length(model))
     normalization = read_normalization(model_path)
     threads = serving_threads(model, device)

@@ -14,7 +14,7 @@ import os
 import torch
 from torch import nn
 
-from rlhf.training.cpu_memory import return_freed_memory
+from rlhf.training.cpu_memory import return_freed_memory, threshold_for
 
 # Below this many parameters one thread is faster than several. Measured with PPO steps on 2 cores: the tiny
 # model (0.3M) ran 1.1-2.3x faster on one thread; an 11M-parameter GPT-2 (6 layers, width 384) ran 1.4x faster
@@ -35,12 +35,13 @@ def cpu_threads_for(model: nn.Module, configured: int) -> int:
     return 1 if parameters < SMALL_MODEL_PARAMETERS else DEFAULT_THREADS
 
 
-def use_cpu_threads(model: nn.Module, configured: int, device: str) -> int:
-    """Set the intra-op thread count for training `model` on `device` (CPU only); returns it. Training runs
-    in the worker process's main thread, one job per process."""
+def use_cpu_threads(model: nn.Module, configured: int, device: str, use_lora: bool = True) -> int:
+    """Set the intra-op thread count for training `model` (with LoRA or not) on `device` (CPU only); returns
+    it. Training runs in the worker process's main thread, one job per process."""
     if device.split(":")[0] != "cpu":
         return torch.get_num_threads()
-    return_freed_memory()  # the other CPU setting of a training process: see rlhf.training.cpu_memory
+    # The other CPU setting of a training process: see rlhf.training.cpu_memory.
+    return_freed_memory(threshold_for(use_lora))
     threads = cpu_threads_for(model, configured)
     run_here_with(threads)
     return threads

@@ -152,7 +152,7 @@ class GroupPolicyTrainer:
                 f"divide into gradient_accumulation_steps ({config.gradient_accumulation_steps}) micro-batches"
             )
         # Small models run faster on one CPU thread (rlhf.training.threads), as PPO's do.
-        self.cpu_threads = use_cpu_threads(self.model, config.cpu_threads, device)
+        self.cpu_threads = use_cpu_threads(self.model, config.cpu_threads, device, config.use_lora)
         self.truncated_prompts = 0
         self.trainer = None  # TRL's, built by train()
 
