@@ -494,12 +494,10 @@ def estimate(
 
     phases = [round(seconds / 60.0, 3) for seconds in (reward, loading, training, saving)]
     if group is None:
-        memory = peak_memory(shape, config, prompt, device_kind)
+        memory = peak_memory(shape, config, prompt)
     else:  # PPO's formula over the step's batch_size x num_generations answers (its value head is no matter)
         rows = group.batch_size * group.num_generations
-        memory = peak_memory(
-            shape, dataclasses.replace(config, batch_size=rows, mini_batch_size=rows), prompt, device_kind
-        )
+        memory = peak_memory(shape, dataclasses.replace(config, batch_size=rows, mini_batch_size=rows), prompt)
     return Estimate(
         steps=config.max_steps,
         minutes=round(sum(phases), 3),
@@ -517,9 +515,7 @@ def estimate(
 # --- memory ----------------------------------------------------------------------------------------------
 
 
-def peak_memory(
-    shape: ModelShape, config: TrainingConfig, prompt_tokens: float, device_kind: str = ""
-) -> dict[str, int]:
+def peak_memory(shape: ModelShape, config: TrainingConfig, prompt_tokens: float) -> dict[str, int]:
     """Peak memory of a PPO run (bytes) on its device: model, optimiser and activations; not the runtime
     itself (Python and torch's own libraries, ~0.5 GB of RSS on a CPU; the CUDA context on a GPU).
 
@@ -538,7 +534,7 @@ def peak_memory(
                 weights (~12·L·d² of them) are kept in the autocast dtype there
       rollout   2·L·B·T·d·a (KV cache)  +  B·C·V·(a + 3·4)  (a chunk's logits, their fp32 copy,
                 log-softmax and gathered log-probs, for the policy and the reference in turn)
-      training  m·T·L·(17·d + 2.5·h·T)·a  (activations kept for backward)  +  (L+1)·m·T·d·a (the hidden
+      training  m·T·L·17·d·a  (activations kept for backward)  +  (L+1)·m·T·d·a (the hidden
                 states the value head reads)  +  m·C·V·(a + 4·4)  (a chunk's logits, fp32 copy, log-softmax,
                 the entropy's softmax, their gradient, recomputed chunk by chunk in the backward pass)
 
@@ -546,23 +542,22 @@ def peak_memory(
     pass's fp32 logits fit 32 MB, else as many as fit).
 
     The activations kept per token per layer are Korthikanti et al. 2022's count (17·d + 2.5·h·T values for a fused
-    implementation). On CUDA (`device_kind` "cuda: ...", else config.device) the 2.5·h·T term, the attention scores
-    kept for backward, is dropped: torch's flash and memory-efficient attention kernels keep one log-sum-exp per row
-    instead (on an H200 at the seed's settings, before the LM head was chunked: fp32 LoRA +29% with the term, +22%
-    without). transformers' GPT-2 blocks keep about twice that with their GELU written as seven Python operations;
-    the trainer swaps it for torch's fused kernel (rlhf.training.modeling.fuse_activations), after which the
-    peak-RSS growth of PPO steps matches the paper's count: 0.96x (LoRA) and 1.03x (full) of the measurement on the
-    124M GPT-2 at the seed's settings (bench/bench_memory.py), and within the bounds of tests/test_estimate.py on an
-    11M-parameter GPT-2.
+    implementation) without its 2.5·h·T term, the attention scores kept for backward: torch's flash attention
+    (CUDA, and `_scaled_dot_product_flash_attention_for_cpu` on CPUs, masks included, checked with torch 2.13's
+    profiler) keeps one log-sum-exp per row instead. With the term the estimate read +29% (fp32 LoRA on an H200,
+    before the LM head was chunked) and +25% (LoRA on the 2-vCPU VM at the seed's settings, 2026-11-26); without it,
+    +22% and +12%. transformers' GPT-2 blocks keep about twice the count with their GELU written as seven Python
+    operations; the trainer swaps it for torch's fused kernel (rlhf.training.modeling.fuse_activations).
+    bench/bench_memory.py compares the estimate with the 124M GPT-2 at the seed's settings, tests/test_estimate.py
+    with an 11M-parameter GPT-2.
 
     peak = weights + max(rollout, training), with gradients (full) counted in `weights` throughout: they
     are freed between steps, but a step ends with them allocated. Activations dominate small models at long
     sequences; weights and their optimiser states dominate large ones with full fine-tuning.
     """
     p, w = shape.parameters, shape.weight_bytes
-    d, layers, heads, vocab = shape.width, shape.layers, shape.heads, shape.vocab
+    d, layers, vocab = shape.width, shape.layers, shape.vocab
     gpu_autocast = config.mixed_precision in ("fp16", "bf16") and not config.device.startswith("cpu")
-    scores = 0.0 if (device_kind or config.device).startswith("cuda") else 2.5 * heads
     a = 2 if gpu_autocast else 4
     t = int(round(prompt_tokens)) + config.max_new_tokens
     if shape.context:
@@ -589,9 +584,7 @@ def peak_memory(
     # one layer's whole set while it is recomputed.
     kept_layers = 1 if config.gradient_checkpointing else layers
     training = (
-        m * t * kept_layers * (17 * d + scores * t) * a
-        + (layers + 1) * m * t * d * a
-        + m * training_chunk * vocab * (a + 4 * 4)
+        m * t * kept_layers * 17 * d * a + (layers + 1) * m * t * d * a + m * training_chunk * vocab * (a + 4 * 4)
     )
     return {
         "weights": int(weights),
