@@ -253,4 +253,4 @@ def sample_token(logits, params: SamplingParams, generator) -> int:
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(sequences.draw(probs.unsqueeze(0), generator))

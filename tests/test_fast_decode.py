@@ -181,3 +181,74 @@ def prompt_tuned(lm):
     from peft import PromptTuningConfig, get_peft_model
 
     return get_peft_model(lm, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+
+
+def padded_batch():
+    """Left-padded prompts followed by responses right-padded after their end (as PPO's passes see them)."""
+    query, query_mask = sequences.left_pad(PROMPTS, 1, "cpu")
+    response = torch.randint(2, 40, (len(PROMPTS), 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(response)
+    mask[0, 3:] = 0
+    mask[2, 5:] = 0
+    ids = torch.cat([query, response], 1)
+    attention = torch.cat([query_mask, mask], 1)
+    return ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_whole_sequence_hidden_states_and_their_gradients_match_the_models_forward(tiny_model, lora):
+    from rlhf.training.modeling import disable_dropout
+
+    lm = (with_lora(load(tiny_model)) if lora else load(tiny_model)).train()
+    disable_dropout(lm)  # as the PPO trainer runs it: train mode, every dropout 0
+    ids, attention, positions = padded_batch()
+    keep = 8
+    weights = torch.randn((keep, lm.config.n_embd), generator=torch.Generator().manual_seed(5))
+    trainable = [p for p in lm.parameters() if p.requires_grad]
+
+    def hidden_and_grads(fast: bool):
+        if fast:
+            hidden = fast_decode.final_hidden_states(lm, ids, attention, positions, keep)
+        else:
+            out = lm(input_ids=ids, attention_mask=attention, position_ids=positions, output_hidden_states=True)
+            hidden = out.hidden_states[-1][:, -keep:]
+        grads = torch.autograd.grad((hidden * weights).sum(), trainable)
+        return hidden.detach(), grads
+
+    hidden, grads = hidden_and_grads(True)
+    expected, expected_grads = hidden_and_grads(False)
+    # Every kept position, the masked ones after a response's end included (the value loss masks them).
+    torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=1e-5)
+    assert len(grads) == len(expected_grads) > 0
+    for grad, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-4)
+
+
+def test_disabled_adapters_give_the_base_models_hidden_states(tiny_model):
+    # The PPO reference of a LoRA run is the same model under disable_adapter().
+    lm = with_lora(load(tiny_model))
+    ids, attention, positions = padded_batch()
+    with torch.no_grad():
+        with lm.disable_adapter():
+            off = fast_decode.final_hidden_states(lm, ids, attention, positions)
+        on = fast_decode.final_hidden_states(lm, ids, attention, positions)
+        base = load(tiny_model)(
+            input_ids=ids, attention_mask=attention, position_ids=positions, output_hidden_states=True
+        )
+    real = attention.cumsum(-1) > 0  # left padding, which nothing reads, is computed differently
+    torch.testing.assert_close(off[real], base.hidden_states[-1][real], atol=1e-5, rtol=1e-5)
+    assert (on - off)[real].abs().max() > 0.1
+
+
+def test_gradient_checkpointing_takes_the_models_forward_when_gradients_are_on(tiny_model):
+    from rlhf.training.modeling import disable_dropout, use_gradient_checkpointing
+
+    lm = load(tiny_model)
+    use_gradient_checkpointing(lm)
+    lm.train()
+    disable_dropout(lm)
+    ids, attention, positions = padded_batch()
+    assert "gradient checkpointing" in fast_decode.refusal(lm)
+    assert fast_decode.final_hidden_states(lm, ids, attention, positions) is None
+    with torch.no_grad():  # rollouts and the reference pass: nothing to checkpoint
+        assert fast_decode.final_hidden_states(lm, ids, attention, positions) is not None

@@ -1,13 +1,15 @@
-"""KV-cached decoding of GPT-2 models without transformers' per-call machinery.
+"""GPT-2 forward passes without transformers' per-call machinery: KV-cached decoding and whole sequences.
 
 A sampling step of a small model is mostly overhead of the generic forward (attention-mask building, cache
-objects, output capturing): on the tiny GPT-2 at batch 8 that is about half of each token's time. Here each
-step calls the model's own submodules (embeddings, layer norms, attention projections, MLPs, LM head)
-directly, with a key/value cache preallocated for prompt + new tokens and one boolean padding mask. Calling
-the submodules rather than their weights keeps peft's LoRA layers (which replace those submodules) working.
+objects, output capturing): on the tiny GPT-2 at batch 8 that is about half of each token's time, and a
+third of a PPO minibatch's forward. Here the model's own submodules (embeddings, layer norms, attention
+projections, MLPs, LM head) are called directly, with one boolean padding mask and, for decoding, a
+key/value cache preallocated for prompt + new tokens. Calling the submodules rather than their weights keeps
+peft's LoRA layers (which replace those submodules, and which disable_adapter() turns off) working, and
+gradients flow through them as through the model's forward.
 
 Only models whose forward this computes exactly qualify (see `refusal`); everything else takes the
-generic path in rlhf.training.sequences.sample.
+generic path (rlhf.training.sequences.sample, the model's own forward in the PPO trainer).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def refusal(lm: Any) -> str | None:
         dropouts += [block.attn.attn_dropout, block.attn.resid_dropout]
     if any(d.training and d.p > 0 for d in dropouts):
         return "dropout is on (call model.eval() or set it to 0)"
+    if torch.is_grad_enabled() and any(b.gradient_checkpointing and b.training for b in transformer.h):
+        return "gradient checkpointing is on"
     for module in _skipped_modules(lm, base):
         # Hooks (accelerate's device placement, user hooks) would run around forwards that are not called.
         hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
@@ -80,6 +84,51 @@ def _inert(hook: Any) -> bool:
     return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
 
 
+def _attention_mask(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """Boolean mask (B, 1, n, end) of the last `n` of `end` positions over all of them: causal, real keys
+    only (`valid`, (B, end)), as transformers builds it. A position that sees no real key at all (left
+    padding) sees itself instead: some SDPA kernels give NaN for an all-masked row, which would reach real
+    tokens through the cached pad values (torch 2.13 on CPU gives 0)."""
+    end = valid.shape[1]
+    rows = torch.arange(end - n, end, device=valid.device)[:, None]
+    cols = torch.arange(end, device=valid.device)[None, :]
+    mask = (cols <= rows) & valid[:, None, None, :]
+    return mask | ((cols == rows) & ~mask.any(-1, keepdim=True))
+
+
+def _layers(base: Any, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache=None):
+    """The residual stream after the last block (before ln_f) of `ids` at `positions`. With a `cache`
+    (GPT2Decoder), keys and values are stored there and attention runs over everything stored."""
+    transformer, config = base.transformer, base.config
+    batch, n = ids.shape
+    heads, width = config.n_head, config.n_embd
+    x = transformer.wte(ids) + transformer.wpe(positions)
+    for i, block in enumerate(transformer.h):
+        attn = block.attn
+        q, k, v = attn.c_attn(block.ln_1(x)).split(width, dim=2)
+        q, k, v = (t.view(batch, n, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.store(i, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+        x = x + attn.c_proj(out.transpose(1, 2).reshape(batch, n, width))
+        x = x + block.mlp(block.ln_2(x))
+    return x
+
+
+def final_hidden_states(
+    lm: Any, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, keep: int = 0
+) -> torch.Tensor | None:
+    """The last layer's hidden states (after ln_f) of the last `keep` positions (all when 0), as
+    `lm(..., output_hidden_states=True).hidden_states[-1]` gives them, with gradients where enabled (left
+    padding aside: a position before a row's first real token attends to itself, see _attention_mask); None
+    when `lm` does not qualify (see `refusal`): then call the model itself."""
+    if refusal(lm) is not None:
+        return None
+    base, _ = _unwrap(lm)
+    x = _layers(base, ids, positions, _attention_mask(attention_mask.bool(), ids.shape[1]))
+    return base.transformer.ln_f(x[:, -keep:] if keep else x)
+
+
 class GPT2Decoder:
     """One batch's decode: `step(ids, positions)` feeds the next tokens (the whole left-padded prompt first,
     then one per row) and returns the last position's logits and final hidden state (after ln_f, what
@@ -87,9 +136,6 @@ class GPT2Decoder:
 
     def __init__(self, lm: Any, query_mask: torch.Tensor, max_new_tokens: int) -> None:
         self.base, _ = _unwrap(lm)
-        config = self.base.config
-        self.heads = config.n_head
-        self.width = config.n_embd
         batch, prompt = query_mask.shape
         self.length = prompt + max_new_tokens
         # Which cache positions hold real tokens: the prompt's non-pad ones and every new token.
@@ -98,43 +144,27 @@ class GPT2Decoder:
         self.padded = not bool(self.valid.all())
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.filled = 0  # cache positions written so far
+        self.start = self.end = 0  # cache positions [start, end) are the ones being written
 
-    def _mask(self, n: int, end: int) -> torch.Tensor | None:
-        """Boolean attention mask of the `n` new positions over cache positions [0, end)."""
-        if n == 1:
-            return self.valid[:, None, None, :end] if self.padded else None
-        rows = torch.arange(end - n, end, device=self.valid.device)[:, None]
-        cols = torch.arange(end, device=self.valid.device)[None, :]
-        # Causal over real keys; each position also sees itself, so a pad position attends to something
-        # (some SDPA kernels give NaN for an all-masked row, which would reach real tokens through the cached
-        # pad values; torch 2.13 on CPU gives 0).
-        return ((cols <= rows) & self.valid[:, None, None, :end]) | (cols == rows)
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores layer `layer`'s new keys and values; returns all of them so far."""
+        if layer == len(self.keys):  # first call: allocate in the dtype the projections give (autocast's)
+            shape = (*k.shape[:2], self.length, k.shape[3])
+            self.keys.append(k.new_empty(shape))
+            self.values.append(v.new_empty(shape))
+        self.keys[layer][:, :, self.start : self.end] = k
+        self.values[layer][:, :, self.start : self.end] = v
+        return self.keys[layer][:, :, : self.end], self.values[layer][:, :, : self.end]
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        transformer = self.base.transformer
-        batch, n = ids.shape
-        start, end = self.filled, self.filled + n
-        mask = self._mask(n, end)
-        head_dim = self.width // self.heads
-        x = transformer.wte(ids) + transformer.wpe(positions)
-        for i, block in enumerate(transformer.h):
-            attn = block.attn
-            q, k, v = attn.c_attn(block.ln_1(x)).split(self.width, dim=2)
-            q, k, v = (t.view(batch, n, self.heads, head_dim).transpose(1, 2) for t in (q, k, v))
-            if i == len(self.keys):  # first call: allocate in the dtype the projections give (autocast's)
-                shape = (batch, self.heads, self.length, head_dim)
-                self.keys.append(k.new_empty(shape))
-                self.values.append(v.new_empty(shape))
-            self.keys[i][:, :, start:end] = k
-            self.values[i][:, :, start:end] = v
-            out = F.scaled_dot_product_attention(
-                q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask=mask, scale=attn.scaling
-            )
-            x = x + attn.c_proj(out.transpose(1, 2).reshape(batch, n, self.width))
-            x = x + block.mlp(block.ln_2(x))
-        self.filled = end
-        hidden = transformer.ln_f(x[:, -1])
+        n = ids.shape[1]
+        self.start, self.end = self.end, self.end + n
+        if n == 1:  # one new token per row: it sees every real position so far
+            mask = self.valid[:, None, None, : self.end] if self.padded else None
+        else:
+            mask = _attention_mask(self.valid[:, : self.end], n)
+        x = _layers(self.base, ids, positions, mask, cache=self)
+        hidden = self.base.transformer.ln_f(x[:, -1])
         return self.base.lm_head(hidden), hidden
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from rlhf.training import ppo, sequences
+from rlhf.training import fast_decode, ppo, sequences
 from rlhf.training.config import TrainingConfig
 from rlhf.training.distributed import Group
 from rlhf.training.errors import TrainingError
@@ -63,10 +63,15 @@ class PolicyWithValueHead(nn.Module):
         """Logits and values of the last `keep` positions (all when 0); the LM head skips the rest. With
         `hidden_only`, the last hidden states of those positions instead of their logits (the caller applies
         the head in chunks, rlhf.training.logprobs)."""
+        positions = position_ids_of(attention_mask)
+        if hidden_only:  # GPT-2 without transformers' per-call overhead, where it computes the same
+            hidden = fast_decode.final_hidden_states(self.lm, input_ids, attention_mask, positions, keep)
+            if hidden is not None:
+                return hidden, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids_of(attention_mask),
+            position_ids=positions,
             output_hidden_states=True,
             **logits_to_keep(self.lm, 1 if hidden_only else keep),
         )
@@ -356,13 +361,16 @@ class PPOTrainer:
         adapters_off = self.model.lm.disable_adapter() if self.reference is None else contextlib.nullcontext()
         with adapters_off, self._autocast():
             if self.reference_head is not None:
-                hidden = reference(
-                    input_ids=ids,
-                    attention_mask=attention,
-                    position_ids=position_ids_of(attention),
-                    output_hidden_states=True,
-                    **logits_to_keep(reference, 1),
-                ).hidden_states[-1]
+                positions = position_ids_of(attention)
+                hidden = fast_decode.final_hidden_states(reference, ids, attention, positions, keep)
+                if hidden is None:
+                    hidden = reference(
+                        input_ids=ids,
+                        attention_mask=attention,
+                        position_ids=positions,
+                        output_hidden_states=True,
+                        **logits_to_keep(reference, 1),
+                    ).hidden_states[-1]
                 return token_logprobs(self.reference_head, hidden[:, -keep:-1], response, self.config.temperature)[0]
             logits = reference(
                 input_ids=ids,

@@ -130,6 +130,20 @@ class ModelStep:
         return out.logits[:, -1], (out.hidden_states[-1][:, -1] if self.with_hidden else None)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One index per row of `probs` (rows, n), drawn with probability proportional to its entry: the
+    inverse of each row's cumulative distribution at one uniform number from `generator`. Returns (rows, 1).
+
+    torch.multinomial draws one exponential number per entry for this (the whole vocabulary each step: ~0.3 ms
+    per token for 16 rows of the tiny model's 631 ids on one core, against ~0.02 ms here). The sums are taken in
+    float64, so probabilities down to ~1e-16 keep their share; entries of probability 0 are never drawn (the
+    first index whose cumulative sum is above the number)."""
+    cumulative = probs.double().cumsum(-1)
+    point = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64)
+    index = torch.searchsorted(cumulative, point * cumulative[:, -1:], right=True)
+    return index.clamp_(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample(
     lm: Any,
@@ -175,7 +189,7 @@ def sample(
         if with_hidden:
             hidden.append(last_hidden)
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        token = torch.multinomial(logp.exp(), 1, generator=generator)
+        token = draw(logp.exp(), generator)
         logprobs[:, t] = logp.gather(1, token).squeeze(1)
         token = torch.where(ended, torch.full_like(token.squeeze(1), pad_id), token.squeeze(1))
         tokens[:, t] = token
