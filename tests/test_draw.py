@@ -3,6 +3,7 @@ sampler of PPO rollouts and of the inference service), checked by frequency over
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlhf.training.sequences import draw
@@ -45,3 +46,12 @@ def test_a_rare_token_keeps_its_share_next_to_a_vocabulary_of_tiny_ones():
     generator = torch.Generator().manual_seed(2)
     hits = sum(int(draw(probs, generator)) == 50_000 for _ in range(20_000))
     assert 8 <= hits <= 35  # expected 20, sd 4.5
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rows_that_are_not_a_distribution_are_refused(bad):
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="cannot sample"):
+        draw(torch.tensor([[0.2, 0.8], [bad, 0.5]]), generator)
+    with pytest.raises(ValueError, match="cannot sample"):
+        draw(torch.tensor([[0.0, 0.0]]), generator)

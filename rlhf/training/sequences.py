@@ -139,8 +139,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     float64, so probabilities down to ~1e-16 keep their share; entries of probability 0 are never drawn (the
     first index whose cumulative sum is above the number)."""
     cumulative = probs.double().cumsum(-1)
+    total = cumulative[:, -1:]
+    if not bool(((total > 0) & torch.isfinite(total)).all()):  # as torch.multinomial refuses them
+        raise ValueError("cannot sample: a row of probabilities is all zero or holds inf or nan")
     point = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64)
-    index = torch.searchsorted(cumulative, point * cumulative[:, -1:], right=True)
+    index = torch.searchsorted(cumulative, point * total, right=True)
     return index.clamp_(max=probs.shape[-1] - 1)
 
 
