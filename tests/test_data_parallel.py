@@ -23,8 +23,8 @@ from tests.test_policy_service import start_policy_process, worker_pids
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RANK_SCRIPT = ROOT / "tests" / "workers" / "data_parallel_ppo.py"
 # A step samples 8 prompts (4 a rank), two optimiser steps an epoch; the length reward moves the policy fast.
-CONFIG = dict(learning_rate=3e-3, batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=16)
-STEPS = 6
+CONFIG = dict(learning_rate=1e-2, batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=16)
+STEPS = 12
 
 
 def run_ppo(out: pathlib.Path, model: pathlib.Path, processes: int, **spec) -> list[dict]:
@@ -47,9 +47,9 @@ def run_ppo(out: pathlib.Path, model: pathlib.Path, processes: int, **spec) -> l
 
 
 def gain(record: dict) -> float:
-    """Mean score of the last three steps minus that of the first two."""
+    """Mean score of the last four steps minus that of the first four."""
     reward = record["reward"]
-    return sum(reward[-3:]) / 3 - sum(reward[:2]) / 2
+    return sum(reward[-4:]) / 4 - sum(reward[:4]) / 4
 
 
 @pytest.mark.slow
@@ -73,7 +73,7 @@ def test_two_ranks_keep_identical_weights_learn_as_one_process_and_resume_exactl
         halves = first["prompts"][step * 4 : step * 4 + 4] + second["prompts"][step * 4 : step * 4 + 4]
         assert halves == single["prompts"][step * 8 : step * 8 + 8]  # together: the batch one process draws
     assert first["texts"] != second["texts"]
-    # It learns as one process does (measured: 0.25 with 2 ranks, 0.20 in one process).
+    # It learns as one process does (single process, 4 seeds: +0.20 to +0.30 over 12 steps).
     assert gain(single) >= 0.1 and gain(first) >= 0.1, (single["reward"], first["reward"])
     assert abs(gain(first) - gain(single)) <= 0.15, (single["reward"], first["reward"])
 

@@ -31,8 +31,10 @@ PROMPTS = [
 
 
 def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """Longer answers score higher: a reward the tiny model learns in a few steps (it learns to end late)."""
-    return [min(len(r), 60) / 60 for r in responses]
+    """Shorter answers score higher: a reward the tiny model learns in a few steps (it learns to end early).
+    Its answers start near 60 characters, so rewarding longer ones (as this did first) left little to learn:
+    with 4 sampling seeds, 12 steps gained -0.09 to +0.11, against +0.20 to +0.30 for this one at lr 1e-2."""
+    return [1 - min(len(r), 60) / 60 for r in responses]
 
 
 def checksum(trainer: PPOTrainer) -> str:
