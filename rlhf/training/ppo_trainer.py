@@ -32,6 +32,7 @@ from rlhf.training.modeling import (
     add_lora,
     disable_dropout,
     fuse_activations,
+    load_model,
     store_frozen_matrices,
     use_gradient_checkpointing,
 )
@@ -156,7 +157,7 @@ class PPOTrainer:
         statistics PPO normalises with are the whole batch's. None: one process."""
         from transformers import AutoModelForCausalLM
 
-        from rlhf.training.modeling import autocast_dtype, load_model, load_tokenizer, pick_device
+        from rlhf.training.modeling import autocast_dtype, load_tokenizer, pick_device
 
         self.config = config
         self.device = pick_device(device)
@@ -621,8 +622,6 @@ class PPOTrainer:
         """The LoRA policy on the checkpoint's weights as loaded (reloaded, on the CPU) with this run's trained
         adapters copied in."""
         from transformers import AutoModelForCausalLM
-
-        from rlhf.training.modeling import load_model
 
         copy = add_lora(load_model(AutoModelForCausalLM, self.model_path), self.config, "CAUSAL_LM")
         trained = {name: p.detach().cpu() for name, p in self.model.lm.named_parameters() if p.requires_grad}

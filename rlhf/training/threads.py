@@ -35,7 +35,7 @@ def cpu_threads_for(model: nn.Module, configured: int) -> int:
     return 1 if parameters < SMALL_MODEL_PARAMETERS else DEFAULT_THREADS
 
 
-def use_cpu_threads(model: nn.Module, configured: int, device: str, use_lora: bool = True) -> int:
+def use_cpu_threads(model: nn.Module, configured: int, device: str, use_lora: bool) -> int:
     """Set the intra-op thread count for training `model` (with LoRA or not) on `device` (CPU only); returns
     it. Training runs in the worker process's main thread, one job per process."""
     if device.split(":")[0] != "cpu":
