@@ -240,6 +240,35 @@ def test_old_logprobs_and_values_from_the_sampling_passes_equal_a_full_forward_p
     assert torch.allclose(roll.values[mask], values[mask], atol=1e-4)
 
 
+def test_minibatches_cut_the_padding_their_rows_share_and_compute_what_the_whole_batch_width_does(tiny_model):
+    # Update passes used to run every minibatch at the whole batch's longest prompt and response.
+    from rlhf.training.ppo_trainer import Minibatches
+
+    trainer = PPOTrainer(quick(max_new_tokens=12, batch_size=8), str(tiny_model), "cpu")
+    prompts = ["Hi.", "Tell me something nice about the sea and the boats on it, please.", *PROMPTS, "Yo", "Why?"]
+    roll = trainer.rollout(prompts, length_reward)
+    advantages, returns = torch.randn_like(roll.values), torch.randn_like(roll.values)
+    minibatches = Minibatches(roll, advantages, returns)
+    prompt_lengths, response_lengths = roll.query_mask.sum(1), roll.mask.sum(1)
+    short = [i for i in range(len(prompts)) if prompt_lengths[i] < roll.query.shape[1]]
+    assert short, "the test needs rows with shorter prompts than the batch's longest"
+    for rows in ([short[0]], short[:2], list(range(len(prompts)))):
+        part = minibatches.rows(rows)
+        prompt, response = int(prompt_lengths[rows].max()), int(response_lengths[rows].max())
+        assert part.ids.shape == (len(rows), prompt + response) and part.response.shape == (len(rows), response)
+        assert torch.equal(part.response, roll.response[rows, :response])
+        assert torch.equal(part.advantages, advantages[rows, :response])
+        with torch.no_grad():
+            cut = trainer._forward_ids(trainer.model, part.ids, part.attention, part.response)
+            whole = trainer._forward(
+                trainer.model, roll.query[rows], roll.query_mask[rows], roll.response[rows], roll.mask[rows]
+            )
+        mask = part.mask.bool()
+        for a, b in zip(cut, whole, strict=True):
+            assert torch.allclose(a[mask], b[:, :response][mask], atol=1e-5)
+    assert minibatches.rows([short[0]]).ids.shape[1] < roll.query.shape[1] + roll.response.shape[1]
+
+
 def test_small_models_train_on_one_cpu_thread_unless_told_otherwise(tiny_model, monkeypatch):
     from rlhf.training.threads import DEFAULT_THREADS, cpu_threads_for
 

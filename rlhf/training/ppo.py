@@ -10,9 +10,13 @@ import dataclasses
 import torch
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, count: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (over `dim`, or all); `count`: mask.sum().clamp(min=1) when the caller
+    has it already (the losses take several means under one mask)."""
     if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
+        return (values * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
@@ -79,16 +83,20 @@ def policy_loss(
     mask: torch.Tensor,
     cliprange: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate objective (to minimise), with clip fraction and approximate KL."""
+    """Clipped surrogate objective (to minimise), with clip fraction, approximate KL and the mean ratio (no
+    gradient)."""
+    count = mask.sum().clamp(min=1)
     log_ratio = (new_logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
-    stats = {
-        "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-        "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
-    }
+    loss = masked_mean(torch.max(unclipped, clipped), mask, count=count)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask, count=count),
+            "approxkl": 0.5 * masked_mean(log_ratio**2, mask, count=count),
+            "ratio": masked_mean(ratio, mask, count=count),
+        }
     return loss, stats
 
 
@@ -100,14 +108,16 @@ def value_loss(
     cliprange_value: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss: 0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped within cliprange of the old value."""
+    count = mask.sum().clamp(min=1)
     clipped = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
     unclipped_error = (new_values - returns) ** 2
     clipped_error = (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
-    stats = {
-        "clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask),
-        "error": masked_mean(unclipped_error, mask),
-    }
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask, count=count)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask, count=count),
+            "error": masked_mean(unclipped_error, mask, count=count),
+        }
     return loss, stats
 
 

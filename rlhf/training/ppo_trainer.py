@@ -133,6 +133,47 @@ class Rollout:
     texts: list[str]
 
 
+class Minibatches:
+    """Cuts a rollout's rows into the update passes' minibatches, each with the columns that are padding in all
+    of its rows cut off: the prompts' left padding up to its longest prompt, the responses' right padding after
+    its longest response. Every pass over those columns is wasted (no real token attends to a pad position, and
+    the losses mask them out), so an update pass costs what its rows need, not what the batch's longest prompt
+    and response need; the results are the same (positions come from the attention mask). The per-token
+    tensors are stacked once per step, so a minibatch is three indexing operations."""
+
+    def __init__(self, roll: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> None:
+        self.prompt_width = roll.query.shape[1]
+        self.ids = torch.cat([roll.query, roll.response], 1)
+        self.attention = torch.cat([roll.query_mask, roll.mask.to(roll.query_mask.dtype)], 1)
+        self.per_token = torch.stack([roll.mask, roll.logprobs, roll.values, advantages, returns])
+        # Prompts are left-padded and responses right-padded: a row's lengths say which columns it needs.
+        self.prompt_lengths = roll.query_mask.sum(1).tolist()
+        self.response_lengths = roll.mask.sum(1).tolist()
+
+    def rows(self, rows: list[int]) -> Minibatch:
+        first = self.prompt_width - max(1, int(max(self.prompt_lengths[i] for i in rows)))
+        end = self.prompt_width + max(1, int(max(self.response_lengths[i] for i in rows)))
+        index = torch.tensor(rows, device=self.ids.device)
+        ids = self.ids[index, first:end]
+        mask, logprobs, values, advantages, returns = self.per_token[:, index, : end - self.prompt_width].unbind()
+        attention = self.attention[index, first:end]
+        return Minibatch(
+            ids, attention, ids[:, self.prompt_width - first :], mask, logprobs, values, advantages, returns
+        )
+
+
+@dataclasses.dataclass
+class Minibatch:
+    ids: torch.Tensor  # (rows, prompt + response) the prompts' and responses' tokens
+    attention: torch.Tensor  # (rows, prompt + response) 1 on real tokens
+    response: torch.Tensor  # (rows, response) the response part of `ids`
+    mask: torch.Tensor  # (rows, response) 1 on real response tokens
+    logprobs: torch.Tensor  # (rows, response) under the sampling policy
+    values: torch.Tensor  # (rows, response)
+    advantages: torch.Tensor  # (rows, response)
+    returns: torch.Tensor  # (rows, response)
+
+
 @dataclasses.dataclass
 class History:
     """Per-step curves, saved in training_results.json and plotted."""
@@ -340,6 +381,11 @@ class PPOTrainer:
         tokens."""
         ids = torch.cat([query, response], 1)
         attention = torch.cat([query_mask, mask.long()], 1)
+        return self._forward_ids(model, ids, attention, response)
+
+    def _forward_ids(self, model: PolicyWithValueHead, ids, attention, response):
+        """_forward of the prompts and responses `ids` (rows, prompt + response) with their attention mask,
+        `response` their last columns."""
         keep = response.shape[1] + 1  # the positions that predict the response tokens, and the last one
         if self.head is not None:
             with self._autocast():
@@ -393,8 +439,10 @@ class PPOTrainer:
             advantages = self.group.whiten(advantages, roll.mask)
 
         batch = roll.query.shape[0]
+        minibatches = Minibatches(roll, advantages, returns)
+        # Per micro-batch, in this order: kept as tensors and read once at the end of the step.
         keys = ("pg", "vf", "clip", "approxkl", "vclip", "entropy", "verr", "ratio")
-        stats: dict[str, list[float]] = {k: [] for k in keys}
+        stats: list[torch.Tensor] = []
         first_ratio_error = 0.0
         for epoch in range(c.ppo_epochs):
             order = torch.randperm(batch, generator=self.generator).tolist()
@@ -407,31 +455,35 @@ class PPOTrainer:
                 ):
                     if not micro:
                         continue
-                    new_logprobs, new_values, entropy = self._forward(
-                        self.model, roll.query[micro], roll.query_mask[micro], roll.response[micro], roll.mask[micro]
+                    part = minibatches.rows(micro)
+                    new_logprobs, new_values, entropy = self._forward_ids(
+                        self.model, part.ids, part.attention, part.response
                     )
-                    mask = roll.mask[micro]
-                    old = roll.logprobs[micro]
-                    pg, pg_stats = ppo.policy_loss(new_logprobs, old, advantages[micro], mask, c.cliprange)
-                    vf, vf_stats = ppo.value_loss(
-                        new_values, roll.values[micro], returns[micro], mask, c.cliprange_value
-                    )
+                    mask, old = part.mask, part.logprobs
+                    pg, pg_stats = ppo.policy_loss(new_logprobs, old, part.advantages, mask, c.cliprange)
+                    vf, vf_stats = ppo.value_loss(new_values, part.values, part.returns, mask, c.cliprange_value)
                     loss = (pg + c.vf_coef * vf) * (len(micro) / len(minibatch))
                     self.scaler.scale(loss).backward()
                     with torch.no_grad():
-                        ratio = torch.exp((new_logprobs - old) * mask)
                         if epoch == 0 and start == 0:
                             # Nothing was updated yet: the ratio must be 1 (dropout off, same distribution).
+                            ratio = torch.exp((new_logprobs - old) * mask)
                             error = ((ratio - 1).abs() * mask).max().item()
                             first_ratio_error = max(first_ratio_error, error)
-                        stats["ratio"].append(ppo.masked_mean(ratio, mask).item())
-                        stats["pg"].append(pg.item())
-                        stats["vf"].append(vf.item())
-                        stats["clip"].append(pg_stats["clipfrac"].item())
-                        stats["approxkl"].append(pg_stats["approxkl"].item())
-                        stats["vclip"].append(vf_stats["clipfrac"].item())
-                        stats["verr"].append(vf_stats["error"].item())
-                        stats["entropy"].append(ppo.masked_mean(entropy, mask).item())
+                        stats.append(
+                            torch.stack(
+                                [
+                                    pg,
+                                    vf,
+                                    pg_stats["clipfrac"],
+                                    pg_stats["approxkl"],
+                                    vf_stats["clipfrac"],
+                                    ppo.masked_mean(entropy, mask),
+                                    vf_stats["error"],
+                                    pg_stats["ratio"],
+                                ]
+                            )
+                        )
                 self._optimizer_step()
 
         # The step's statistics over the whole batch: every rank's rows (in rank order), its loss averages
@@ -443,8 +495,8 @@ class PPOTrainer:
         batch = rows.shape[0]
         raw_scores, kl_sums, lengths = rows[:, 0], rows[:, 1], rows[:, 2]
         ratings = rows[:, 3] if roll.ratings is not None else None
-        local = torch.tensor([sum(v) / len(v) for v in stats.values()], dtype=torch.float64, device=self.device)
-        avg = dict(zip(stats, self.group.mean(local).tolist(), strict=True))
+        local = torch.stack(stats).double().mean(0)
+        avg = dict(zip(keys, self.group.mean(local).tolist(), strict=True))
         peaks = [first_ratio_error, roll.response.shape[1], roll.query.shape[1]]
         first_ratio_error, response_width, query_width = self.group.max(
             torch.tensor(peaks, dtype=torch.float64, device=self.device)

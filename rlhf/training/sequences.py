@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from rlhf.training.logprobs import log_softmax_at
 from rlhf.training.modelshape import CONTEXT_KEYS
 
 
@@ -179,6 +180,7 @@ def sample(
         lm, query_mask, with_hidden
     )
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    single_eos = len(eos_ids) == 1  # one comparison per step instead of torch.isin
     batch = query.shape[0]
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     ended = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -191,13 +193,13 @@ def sample(
             logits, last_hidden = step.step(inputs, positions)
         if with_hidden:
             hidden.append(last_hidden)
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        logp = log_softmax_at(logits, temperature)
         token = draw(logp.exp(), generator)
         logprobs[:, t] = logp.gather(1, token).squeeze(1)
-        token = torch.where(ended, torch.full_like(token.squeeze(1), pad_id), token.squeeze(1))
+        token = token.squeeze(1).masked_fill_(ended, pad_id)
         tokens[:, t] = token
         steps = t + 1
-        ended |= torch.isin(token, eos)
+        ended |= token == eos if single_eos else torch.isin(token, eos)
         if bool(ended.all()):
             break
         inputs = token.unsqueeze(1)
