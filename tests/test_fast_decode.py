@@ -155,9 +155,22 @@ def test_an_architecture_it_does_not_implement_takes_the_generic_path(tiny_model
         (lambda: random_gpt2(add_cross_attention=True), "cross-attention"),
         (lambda: random_gpt2().train(), "dropout is on"),
         (lambda: hooked(random_gpt2()), "has forward hooks"),
+        # The fast path computes plain Conv1D and LayerNorm layers without calling them, and the MLP inline.
+        (lambda: hooked(random_gpt2(), lambda lm: lm.transformer.h[1].mlp.c_fc), "has forward hooks"),
+        (lambda: hooked(random_gpt2(), lambda lm: lm.transformer.ln_f), "has forward hooks"),
+        (lambda: mlp_dropout_on(random_gpt2()), "dropout is on"),
         (lambda: prompt_tuned(random_gpt2()), "prompt learning"),
     ],
-    ids=["upcast", "cross-attention", "dropout", "hook", "prompt-tuning"],
+    ids=[
+        "upcast",
+        "cross-attention",
+        "dropout",
+        "hook",
+        "conv1d-hook",
+        "layer-norm-hook",
+        "mlp-dropout",
+        "prompt-tuning",
+    ],
 )
 def test_gpt2_settings_it_does_not_implement_are_refused(change, reason):
     assert reason in fast_decode.refusal(change())
@@ -172,8 +185,17 @@ def test_training_mode_without_dropout_qualifies():
     assert fast_decode.refusal(lm) is None
 
 
-def hooked(lm):
-    lm.transformer.h[0].register_forward_hook(lambda module, args, output: output * 2)
+def hooked(lm, module=lambda lm: lm.transformer.h[0]):
+    module(lm).register_forward_hook(lambda module, args, output: output * 2)
+    return lm
+
+
+def mlp_dropout_on(lm):
+    from rlhf.training.modeling import disable_dropout
+
+    lm.train()
+    disable_dropout(lm)
+    lm.transformer.h[0].mlp.dropout.p = 0.1
     return lm
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 # Attention implementations that compute softmax(q k^T * scaling + mask) v, as SDPA does here.
 _EXACT_ATTENTION = ("eager", "sdpa")
@@ -35,11 +36,16 @@ def _unwrap(lm: Any) -> tuple[Any, str | None]:
 
 
 def _skipped_modules(lm: Any, base: Any) -> list[nn.Module]:
-    """The modules whose forward the fast path replaces by its own code (their children it calls)."""
-    skipped = [lm, base, base.transformer]
-    for block in base.transformer.h:
-        skipped += [block, block.attn]
-    return skipped
+    """The modules whose forward the fast path replaces by its own code: the model's, the blocks', the
+    attentions' and the MLPs', and every plain Conv1D and LayerNorm it computes with the functional call
+    (_project, _norm); the other children (embeddings, activations, peft's LoRA layers) it calls."""
+    transformer = base.transformer
+    skipped, leaves = [lm, base, transformer], [transformer.ln_f]
+    for block in transformer.h:
+        attn, mlp = block.attn, block.mlp
+        skipped += [block, attn, mlp]
+        leaves += [block.ln_1, block.ln_2, attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj]
+    return skipped + [m for m in leaves if type(m) in (Conv1D, nn.LayerNorm)]
 
 
 def refusal(lm: Any) -> str | None:
@@ -63,17 +69,20 @@ def refusal(lm: Any) -> str | None:
     transformer = base.transformer
     dropouts = [transformer.drop]
     for block in transformer.h:
-        if block.attn.is_cross_attention or hasattr(block, "crossattention"):
+        if block.attn.is_cross_attention or "crossattention" in block._modules:
             return "cross-attention is not implemented"
-        dropouts += [block.attn.attn_dropout, block.attn.resid_dropout]
+        dropouts += [block.attn.attn_dropout, block.attn.resid_dropout, block.mlp.dropout]
     if any(d.training and d.p > 0 for d in dropouts):
         return "dropout is on (call model.eval() or set it to 0)"
     if torch.is_grad_enabled() and any(b.gradient_checkpointing and b.training for b in transformer.h):
         return "gradient checkpointing is on"
     for module in _skipped_modules(lm, base):
         # Hooks (accelerate's device placement, user hooks) would run around forwards that are not called.
-        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-        if any(not _inert(hook) for hook in hooks) or hasattr(module, "_hf_hook"):
+        # (Dictionary lookups, not hasattr: this runs before every pass, and a missing module attribute raises.)
+        if "_hf_hook" in module.__dict__ or (
+            (module._forward_hooks or module._forward_pre_hooks)
+            and not all(_inert(h) for h in [*module._forward_hooks.values(), *module._forward_pre_hooks.values()])
+        ):
             return f"{type(module).__name__} has forward hooks"
     return None
 
@@ -96,22 +105,38 @@ def _attention_mask(valid: torch.Tensor, n: int) -> torch.Tensor:
     return mask | ((cols == rows) & ~mask.any(-1, keepdim=True))
 
 
+def _project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x): for GPT-2's Conv1D its one addmm without the module's Python forward around it (~5 µs a
+    call, ~8 calls a token); any other module (peft's LoRA layers over a Conv1D) is called."""
+    if type(module) is Conv1D:
+        return torch.addmm(module.bias, x.view(-1, x.shape[-1]), module.weight).view(*x.shape[:-1], module.nf)
+    return module(x)
+
+
+def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), for a LayerNorm as its functional call."""
+    if type(module) is nn.LayerNorm:
+        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    return module(x)
+
+
 def _layers(base: Any, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache=None):
     """The residual stream after the last block (before ln_f) of `ids` at `positions`. With a `cache`
-    (GPT2Decoder), keys and values are stored there and attention runs over everything stored."""
+    (GPT2Decoder), keys and values are stored there and attention runs over everything stored. Each block
+    as GPT2Block computes it (dropout is off, see `refusal`)."""
     transformer, config = base.transformer, base.config
     batch, n = ids.shape
     heads, width = config.n_head, config.n_embd
     x = transformer.wte(ids) + transformer.wpe(positions)
     for i, block in enumerate(transformer.h):
-        attn = block.attn
-        q, k, v = attn.c_attn(block.ln_1(x)).split(width, dim=2)
+        attn, mlp = block.attn, block.mlp
+        q, k, v = _project(attn.c_attn, _norm(block.ln_1, x)).split(width, dim=2)
         q, k, v = (t.view(batch, n, heads, width // heads).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.store(i, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-        x = x + attn.c_proj(out.transpose(1, 2).reshape(batch, n, width))
-        x = x + block.mlp(block.ln_2(x))
+        x = x + _project(attn.c_proj, out.transpose(1, 2).reshape(batch, n, width))
+        x = x + _project(mlp.c_proj, mlp.act(_project(mlp.c_fc, _norm(block.ln_2, x))))
     return x
 
 
@@ -126,7 +151,7 @@ def final_hidden_states(
         return None
     base, _ = _unwrap(lm)
     x = _layers(base, ids, positions, _attention_mask(attention_mask.bool(), ids.shape[1]))
-    return base.transformer.ln_f(x[:, -keep:] if keep else x)
+    return _norm(base.transformer.ln_f, x[:, -keep:] if keep else x)
 
 
 class GPT2Decoder:
@@ -164,7 +189,7 @@ class GPT2Decoder:
         else:
             mask = _attention_mask(self.valid[:, : self.end], n)
         x = _layers(self.base, ids, positions, mask, cache=self)
-        hidden = self.base.transformer.ln_f(x[:, -1])
+        hidden = _norm(self.base.transformer.ln_f, x[:, -1])
         return self.base.lm_head(hidden), hidden
 
 
