@@ -35,16 +35,25 @@ def _unwrap(lm: Any) -> tuple[Any, str | None]:
     return lm.get_base_model(), None
 
 
+def _blocks(base: Any) -> list[tuple[nn.Module, dict[str, nn.Module], dict[str, nn.Module]]]:
+    """Each block of `base` with its attention's and its MLP's children (looked up in the modules'
+    dictionaries: refusal runs before every pass, and nn.Module attribute access costs ~1 µs a name)."""
+    return [
+        (block, block._modules["attn"]._modules, block._modules["mlp"]._modules)
+        for block in base._modules["transformer"]._modules["h"]
+    ]
+
+
 def _skipped_modules(lm: Any, base: Any) -> list[nn.Module]:
     """The modules whose forward the fast path replaces by its own code: the model's, the blocks', the
     attentions' and the MLPs', and every plain Conv1D and LayerNorm it computes with the functional call
     (_project, _norm); the other children (embeddings, activations, peft's LoRA layers) it calls."""
-    transformer = base.transformer
-    skipped, leaves = [lm, base, transformer], [transformer.ln_f]
-    for block in transformer.h:
-        attn, mlp = block.attn, block.mlp
-        skipped += [block, attn, mlp]
-        leaves += [block.ln_1, block.ln_2, attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj]
+    transformer = base._modules["transformer"]
+    skipped, leaves = [lm, base, transformer], [transformer._modules["ln_f"]]
+    for block, attn, mlp in _blocks(base):
+        skipped += [block, block._modules["attn"], block._modules["mlp"]]
+        leaves += [block._modules["ln_1"], block._modules["ln_2"], attn["c_attn"], attn["c_proj"], mlp["c_fc"]]
+        leaves.append(mlp["c_proj"])
     return skipped + [m for m in leaves if type(m) in (Conv1D, nn.LayerNorm)]
 
 
@@ -66,15 +75,15 @@ def refusal(lm: Any) -> str | None:
         return f"attention implementation {config._attn_implementation!r} is not one of {_EXACT_ATTENTION}"
     if getattr(config, "tie_last_hidden_states", None) is False:
         return "tie_last_hidden_states=False (hidden states before the final layer norm) is not implemented"
-    transformer = base.transformer
-    dropouts = [transformer.drop]
-    for block in transformer.h:
-        if block.attn.is_cross_attention or "crossattention" in block._modules:
+    blocks = _blocks(base)
+    dropouts = [base._modules["transformer"]._modules["drop"]]
+    for block, attn, mlp in blocks:
+        if block._modules["attn"].is_cross_attention or "crossattention" in block._modules:
             return "cross-attention is not implemented"
-        dropouts += [block.attn.attn_dropout, block.attn.resid_dropout, block.mlp.dropout]
+        dropouts += [attn["attn_dropout"], attn["resid_dropout"], mlp["dropout"]]
     if any(d.training and d.p > 0 for d in dropouts):
         return "dropout is on (call model.eval() or set it to 0)"
-    if torch.is_grad_enabled() and any(b.gradient_checkpointing and b.training for b in transformer.h):
+    if torch.is_grad_enabled() and any(b.gradient_checkpointing and b.training for b, _, _ in blocks):
         return "gradient checkpointing is on"
     for module in _skipped_modules(lm, base):
         # Hooks (accelerate's device placement, user hooks) would run around forwards that are not called.
