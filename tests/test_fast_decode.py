@@ -274,3 +274,61 @@ def test_gradient_checkpointing_takes_the_models_forward_when_gradients_are_on(t
     assert fast_decode.final_hidden_states(lm, ids, attention, positions) is None
     with torch.no_grad():  # rollouts and the reference pass: nothing to checkpoint
         assert fast_decode.final_hidden_states(lm, ids, attention, positions) is not None
+
+
+def reward_model(tiny_model):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).eval()
+    assert model.config.pad_token_id is not None
+    return model
+
+
+def right_padded(pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of different lengths, right-padded as the scorer encodes them; one row holds the pad id inside its
+    text (transformers then scores its rightmost other token) and one fills the whole width."""
+    rows = [[5, 9, 13], [7, 8, 9, 10, 11, 12, 13, 14, 15], [20, pad_id, 21, pad_id], [30, 31, 32, 33, 34]]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_reward_model_scores_on_the_fast_path_equal_its_forward(tiny_model, lora):
+    model = reward_model(tiny_model)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+        model = get_peft_model(model, config).eval()
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.2)
+    inputs = right_padded(model.config.pad_token_id)
+    with torch.inference_mode():
+        fast = fast_decode.sequence_classification_logits(model, inputs)
+        theirs = model(**inputs).logits
+    assert fast is not None and fast.shape == theirs.shape == (4, 1)
+    torch.testing.assert_close(fast, theirs, atol=1e-5, rtol=1e-5)
+    assert fast.std() > 0  # the rows score differently: a wrong pick or mask would show
+
+
+def test_reward_models_the_fast_path_does_not_run_take_their_forward(tiny_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = reward_model(tiny_model)
+    inputs = right_padded(model.config.pad_token_id)
+    assert fast_decode.sequence_classification_logits(model, {**inputs, "token_type_ids": inputs["input_ids"]}) is None
+    llama_dir = tiny_local_model("llama", tmp_path / "llama", str(tiny_model))
+    llama = AutoModelForSequenceClassification.from_pretrained(llama_dir, num_labels=1).eval()
+    assert "not a GPT2ForSequenceClassification" in fast_decode.refusal(llama, type(model))
+    assert fast_decode.sequence_classification_logits(llama, inputs) is None
+    # A causal LM is not a classifier, and a classifier is not what the decoder takes.
+    assert fast_decode.sequence_classification_logits(load(tiny_model), inputs) is None
+    assert "not a GPT2LMHeadModel" in fast_decode.refusal(model)

@@ -57,15 +57,18 @@ def _skipped_modules(lm: Any, base: Any) -> list[nn.Module]:
     return skipped + [m for m in leaves if type(m) in (Conv1D, nn.LayerNorm)]
 
 
-def refusal(lm: Any) -> str | None:
-    """Why the fast path cannot decode `lm` exactly as its own forward does, or None when it can."""
+def refusal(lm: Any, kind: type | None = None) -> str | None:
+    """Why the fast path cannot compute `lm` exactly as its own forward does, or None when it can. `kind`: the
+    model class expected (GPT2LMHeadModel unless given; sequence_classification_logits asks for
+    GPT2ForSequenceClassification)."""
     from transformers import GPT2LMHeadModel
 
+    kind = kind or GPT2LMHeadModel
     base, reason = _unwrap(lm)
     if reason:
         return reason
-    if type(base) is not GPT2LMHeadModel:  # a subclass may override forward
-        return f"{type(base).__name__} is not a GPT2LMHeadModel"
+    if type(base) is not kind:  # a subclass may override forward
+        return f"{type(base).__name__} is not a {kind.__name__}"
     config = base.config
     if config.add_cross_attention:
         return "cross-attention is not implemented"
@@ -161,6 +164,35 @@ def final_hidden_states(
     base, _ = _unwrap(lm)
     x = _layers(base, ids, positions, _attention_mask(attention_mask.bool(), ids.shape[1]))
     return _norm(base.transformer.ln_f, x[:, -keep:] if keep else x)
+
+
+def sequence_classification_logits(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """`model(**inputs).logits` of a GPT2ForSequenceClassification (a reward model): its score head on each
+    row's last token that is not padding, picked as transformers picks it (the rightmost id other than
+    pad_token_id), at positions 0, 1, ... as its forward numbers them without position_ids. Only the picked
+    positions go through the final layer norm and the head. None when the model does not qualify (see
+    `refusal`) or `inputs` hold more than input_ids and attention_mask: then call the model."""
+    from transformers import GPT2ForSequenceClassification
+
+    if set(inputs) - {"input_ids", "attention_mask"} or refusal(model, GPT2ForSequenceClassification) is not None:
+        return None
+    base, _ = _unwrap(model)
+    ids = inputs["input_ids"]
+    batch, length = ids.shape
+    pad = base.config.pad_token_id
+    if pad is None and batch != 1:
+        return None  # the model's forward refuses this with its own error
+    attention = inputs.get("attention_mask")
+    valid = attention.bool() if attention is not None else torch.ones_like(ids, dtype=torch.bool)
+    positions = torch.arange(length, device=ids.device).expand(batch, length)
+    x = _layers(base, ids, positions, _attention_mask(valid, length))
+    if pad is None:
+        last = torch.full((batch,), length - 1, device=ids.device)
+    else:
+        columns = torch.arange(length, device=ids.device, dtype=torch.int32)
+        last = (columns * (ids != pad).to(torch.int32)).argmax(-1)
+    picked = x[torch.arange(batch, device=ids.device), last]
+    return base.score(_norm(base.transformer.ln_f, picked))
 
 
 class GPT2Decoder:

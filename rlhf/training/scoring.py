@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from rlhf.training import fast_decode
 from rlhf.training.errors import DeadlinePassed
 from rlhf.training.modelcache import ModelCache
 from rlhf.training.reward_functions import RewardCombination
@@ -98,7 +99,11 @@ class Scorer:
                 if loaded.forward is not None:
                     values = loaded.forward(enc).float().reshape(-1).tolist()
                 else:
-                    values = loaded.model(**enc).logits.squeeze(-1).float().tolist()
+                    # GPT-2 reward models without transformers' per-call overhead (~3x faster on the tiny one).
+                    logits = fast_decode.sequence_classification_logits(loaded.model, dict(enc))
+                    if logits is None:
+                        logits = loaded.model(**enc).logits
+                    values = logits.squeeze(-1).float().tolist()
                 for (index, _), value in zip(chunk, values, strict=False):
                     results[index] = Scored(
                         score=value, rating=to_rating(value, loaded.normalization), model_score=value
