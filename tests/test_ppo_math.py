@@ -124,3 +124,33 @@ def test_the_default_kl_controller_reacts_within_tens_of_steps_at_the_default_ba
     for _ in range(200):
         ctl.update(0.0, c.batch_size)
     assert ctl.value < c.init_kl_coef
+
+
+def gae_by_recursion(rewards, values, mask, gamma, lam):
+    """GAE as the textbook recursion writes it, position by position (the reference for ppo.gae)."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        last = (rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.5, 0.0)])
+@pytest.mark.parametrize("holes", [False, True], ids=["prefix-masks", "masks-with-holes"])
+def test_gae_equals_the_recursion_on_response_masks_and_masks_with_holes(gamma, lam, holes):
+    generator = torch.Generator().manual_seed(3)
+    rows, length = 6, 40
+    rewards = torch.randn((rows, length), generator=generator)
+    values = torch.randn((rows, length), generator=generator)
+    ends = torch.tensor([1, 5, 17, 39, 40, 23])
+    mask = (torch.arange(length)[None, :] < ends[:, None]).float()
+    if holes:
+        mask[2, 3] = 0.0
+        mask[4, 10:12] = 0.0
+    advantages, returns = ppo.gae(rewards, values, mask, gamma, lam)
+    expected_advantages, expected_returns = gae_by_recursion(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(advantages, expected_advantages, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(returns, expected_returns, atol=1e-5, rtol=1e-5)

