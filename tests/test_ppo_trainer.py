@@ -248,7 +248,9 @@ def test_minibatches_cut_the_padding_their_rows_share_and_compute_what_the_whole
     prompts = ["Hi.", "Tell me something nice about the sea and the boats on it, please.", *PROMPTS, "Yo", "Why?"]
     roll = trainer.rollout(prompts, length_reward)
     advantages, returns = torch.randn_like(roll.values), torch.randn_like(roll.values)
-    minibatches = Minibatches(roll, advantages, returns)
+    minibatches = Minibatches(roll.query, roll.query_mask, roll.response, roll.mask).with_targets(
+        roll, advantages, returns
+    )
     prompt_lengths, response_lengths = roll.query_mask.sum(1), roll.mask.sum(1)
     short = [i for i in range(len(prompts)) if prompt_lengths[i] < roll.query.shape[1]]
     assert short, "the test needs rows with shorter prompts than the batch's longest"
@@ -300,3 +302,30 @@ def test_fused_activations_compute_what_the_model_computed_before(tiny_model):
     with torch.no_grad():
         assert torch.allclose(before(ids).logits, after(ids).logits, atol=1e-5)
     assert after.config.activation_function == "gelu_new"  # what is saved stays as it was
+
+
+def test_the_first_update_pass_runs_while_the_reward_function_scores(tiny_model):
+    # The reward service's answer used to be awaited before any update pass; the first one needs no scores.
+    import threading
+    import time
+
+    trainer = PPOTrainer(quick(), str(tiny_model), "cpu")
+    scored = threading.Event()
+
+    def slow_reward(prompts, responses):
+        time.sleep(0.3)
+        scored.set()
+        return length_reward(prompts, responses)
+
+    passes = []
+    forward = trainer._forward_ids
+
+    def recording(*args, **kwargs):
+        passes.append(scored.is_set())
+        return forward(*args, **kwargs)
+
+    trainer._forward_ids = recording
+    metrics = trainer.step_on(PROMPTS, slow_reward)
+    # quick(): 4 rows, minibatches of 2, 2 epochs: 4 update passes, the first before the scores came.
+    assert passes == [False, True, True, True]
+    assert metrics["policy/first_minibatch_ratio_error"] < 1e-4

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # (prompts, responses) -> one score per pair (a list, or Scores with ratings beside)
 ScoreFn = Callable[[list[str], list[str]], "list[float] | Scores"]
+# (query, query_mask, response, mask) -> anything: work that runs while the reward function scores a rollout
+WhileScoring = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], object]
 # (step, metrics) -> None; raising stops training (cancel)
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -132,6 +134,8 @@ class Rollout:
     raw_scores: torch.Tensor  # (B,) as the reward model gave them
     ratings: torch.Tensor | None  # (B,) the same on the 0..1 feedback scale, when the reward function says
     texts: list[str]
+    # What `rollout`'s while_scoring callable returned (None without one).
+    while_scoring: object = None
 
 
 class Minibatches:
@@ -139,28 +143,42 @@ class Minibatches:
     of its rows cut off: the prompts' left padding up to its longest prompt, the responses' right padding after
     its longest response. Every pass over those columns is wasted (no real token attends to a pad position, and
     the losses mask them out), so an update pass costs what its rows need, not what the batch's longest prompt
-    and response need; the results are the same (positions come from the attention mask). The per-token
-    tensors are stacked once per step, so a minibatch is three indexing operations."""
+    and response need; the results are the same (positions come from the attention mask). Built from the
+    sampled tokens (the passes' inputs, known before the scores); `with_targets` adds the per-token tensors
+    the losses need, stacked once per step, so a minibatch is three indexing operations."""
 
-    def __init__(self, roll: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> None:
-        self.prompt_width = roll.query.shape[1]
-        self.ids = torch.cat([roll.query, roll.response], 1)
-        self.attention = torch.cat([roll.query_mask, roll.mask.to(roll.query_mask.dtype)], 1)
-        self.per_token = torch.stack([roll.mask, roll.logprobs, roll.values, advantages, returns])
+    def __init__(self, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor, mask: torch.Tensor):
+        self.prompt_width = query.shape[1]
+        self.ids = torch.cat([query, response], 1)
+        self.attention = torch.cat([query_mask, mask.to(query_mask.dtype)], 1)
         # Prompts are left-padded and responses right-padded: a row's lengths say which columns it needs.
-        self.prompt_lengths = roll.query_mask.sum(1).tolist()
-        self.response_lengths = roll.mask.sum(1).tolist()
+        self.prompt_lengths = query_mask.sum(1).tolist()
+        self.response_lengths = mask.sum(1).tolist()
+        self.per_token: torch.Tensor | None = None
 
-    def rows(self, rows: list[int]) -> Minibatch:
+    def with_targets(self, roll: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> Minibatches:
+        self.per_token = torch.stack([roll.mask, roll.logprobs, roll.values, advantages, returns])
+        return self
+
+    def _columns(self, rows: list[int]) -> tuple[int, int]:
         first = self.prompt_width - max(1, int(max(self.prompt_lengths[i] for i in rows)))
-        end = self.prompt_width + max(1, int(max(self.response_lengths[i] for i in rows)))
+        return first, self.prompt_width + max(1, int(max(self.response_lengths[i] for i in rows)))
+
+    def inputs(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, attention mask, response) of these rows for an update pass (_forward_ids)."""
+        first, end = self._columns(rows)
         index = torch.tensor(rows, device=self.ids.device)
         ids = self.ids[index, first:end]
+        return ids, self.attention[index, first:end], ids[:, self.prompt_width - first :]
+
+    def rows(self, rows: list[int]) -> Minibatch:
+        if self.per_token is None:
+            raise RuntimeError("Minibatches.rows needs with_targets first")
+        first, end = self._columns(rows)
+        ids, attention, response = self.inputs(rows)
+        index = torch.tensor(rows, device=self.ids.device)
         mask, logprobs, values, advantages, returns = self.per_token[:, index, : end - self.prompt_width].unbind()
-        attention = self.attention[index, first:end]
-        return Minibatch(
-            ids, attention, ids[:, self.prompt_width - first :], mask, logprobs, values, advantages, returns
-        )
+        return Minibatch(ids, attention, response, mask, logprobs, values, advantages, returns)
 
 
 @dataclasses.dataclass
@@ -303,16 +321,19 @@ class PPOTrainer:
         return torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp, enabled=self.amp is not None)
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str], score_fn: ScoreFn) -> Rollout:
+    def rollout(self, prompts: list[str], score_fn: ScoreFn, while_scoring: WhileScoring | None = None) -> Rollout:
+        """Sample responses to `prompts` and score them. `while_scoring(query, query_mask, response, mask)` runs
+        after the rollout's own passes, while the reward function may still be scoring, in training mode with
+        gradients on; its answer comes back in Rollout.while_scoring."""
         # Sampling needs the KV cache, which transformers turns off in training mode under gradient
         # checkpointing; dropout is off, so eval mode computes the same as training mode.
         self.model.eval()
         try:
-            return self._rollout(prompts, score_fn)
+            return self._rollout(prompts, score_fn, while_scoring)
         finally:
             self.model.train()
 
-    def _rollout(self, prompts: list[str], score_fn: ScoreFn) -> Rollout:
+    def _rollout(self, prompts: list[str], score_fn: ScoreFn, while_scoring: WhileScoring | None) -> Rollout:
         c = self.config
         room = self.n_ctx - c.max_new_tokens if self.n_ctx is not None else None
         ids = [sequences.encode_prompt(self.tokenizer, prompt) for prompt in prompts]
@@ -349,6 +370,14 @@ class PPOTrainer:
             else:
                 logprobs, values, _ = self._forward(self.model, query, query_mask, response, mask)
             ref_logprobs = self._reference_logprobs(query, query_mask, response, mask)
+            early = None
+            if while_scoring is not None:
+                self.model.train()
+                try:
+                    with torch.enable_grad():
+                        early = while_scoring(query, query_mask, response, mask)
+                finally:
+                    self.model.eval()
         finally:
             waited = time.monotonic()
             answer = scoring.result()  # re-raises what the reward function raised
@@ -375,7 +404,9 @@ class PPOTrainer:
             scores = (scores - every.mean()) / (every.std() + 1e-8)
 
         rated = torch.tensor(ratings, dtype=torch.float32) if ratings is not None else None
-        return Rollout(query, query_mask, response, mask, logprobs, ref_logprobs, values, scores, raw, rated, texts)
+        return Rollout(
+            query, query_mask, response, mask, logprobs, ref_logprobs, values, scores, raw, rated, texts, early
+        )
 
     def _forward(self, model: PolicyWithValueHead, query, query_mask, response, mask):
         """Log-probs (temperature-scaled, as sampled), values and entropies (no gradient) of the response
@@ -432,7 +463,17 @@ class PPOTrainer:
     def step_on(self, prompts: list[str], score_fn: ScoreFn) -> dict[str, float]:
         c = self.config
         started = time.monotonic()
-        roll = self.rollout(prompts, score_fn)
+        # The first epoch's shuffle (drawn first, as before: the rollout does not use this generator). Its first
+        # micro-batch's forward pass needs no scores, so it runs while the reward function scores.
+        first_order = torch.randperm(len(prompts), generator=self.generator).tolist()
+        first_micro = self._micro_batches(first_order[: self.mini_batch])[0]
+
+        def start_update(query, query_mask, response, mask):
+            minibatches = Minibatches(query, query_mask, response, mask)
+            return minibatches, self._forward_ids(self.model, *minibatches.inputs(first_micro))
+
+        roll = self.rollout(prompts, score_fn, start_update)
+        minibatches, early = roll.while_scoring
         scored_at = time.monotonic()
         with torch.no_grad():
             rewards, kl = ppo.token_rewards(roll.scores, roll.logprobs, roll.ref_logprobs, roll.mask, self.kl_ctl.value)
@@ -440,26 +481,23 @@ class PPOTrainer:
             advantages = self.group.whiten(advantages, roll.mask)
 
         batch = roll.query.shape[0]
-        minibatches = Minibatches(roll, advantages, returns)
+        minibatches.with_targets(roll, advantages, returns)
         # Per micro-batch, in this order: kept as tensors and read once at the end of the step.
         keys = ("pg", "vf", "clip", "approxkl", "vclip", "entropy", "verr", "ratio")
         stats: list[torch.Tensor] = []
         first_ratio_error = 0.0
         for epoch in range(c.ppo_epochs):
-            order = torch.randperm(batch, generator=self.generator).tolist()
+            order = first_order if epoch == 0 else torch.randperm(batch, generator=self.generator).tolist()
             for start in range(0, batch, self.mini_batch):
                 minibatch = order[start : start + self.mini_batch]
-                # TRL's accumulation: a minibatch is split into micro-batches for memory, and it is still one
-                # optimiser step, so no step straddles two minibatches or epochs and none is partial.
-                for micro in (
-                    m.tolist() for m in torch.tensor_split(torch.tensor(minibatch), c.gradient_accumulation_steps)
-                ):
-                    if not micro:
-                        continue
+                for micro in self._micro_batches(minibatch):
                     part = minibatches.rows(micro)
-                    new_logprobs, new_values, entropy = self._forward_ids(
-                        self.model, part.ids, part.attention, part.response
-                    )
+                    if early is not None:
+                        (new_logprobs, new_values, entropy), early = early, None  # the first one ran already
+                    else:
+                        new_logprobs, new_values, entropy = self._forward_ids(
+                            self.model, part.ids, part.attention, part.response
+                        )
                     mask, old = part.mask, part.logprobs
                     pg, pg_stats = ppo.policy_loss(new_logprobs, old, part.advantages, mask, c.cliprange)
                     vf, vf_stats = ppo.value_loss(new_values, part.values, part.returns, mask, c.cliprange_value)
@@ -551,6 +589,12 @@ class PPOTrainer:
         h.kl_coef.append(kl_coef)
         h.response_length.append(metrics["response_length"])
         return metrics
+
+    def _micro_batches(self, minibatch: list[int]) -> list[list[int]]:
+        """TRL's accumulation: a minibatch is split into micro-batches for memory, and it is still one optimiser
+        step, so no step straddles two minibatches or epochs and none is partial."""
+        parts = torch.tensor_split(torch.tensor(minibatch), self.config.gradient_accumulation_steps)
+        return [part.tolist() for part in parts if len(part)]
 
     def _optimizer_step(self) -> None:
         self.group.average_gradients(self.trainable)  # every rank then takes the same step
