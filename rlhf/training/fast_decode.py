@@ -47,7 +47,7 @@ def _blocks(base: Any) -> list[tuple[nn.Module, dict[str, nn.Module], dict[str, 
 def _skipped_modules(lm: Any, base: Any) -> list[nn.Module]:
     """The modules whose forward the fast path replaces by its own code: the model's, the blocks', the
     attentions' and the MLPs', and every plain Conv1D and LayerNorm it computes with the functional call
-    (_project, _norm); the other children (embeddings, activations, peft's LoRA layers) it calls."""
+    (_Linear, _Norm); the other children (embeddings, activations, peft's LoRA layers) it calls."""
     transformer = base._modules["transformer"]
     skipped, leaves = [lm, base, transformer], [transformer._modules["ln_f"]]
     for block, attn, mlp in _blocks(base):
@@ -117,41 +117,77 @@ def _attention_mask(valid: torch.Tensor, n: int) -> torch.Tensor:
     return mask | ((cols == rows) & ~mask.any(-1, keepdim=True))
 
 
-def _project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x): for GPT-2's Conv1D its one addmm without the module's Python forward around it (~5 µs a
-    call, ~8 calls a token); any other module (peft's LoRA layers over a Conv1D) is called."""
-    if type(module) is Conv1D:
-        return torch.addmm(module.bias, x.view(-1, x.shape[-1]), module.weight).view(*x.shape[:-1], module.nf)
-    return module(x)
+class _Linear:
+    """A Conv1D's addmm without the module's Python forward around it (~5 µs a call, ~8 calls a token), its
+    weights read once per pass (each nn.Module attribute read costs ~1 µs); any other module (peft's LoRA
+    layers over a Conv1D) is called."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.plain = type(module) is Conv1D
+        if self.plain:
+            self.weight, self.bias, self.width = module.weight, module.bias, module.nf
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain:
+            return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.width)
+        return self.module(x)
 
 
-def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x), for a LayerNorm as its functional call."""
-    if type(module) is nn.LayerNorm:
-        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
-    return module(x)
+class _Norm:
+    """A LayerNorm as its functional call, its weights read once per pass; any other module is called."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.plain = type(module) is nn.LayerNorm
+        if self.plain:
+            self.args = (module.normalized_shape, module.weight, module.bias, module.eps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, *self.args) if self.plain else self.module(x)
 
 
-def _layers(base: Any, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache=None):
+class _Block:
+    """One GPT-2 block's parts, looked up once per pass (or once per decode)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        attn, mlp = block._modules["attn"], block._modules["mlp"]
+        self.ln_1, self.ln_2 = _Norm(block._modules["ln_1"]), _Norm(block._modules["ln_2"])
+        self.c_attn, self.attn_proj = _Linear(attn._modules["c_attn"]), _Linear(attn._modules["c_proj"])
+        self.c_fc, self.mlp_proj = _Linear(mlp._modules["c_fc"]), _Linear(mlp._modules["c_proj"])
+        self.act = mlp._modules["act"]
+        self.scaling = attn.scaling
+
+
+class _Plan:
+    """What a pass over `base` reads from its modules, read once: embeddings, blocks, final norm, shape."""
+
+    def __init__(self, base: Any) -> None:
+        transformer = base._modules["transformer"]
+        self.wte, self.wpe = transformer._modules["wte"], transformer._modules["wpe"]
+        self.blocks = [_Block(block) for block in transformer._modules["h"]]
+        self.ln_f = _Norm(transformer._modules["ln_f"])
+        self.heads, self.width = base.config.n_head, base.config.n_embd
+
+
+def _layers(plan: _Plan, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache=None):
     """The residual stream after the last block (before ln_f) of `ids` at `positions`. With a `cache`
     (GPT2Decoder), keys and values are stored there and attention runs over everything stored. Each block
     as GPT2Block computes it (dropout is off, see `refusal`)."""
-    transformer, config = base.transformer, base.config
     batch, n = ids.shape
-    heads, width = config.n_head, config.n_embd
-    x = transformer.wte(ids) + transformer.wpe(positions)
-    for i, block in enumerate(transformer.h):
-        attn, mlp = block.attn, block.mlp
-        q, k, v = _project(attn.c_attn, _norm(block.ln_1, x)).split(width, dim=2)
+    heads, width = plan.heads, plan.width
+    x = plan.wte(ids) + plan.wpe(positions)
+    for i, block in enumerate(plan.blocks):
+        q, k, v = block.c_attn(block.ln_1(x)).split(width, dim=2)
         q, k, v = (t.view(batch, n, heads, width // heads).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.store(i, k, v)
         if mask is not None and mask.dtype == torch.bool:
             # SDPA turns a boolean mask into an additive one on every call: once per pass here, not per layer.
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-        x = x + _project(attn.c_proj, out.transpose(1, 2).reshape(batch, n, width))
-        x = x + _project(mlp.c_proj, mlp.act(_project(mlp.c_fc, _norm(block.ln_2, x))))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=block.scaling)
+        x = x + block.attn_proj(out.transpose(1, 2).reshape(batch, n, width))
+        x = x + block.mlp_proj(block.act(block.c_fc(block.ln_2(x))))
     return x
 
 
@@ -164,9 +200,9 @@ def final_hidden_states(
     when `lm` does not qualify (see `refusal`): then call the model itself."""
     if refusal(lm) is not None:
         return None
-    base, _ = _unwrap(lm)
-    x = _layers(base, ids, positions, _attention_mask(attention_mask.bool(), ids.shape[1]))
-    return _norm(base.transformer.ln_f, x[:, -keep:] if keep else x)
+    plan = _Plan(_unwrap(lm)[0])
+    x = _layers(plan, ids, positions, _attention_mask(attention_mask.bool(), ids.shape[1]))
+    return plan.ln_f(x[:, -keep:] if keep else x)
 
 
 def sequence_classification_logits(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -188,14 +224,15 @@ def sequence_classification_logits(model: Any, inputs: dict[str, torch.Tensor]) 
     attention = inputs.get("attention_mask")
     valid = attention.bool() if attention is not None else torch.ones_like(ids, dtype=torch.bool)
     positions = torch.arange(length, device=ids.device).expand(batch, length)
-    x = _layers(base, ids, positions, _attention_mask(valid, length))
+    plan = _Plan(base)
+    x = _layers(plan, ids, positions, _attention_mask(valid, length))
     if pad is None:
         last = torch.full((batch,), length - 1, device=ids.device)
     else:
         columns = torch.arange(length, device=ids.device, dtype=torch.int32)
         last = (columns * (ids != pad).to(torch.int32)).argmax(-1)
     picked = x[torch.arange(batch, device=ids.device), last]
-    return base.score(_norm(base.transformer.ln_f, picked))
+    return base.score(plan.ln_f(picked))
 
 
 class GPT2Decoder:
@@ -205,6 +242,7 @@ class GPT2Decoder:
 
     def __init__(self, lm: Any, query_mask: torch.Tensor, max_new_tokens: int) -> None:
         self.base, _ = _unwrap(lm)
+        self.plan = _Plan(self.base)  # the modules' parts, read once for every step of this decode
         batch, prompt = query_mask.shape
         self.length = prompt + max_new_tokens
         # Which cache positions hold real tokens: the prompt's non-pad ones and every new token.
@@ -232,8 +270,8 @@ class GPT2Decoder:
             mask = self.valid[:, None, None, : self.end] if self.padded else None
         else:
             mask = _attention_mask(self.valid[:, : self.end], n)
-        x = _layers(self.base, ids, positions, mask, cache=self)
-        hidden = _norm(self.base.transformer.ln_f, x[:, -1])
+        x = _layers(self.plan, ids, positions, mask, cache=self)
+        hidden = self.plan.ln_f(x[:, -1])
         return self.base.lm_head(hidden), hidden
 
 
