@@ -154,3 +154,11 @@ def test_gae_equals_the_recursion_on_response_masks_and_masks_with_holes(gamma, 
     expected_advantages, expected_returns = gae_by_recursion(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(advantages, expected_advantages, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(returns, expected_returns, atol=1e-5, rtol=1e-5)
+
+
+def test_entropy_takes_a_small_models_positions_in_one_chunk_and_a_large_vocabularys_in_several():
+    small = torch.log_softmax(torch.randn(4, 33, 631, generator=torch.Generator().manual_seed(1)), -1)
+    large = torch.log_softmax(torch.randn(4, 40, 50257, generator=torch.Generator().manual_seed(2)), -1)
+    for logp in (small, large):
+        torch.testing.assert_close(ppo.entropy_from_logprobs(logp), -(logp.exp() * logp).sum(-1))
+    assert ppo.ENTROPY_CHUNK_ELEMENTS // (4 * 631) >= 33 > ppo.ENTROPY_CHUNK_ELEMENTS // (4 * 50257)

@@ -138,11 +138,22 @@ def gather_logprobs(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+# Largest number of log-probabilities entropy_from_logprobs turns into probabilities at once (16 MB of fp32:
+# ~16 positions of 4 rows of GPT-2's 50,257 ids, as the fixed chunk of 16 positions before).
+ENTROPY_CHUNK_ELEMENTS = 1 << 22
+
+
 @torch.no_grad()
-def entropy_from_logprobs(logp: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-    """Per-position entropy from a log-softmax, `chunk` positions at a time: the whole batch's
-    probabilities and their products (two more vocabulary-wide tensors, 100 MB each for GPT-2 at the
-    seed's settings) never exist at once. No gradient: it is a metric."""
+def entropy_from_logprobs(logp: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Per-position entropy from a log-softmax, `chunk` positions at a time (default: as many as keep a chunk
+    within ENTROPY_CHUNK_ELEMENTS): the whole batch's probabilities and their products (two more
+    vocabulary-wide tensors, 100 MB each for GPT-2 at the seed's settings) never exist at once, and a small
+    model's few positions take one chunk. No gradient: it is a metric."""
+    if chunk is None:
+        per_position = logp.shape[0] * logp.shape[-1]
+        chunk = max(1, ENTROPY_CHUNK_ELEMENTS // max(per_position, 1))
+    if chunk >= logp.shape[1]:
+        return -(logp.exp() * logp).sum(-1)
     return torch.cat([-(part.exp() * part).sum(-1) for part in logp.split(chunk, dim=1)], dim=1)
 
 
