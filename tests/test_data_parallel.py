@@ -73,9 +73,11 @@ def test_two_ranks_keep_identical_weights_learn_as_one_process_and_resume_exactl
         halves = first["prompts"][step * 4 : step * 4 + 4] + second["prompts"][step * 4 : step * 4 + 4]
         assert halves == single["prompts"][step * 8 : step * 8 + 8]  # together: the batch one process draws
     assert first["texts"] != second["texts"]
-    # It learns as one process does (single process, 4 seeds: +0.20 to +0.30 over 12 steps).
+    # It learns as one process does. The gain of one 12-step run is noisy: over seeds 0-3 the single process
+    # gained +0.18 to +0.36 and two ranks +0.15 to +0.45, their differences +0.19, +0.21, +0.09 and -0.21 (a
+    # bound of 0.15 held at seed 0 only until the passes' float rounding changed).
     assert gain(single) >= 0.1 and gain(first) >= 0.1, (single["reward"], first["reward"])
-    assert abs(gain(first) - gain(single)) <= 0.15, (single["reward"], first["reward"])
+    assert abs(gain(first) - gain(single)) <= 0.3, (single["reward"], first["reward"])
 
     # Resumed from the step-2 checkpoint (rank 0's, and rank 1's own sampling state), it ends where the
     # uninterrupted run did, bit for bit.
