@@ -329,3 +329,12 @@ def test_the_first_update_pass_runs_while_the_reward_function_scores(tiny_model)
     # quick(): 4 rows, minibatches of 2, 2 epochs: 4 update passes, the first before the scores came.
     assert passes == [False, True, True, True]
     assert metrics["policy/first_minibatch_ratio_error"] < 1e-4
+
+
+def test_a_prompt_without_tokens_is_a_clear_error(tiny_model):
+    # An all-empty batch used to end in an IndexError inside the sampling loop.
+    trainer = PPOTrainer(quick(), str(tiny_model), "cpu")
+    with pytest.raises(TrainingError, match="prompt 0 of the batch .* has no tokens"):
+        trainer.step_on(["", "", "", ""], length_reward)
+    with pytest.raises(TrainingError, match="prompt 2 of the batch"):
+        trainer.step_on(["Hi.", "Where?", "", "Why?"], length_reward)

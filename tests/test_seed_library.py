@@ -409,6 +409,10 @@ def test_feedback_mistakes_are_clear_errors(in_workdir):
         trainer.train(feedbacks=bad, output_dir="models/bad/v1")
     with pytest.raises(NotEnoughData, match="at least 10"):
         trainer.train(feedbacks=seed_feedback(5), output_dir="models/few/v1")
+    # Prompts given beside the feedback are checked as the feedback's are, before anything is trained.
+    with pytest.raises(ValueError, match=r"prompts\[1\]: must be a non-empty string"):
+        trainer.train(feedbacks=seed_feedback(), output_dir="models/empty/v1", prompts=["Hi.", "  "])
+    assert not (in_workdir / "models" / "empty").exists()
     assert not (in_workdir / "models" / "few").exists() or not any((in_workdir / "models" / "few").iterdir())
     with pytest.raises(Exception, match=r"config.reward_functions\[0\].name"):
         RLHFTrainer(TrainingConfig(reward_functions=[{"name": "nope"}])).train(

@@ -337,6 +337,11 @@ class PPOTrainer:
         c = self.config
         room = self.n_ctx - c.max_new_tokens if self.n_ctx is not None else None
         ids = [sequences.encode_prompt(self.tokenizer, prompt) for prompt in prompts]
+        empty = [index for index, row in enumerate(ids) if not row]
+        if empty:  # nothing to condition on (the sampling loop would fail on an empty batch of prompts)
+            raise TrainingError(
+                f"prompt {empty[0]} of the batch ({prompts[empty[0]]!r}) has no tokens; train on non-empty prompts"
+            )
         if room is not None:
             self.truncated_prompts += sum(1 for row in ids if len(row) > room)
             ids = [sequences.keep_end(row, room) for row in ids]

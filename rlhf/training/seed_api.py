@@ -225,6 +225,9 @@ class RLHFTrainer:
         items = feedback_items(feedbacks)
         combination = self.registry.combination(config.reward_functions, "config.reward_functions")
         prompts = list(prompts) if prompts is not None else PPODataset(items).prompts
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompts[{index}]: must be a non-empty string")
         if not prompts:
             raise ValueError("no prompts to train on: the feedback has none and none were given")
         output = pathlib.Path(output_dir).absolute()
