@@ -248,9 +248,13 @@ def test_minibatches_cut_the_padding_their_rows_share_and_compute_what_the_whole
     prompts = ["Hi.", "Tell me something nice about the sea and the boats on it, please.", *PROMPTS, "Yo", "Why?"]
     roll = trainer.rollout(prompts, length_reward)
     advantages, returns = torch.randn_like(roll.values), torch.randn_like(roll.values)
-    minibatches = Minibatches(roll.query, roll.query_mask, roll.response, roll.mask).with_targets(
-        roll, advantages, returns
-    )
+    # Built with the batch's fast_decode mask (sliced per minibatch) and without it (built per pass).
+    batches = [
+        Minibatches(roll.query, roll.query_mask, roll.response, roll.mask, with_attention_mask=built)
+        for built in (True, False)
+    ]
+    minibatches = batches[0].with_targets(roll, advantages, returns)
+    batches[1].with_targets(roll, advantages, returns)
     prompt_lengths, response_lengths = roll.query_mask.sum(1), roll.mask.sum(1)
     short = [i for i in range(len(prompts)) if prompt_lengths[i] < roll.query.shape[1]]
     assert short, "the test needs rows with shorter prompts than the batch's longest"
@@ -260,14 +264,19 @@ def test_minibatches_cut_the_padding_their_rows_share_and_compute_what_the_whole
         assert part.ids.shape == (len(rows), prompt + response) and part.response.shape == (len(rows), response)
         assert torch.equal(part.response, roll.response[rows, :response])
         assert torch.equal(part.advantages, advantages[rows, :response])
+        assert part.attention_mask is not None and batches[1].rows(rows).attention_mask is None
         with torch.no_grad():
-            cut = trainer._forward_ids(trainer.model, part.ids, part.attention, part.response)
+            cut = trainer._forward_ids(
+                trainer.model, part.ids, part.attention, part.response, part.positions, part.attention_mask
+            )
+            built_per_pass = trainer._forward_ids(trainer.model, part.ids, part.attention, part.response)
             whole = trainer._forward(
                 trainer.model, roll.query[rows], roll.query_mask[rows], roll.response[rows], roll.mask[rows]
             )
         mask = part.mask.bool()
-        for a, b in zip(cut, whole, strict=True):
+        for a, b, c in zip(cut, whole, built_per_pass, strict=True):
             assert torch.allclose(a[mask], b[:, :response][mask], atol=1e-5)
+            assert torch.equal(a, c)
     assert minibatches.rows([short[0]]).ids.shape[1] < roll.query.shape[1] + roll.response.shape[1]
 
 

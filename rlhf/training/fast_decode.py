@@ -191,17 +191,32 @@ def _layers(plan: _Plan, ids: torch.Tensor, positions: torch.Tensor, mask: torch
     return x
 
 
+def whole_sequence_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mask final_hidden_states builds from `attention_mask` (B, L), (B, 1, L, L): built once, it serves
+    many passes over rows and columns of the same batch (index its rows, slice its last two dimensions as the
+    ids' columns; columns cut off must be padding in every kept row)."""
+    return _attention_mask(attention_mask.bool(), attention_mask.shape[1])
+
+
 def final_hidden_states(
-    lm: Any, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, keep: int = 0
+    lm: Any,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    keep: int = 0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The last layer's hidden states (after ln_f) of the last `keep` positions (all when 0), as
     `lm(..., output_hidden_states=True).hidden_states[-1]` gives them, with gradients where enabled (left
     padding aside: a position before a row's first real token attends to itself, see _attention_mask); None
-    when `lm` does not qualify (see `refusal`): then call the model itself."""
+    when `lm` does not qualify (see `refusal`): then call the model itself. `mask`: whole_sequence_mask's
+    answer for these rows and columns when the caller has it."""
     if refusal(lm) is not None:
         return None
     plan = _Plan(_unwrap(lm)[0])
-    x = _layers(plan, ids, positions, _attention_mask(attention_mask.bool(), ids.shape[1]))
+    if mask is None:
+        mask = _attention_mask(attention_mask.bool(), ids.shape[1])
+    x = _layers(plan, ids, positions, mask)
     return plan.ln_f(x[:, -keep:] if keep else x)
 
 

@@ -61,14 +61,21 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0, hidden_only: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        keep: int = 0,
+        hidden_only: bool = False,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and values of the last `keep` positions (all when 0); the LM head skips the rest. With
         `hidden_only`, the last hidden states of those positions instead of their logits (the caller applies
-        the head in chunks, rlhf.training.logprobs)."""
-        positions = position_ids_of(attention_mask)
+        the head in chunks, rlhf.training.logprobs). `positions` (position_ids_of the attention mask) and
+        `mask` (fast_decode.whole_sequence_mask) when the caller built them for the whole batch."""
+        positions = position_ids_of(attention_mask) if positions is None else positions
         if hidden_only:  # GPT-2 without transformers' per-call overhead, where it computes the same
-            hidden = fast_decode.final_hidden_states(self.lm, input_ids, attention_mask, positions, keep)
+            hidden = fast_decode.final_hidden_states(self.lm, input_ids, attention_mask, positions, keep, mask)
             if hidden is not None:
                 return hidden, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         out = self.lm(
@@ -147,10 +154,21 @@ class Minibatches:
     sampled tokens (the passes' inputs, known before the scores); `with_targets` adds the per-token tensors
     the losses need, stacked once per step, so a minibatch is three indexing operations."""
 
-    def __init__(self, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor, mask: torch.Tensor):
+    def __init__(
+        self,
+        query: torch.Tensor,
+        query_mask: torch.Tensor,
+        response: torch.Tensor,
+        mask: torch.Tensor,
+        with_attention_mask: bool = False,
+    ):
+        """`with_attention_mask`: also build fast_decode's attention mask for the whole batch once (the passes
+        then index it instead of building their own)."""
         self.prompt_width = query.shape[1]
         self.ids = torch.cat([query, response], 1)
         self.attention = torch.cat([query_mask, mask.to(query_mask.dtype)], 1)
+        self.positions = position_ids_of(self.attention)
+        self.mask = fast_decode.whole_sequence_mask(self.attention) if with_attention_mask else None
         # Prompts are left-padded and responses right-padded: a row's lengths say which columns it needs.
         self.prompt_lengths = query_mask.sum(1).tolist()
         self.response_lengths = mask.sum(1).tolist()
@@ -164,21 +182,24 @@ class Minibatches:
         first = self.prompt_width - max(1, int(max(self.prompt_lengths[i] for i in rows)))
         return first, self.prompt_width + max(1, int(max(self.response_lengths[i] for i in rows)))
 
-    def inputs(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids, attention mask, response) of these rows for an update pass (_forward_ids)."""
+    def inputs(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
+        """(ids, attention mask, response, positions, fast_decode mask or None) of these rows for an update
+        pass (_forward_ids)."""
         first, end = self._columns(rows)
         index = torch.tensor(rows, device=self.ids.device)
         ids = self.ids[index, first:end]
-        return ids, self.attention[index, first:end], ids[:, self.prompt_width - first :]
+        mask = self.mask[index, :, first:end, first:end] if self.mask is not None else None
+        response = ids[:, self.prompt_width - first :]
+        return ids, self.attention[index, first:end], response, self.positions[index, first:end], mask
 
     def rows(self, rows: list[int]) -> Minibatch:
         if self.per_token is None:
             raise RuntimeError("Minibatches.rows needs with_targets first")
         first, end = self._columns(rows)
-        ids, attention, response = self.inputs(rows)
+        passes = self.inputs(rows)
         index = torch.tensor(rows, device=self.ids.device)
         mask, logprobs, values, advantages, returns = self.per_token[:, index, : end - self.prompt_width].unbind()
-        return Minibatch(ids, attention, response, mask, logprobs, values, advantages, returns)
+        return Minibatch(*passes[:3], mask, logprobs, values, advantages, returns, *passes[3:])
 
 
 @dataclasses.dataclass
@@ -191,6 +212,8 @@ class Minibatch:
     values: torch.Tensor  # (rows, response)
     advantages: torch.Tensor  # (rows, response)
     returns: torch.Tensor  # (rows, response)
+    positions: torch.Tensor  # (rows, prompt + response) position ids
+    attention_mask: torch.Tensor | None  # fast_decode's (rows, 1, columns, columns) mask, when built
 
 
 @dataclasses.dataclass
@@ -420,13 +443,13 @@ class PPOTrainer:
         attention = torch.cat([query_mask, mask.long()], 1)
         return self._forward_ids(model, ids, attention, response)
 
-    def _forward_ids(self, model: PolicyWithValueHead, ids, attention, response):
+    def _forward_ids(self, model: PolicyWithValueHead, ids, attention, response, positions=None, mask=None):
         """_forward of the prompts and responses `ids` (rows, prompt + response) with their attention mask,
-        `response` their last columns."""
+        `response` their last columns; `positions` and `mask` as PolicyWithValueHead takes them."""
         keep = response.shape[1] + 1  # the positions that predict the response tokens, and the last one
         if self.head is not None:
             with self._autocast():
-                hidden, values = model(ids, attention, keep, hidden_only=True)
+                hidden, values = model(ids, attention, keep, hidden_only=True, positions=positions, mask=mask)
                 logprobs, entropy = token_logprobs(self.head, hidden[:, :-1], response, self.config.temperature)
             return logprobs, values[:, :-1].float(), entropy
         with self._autocast():
@@ -474,7 +497,8 @@ class PPOTrainer:
         first_micro = self._micro_batches(first_order[: self.mini_batch])[0]
 
         def start_update(query, query_mask, response, mask):
-            minibatches = Minibatches(query, query_mask, response, mask)
+            fast = self.head is not None and fast_decode.refusal(self.model.lm) is None
+            minibatches = Minibatches(query, query_mask, response, mask, with_attention_mask=fast)
             return minibatches, self._forward_ids(self.model, *minibatches.inputs(first_micro))
 
         roll = self.rollout(prompts, score_fn, start_update)
@@ -501,7 +525,7 @@ class PPOTrainer:
                         (new_logprobs, new_values, entropy), early = early, None  # the first one ran already
                     else:
                         new_logprobs, new_values, entropy = self._forward_ids(
-                            self.model, part.ids, part.attention, part.response
+                            self.model, part.ids, part.attention, part.response, part.positions, part.attention_mask
                         )
                     mask, old = part.mask, part.logprobs
                     pg, pg_stats = ppo.policy_loss(new_logprobs, old, part.advantages, mask, c.cliprange)
